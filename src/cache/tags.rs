@@ -1,0 +1,175 @@
+//! Tag → digest mappings: small mutable pointers with a freshness lifetime, kept in memory and
+//! persisted so that a restarted berth can still serve by tag when the origin is down.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
+use serde::{Deserialize, Serialize};
+
+use super::store::DiskStore;
+use crate::oci::{Digest, RepoName, Tag};
+
+/// Most tag mappings held in memory.
+const MAX_TAGS_IN_MEMORY: u64 = 100_000;
+
+/// What a tag mapping is keyed by: the origin answers per Accept, so the accepted media types
+/// are part of the key (DESIGN §2).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TagKey {
+    /// Upstream name.
+    pub upstream: String,
+    /// Repository at that upstream.
+    pub repo: RepoName,
+    /// The tag.
+    pub tag: Tag,
+    /// Normalized accept set (see [`accept_key`]).
+    pub accept: String,
+}
+
+/// A known mapping.
+#[derive(Debug, Clone)]
+pub struct TagEntry {
+    /// Manifest digest the tag pointed to.
+    pub digest: Digest,
+    /// The manifest's media type.
+    pub media_type: String,
+    /// When the origin last confirmed it; `None` when loaded from disk (stale until revalidated).
+    pub confirmed: Option<Instant>,
+}
+
+impl TagEntry {
+    /// Whether the mapping is still fresh under `ttl`.
+    pub fn is_fresh(&self, ttl: Duration) -> bool {
+        self.confirmed.is_some_and(|c| c.elapsed() < ttl)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    digest: String,
+    media_type: String,
+}
+
+/// Normalizes a client's Accept values: split on commas, parameters dropped, lowercased,
+/// sorted, deduplicated, joined.
+pub fn accept_key(values: &[String]) -> String {
+    let mut v: Vec<String> = values
+        .iter()
+        .flat_map(|h| h.split(','))
+        .map(|a| a.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .filter(|a| !a.is_empty())
+        .collect();
+    v.sort();
+    v.dedup();
+    v.join(",")
+}
+
+/// The tag mappings.
+pub struct TagStore {
+    mem: Cache<TagKey, TagEntry>,
+    store: Arc<DiskStore>,
+}
+
+impl TagStore {
+    /// Mappings persisted under `store`.
+    pub fn new(store: Arc<DiskStore>) -> TagStore {
+        TagStore {
+            mem: Cache::builder().max_capacity(MAX_TAGS_IN_MEMORY).build(),
+            store,
+        }
+    }
+
+    fn path(&self, k: &TagKey) -> PathBuf {
+        let accept = crate::oci::Digest::sha256_of(k.accept.as_bytes());
+        self.store
+            .root()
+            .join("tags")
+            .join(&k.upstream)
+            .join(k.repo.as_str())
+            .join("_tags")
+            .join(k.tag.as_str())
+            .join(format!("{}.json", &accept.hex()[..16]))
+    }
+
+    /// The mapping for `k`, from memory or disk.
+    pub fn get(&self, k: &TagKey) -> Option<TagEntry> {
+        if let Some(e) = self.mem.get(k) {
+            return Some(e);
+        }
+        let raw = std::fs::read(self.path(k)).ok()?;
+        let d: OnDisk = serde_json::from_slice(&raw).ok()?;
+        let e = TagEntry {
+            digest: d.digest.parse().ok()?,
+            media_type: d.media_type,
+            confirmed: None,
+        };
+        self.mem.insert(k.clone(), e.clone());
+        Some(e)
+    }
+
+    /// Records a mapping the origin just confirmed.
+    pub fn put(&self, k: &TagKey, digest: Digest, media_type: String) {
+        let changed = self
+            .mem
+            .get(k)
+            .is_none_or(|old| old.digest != digest || old.media_type != media_type);
+        let entry = TagEntry {
+            digest: digest.clone(),
+            media_type: media_type.clone(),
+            confirmed: Some(Instant::now()),
+        };
+        self.mem.insert(k.clone(), entry);
+        if changed || !self.path(k).is_file() {
+            let body = serde_json::to_vec(&OnDisk {
+                digest: digest.to_string(),
+                media_type,
+            })
+            .expect("plain struct serializes");
+            if let Err(e) = self.store.write_small(&self.path(k), &body) {
+                tracing::warn!(error = %e, "could not persist tag mapping");
+            }
+        }
+    }
+
+    /// Forgets a mapping (the origin says the tag no longer exists).
+    pub fn remove(&self, k: &TagKey) {
+        self.mem.invalidate(k);
+        let _ = std::fs::remove_file(self.path(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_keys_normalize() {
+        let a = accept_key(&[
+            "application/vnd.oci.image.index.v1+json".into(),
+            "application/vnd.docker.distribution.manifest.v2+json; q=0.5, application/vnd.oci.image.index.v1+json".into(),
+        ]);
+        assert_eq!(
+            a,
+            "application/vnd.docker.distribution.manifest.v2+json,application/vnd.oci.image.index.v1+json"
+        );
+    }
+
+    #[test]
+    fn persists_across_instances() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let k = TagKey {
+            upstream: "up".into(),
+            repo: "a/b".parse().unwrap(),
+            tag: "v1".parse().unwrap(),
+            accept: "x".into(),
+        };
+        let d = Digest::sha256_of(b"m");
+        TagStore::new(store.clone()).put(&k, d.clone(), "t".into());
+        let again = TagStore::new(store).get(&k).unwrap();
+        assert_eq!(again.digest, d);
+        assert!(!again.is_fresh(Duration::from_secs(60)));
+    }
+}

@@ -1,0 +1,648 @@
+//! berth's configuration: a TOML file in the shape of DESIGN §9, overridden key by key from
+//! `--set section.key=value` flags and `BERTH_SECTION__KEY` environment variables, then validated
+//! into typed values. Validation reports every problem at once.
+
+mod overrides;
+pub mod units;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use toml::{Table, Value};
+
+pub use overrides::{apply_env_overrides, apply_override};
+
+use crate::secret::Secret;
+
+/// Every problem found in a configuration, one per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The validated configuration of one berth process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Client-facing listener.
+    pub server: ServerConfig,
+    /// Admin listener (metrics, health).
+    pub admin: AdminConfig,
+    /// Cache location and budgets.
+    pub cache: CacheConfig,
+    /// Origins berth pulls from, in config order.
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// `[server]`: where clients connect.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address of the client-facing listener.
+    pub listen: SocketAddr,
+    /// How clients reach berth (used for the token realm); derived from the request when unset.
+    pub external_url: Option<String>,
+    /// TLS certificate and key; plain HTTP when absent.
+    pub tls: Option<TlsConfig>,
+    /// How long in-flight requests may run after SIGTERM before the process exits.
+    pub shutdown_grace: Duration,
+}
+
+/// `[server.tls]`: PEM files for the client-facing listener.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM, PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// `[admin]`: the operator-facing listener.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address of `/metrics`, `/healthz`, `/readyz`; disabled when absent.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[cache]`: where and how much berth keeps.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Root directory of the disk tier.
+    pub dir: PathBuf,
+    /// Byte budget of the disk tier.
+    pub disk_bytes: u64,
+    /// Byte budget of the memory tier.
+    pub memory_bytes: u64,
+    /// Largest object the memory tier holds.
+    pub memory_max_object_bytes: u64,
+    /// How long a tag → digest mapping is fresh before it is revalidated with the origin.
+    pub tag_ttl: Duration,
+}
+
+/// How clients of an upstream are authorized (DESIGN §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Anyone who reaches berth may pull; berth fetches anonymously or with its own credentials.
+    Public,
+    /// Clients bring their own origin credentials; the origin decides every pull.
+    Passthrough,
+    /// berth fetches with its own credentials; clients authenticate locally.
+    Service,
+}
+
+impl AuthMode {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Public => "public",
+            AuthMode::Passthrough => "passthrough",
+            AuthMode::Service => "service",
+        }
+    }
+}
+
+/// One `[[upstream]]`: an origin registry.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Name used in path prefixes, metrics and logs.
+    pub name: String,
+    /// Origin base URL (scheme and authority).
+    pub url: Uri,
+    /// Registry host names matched against containerd's `?ns=` (the name is always one).
+    pub aliases: Vec<String>,
+    /// Serves requests that name no upstream.
+    pub default: bool,
+    /// Client authorization mode.
+    pub auth: AuthMode,
+    /// berth's own credentials at the origin.
+    pub credentials: Option<Credentials>,
+    /// Extra CA certificates (PEM) trusted for this origin, beside the webpki roots.
+    pub ca_file: Option<PathBuf>,
+    /// Never contact the origin; serve only what is cached.
+    pub offline: bool,
+    /// Docker Hub semantics: one-word names get `library/`.
+    pub docker_hub: bool,
+    /// TCP + TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Time from sending a request to the response head.
+    pub first_byte_timeout: Duration,
+    /// Longest pause between two body chunks.
+    pub idle_timeout: Duration,
+}
+
+/// Username and password berth uses at an origin.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// Username.
+    pub username: String,
+    /// Password or token, read from `password_file`.
+    pub password: Secret,
+}
+
+const DOCKER_HUB_HOSTS: &[&str] = &["docker.io", "index.docker.io", "registry-1.docker.io"];
+
+impl Config {
+    /// Reads `path`, applies `--set` overrides and `BERTH_*` environment variables, validates.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("cannot read {}: {e}", path.display())]))?;
+        let mut table: Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
+        let mut errors = Vec::new();
+        apply_env_overrides(&mut table, std::env::vars(), &mut errors);
+        for s in sets {
+            if let Err(e) = apply_override(&mut table, s) {
+                errors.push(e);
+            }
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        match Config::from_table(table, base) {
+            Ok(c) if errors.is_empty() => Ok(c),
+            Ok(_) => Err(ConfigErrors(errors)),
+            Err(ConfigErrors(mut more)) => {
+                errors.append(&mut more);
+                Err(ConfigErrors(errors))
+            }
+        }
+    }
+
+    /// Parses a TOML string (relative paths resolve against the current directory).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
+        let table: Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigErrors(vec![e.to_string()]))?;
+        Config::from_table(table, Path::new("."))
+    }
+
+    /// Validates a parsed table; relative file paths are resolved against `base`.
+    pub fn from_table(mut table: Table, base: &Path) -> Result<Config, ConfigErrors> {
+        let mut e = Errors::default();
+        let mut server_t = e.table(&mut table, "server");
+        let mut tls_t = server_t.remove("tls");
+        let listen = e
+            .addr(&mut server_t, "server.listen")
+            .unwrap_or_else(|| "0.0.0.0:5000".parse().unwrap());
+        let external_url = e.string(&mut server_t, "server.external_url").map(|u| {
+            let u = u.trim_end_matches('/').to_owned();
+            if !(u.starts_with("http://") || u.starts_with("https://")) || u.parse::<Uri>().is_err()
+            {
+                e.push(format!("server.external_url: {u:?} is not an http(s) URL"));
+            }
+            u
+        });
+        let shutdown_grace = e
+            .duration(&mut server_t, "server.shutdown_grace")
+            .unwrap_or(Duration::from_secs(30));
+        let tls = match tls_t.take() {
+            None => None,
+            Some(Value::Table(mut t)) => {
+                let cert = e.path(&mut t, "server.tls.cert", base);
+                let key = e.path(&mut t, "server.tls.key", base);
+                e.unknown(&t, "server.tls");
+                for (k, p) in [("cert", &cert), ("key", &key)] {
+                    match p {
+                        None => e.push(format!("server.tls.{k}: required when [server.tls] is present")),
+                        Some(p) if !p.is_file() => {
+                            e.push(format!("server.tls.{k}: {} is not a readable file", p.display()))
+                        }
+                        _ => {}
+                    }
+                }
+                match (cert, key) {
+                    (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),
+                    _ => None,
+                }
+            }
+            Some(_) => {
+                e.push("server.tls: must be a table".into());
+                None
+            }
+        };
+        e.unknown(&server_t, "server");
+
+        let mut admin_t = e.table(&mut table, "admin");
+        let admin = AdminConfig {
+            listen: e.addr(&mut admin_t, "admin.listen"),
+        };
+        e.unknown(&admin_t, "admin");
+
+        let mut cache_t = e.table(&mut table, "cache");
+        let cache = CacheConfig {
+            dir: e
+                .path(&mut cache_t, "cache.dir", base)
+                .unwrap_or_else(|| base.join("berth-cache")),
+            disk_bytes: e.size(&mut cache_t, "cache.disk_bytes").unwrap_or(50 << 30),
+            memory_bytes: e.size(&mut cache_t, "cache.memory_bytes").unwrap_or(256 << 20),
+            memory_max_object_bytes: e
+                .size(&mut cache_t, "cache.memory_max_object_bytes")
+                .unwrap_or(1 << 20),
+            tag_ttl: e
+                .duration(&mut cache_t, "cache.tag_ttl")
+                .unwrap_or(Duration::from_secs(300)),
+        };
+        if cache.disk_bytes == 0 {
+            e.push("cache.disk_bytes: must be greater than zero".into());
+        }
+        e.unknown(&cache_t, "cache");
+
+        let mut upstreams = Vec::new();
+        match table.remove("upstream") {
+            None => e.push("upstream: at least one [[upstream]] is required".into()),
+            Some(Value::Array(items)) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    match item {
+                        Value::Table(t) => {
+                            if let Some(u) = e.upstream(t, i, base) {
+                                upstreams.push(u);
+                            }
+                        }
+                        _ => e.push(format!("upstream[{i}]: must be a table")),
+                    }
+                }
+            }
+            Some(_) => e.push("upstream: must be an array of tables ([[upstream]])".into()),
+        }
+        e.unknown(&table, "");
+
+        let mut names = HashSet::new();
+        let mut aliases = HashSet::new();
+        for u in &upstreams {
+            if !names.insert(u.name.clone()) {
+                e.push(format!("upstream {:?}: name used twice", u.name));
+            }
+            for a in &u.aliases {
+                if !aliases.insert(a.clone()) {
+                    e.push(format!("upstream {:?}: alias {a:?} is used by another upstream", u.name));
+                }
+            }
+        }
+        let defaults = upstreams.iter().filter(|u| u.default).count();
+        if defaults > 1 {
+            e.push("upstream: more than one upstream has default = true".into());
+        }
+
+        if e.0.is_empty() {
+            Ok(Config {
+                server: ServerConfig {
+                    listen,
+                    external_url,
+                    tls,
+                    shutdown_grace,
+                },
+                admin,
+                cache,
+                upstreams,
+            })
+        } else {
+            Err(ConfigErrors(e.0))
+        }
+    }
+}
+
+/// Collects problems while fields are taken out of tables.
+#[derive(Default)]
+struct Errors(Vec<String>);
+
+impl Errors {
+    fn push(&mut self, s: String) {
+        self.0.push(s);
+    }
+
+    fn table(&mut self, t: &mut Table, key: &str) -> Table {
+        match t.remove(key) {
+            None => Table::new(),
+            Some(Value::Table(t)) => t,
+            Some(_) => {
+                self.push(format!("{key}: must be a table"));
+                Table::new()
+            }
+        }
+    }
+
+    fn unknown(&mut self, t: &Table, prefix: &str) {
+        for k in t.keys() {
+            let full = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            self.push(format!("{full}: unknown key"));
+        }
+    }
+
+    fn string(&mut self, t: &mut Table, key: &str) -> Option<String> {
+        let field = key.rsplit('.').next().unwrap_or(key);
+        match t.remove(field)? {
+            Value::String(s) => Some(s),
+            other => {
+                self.push(format!("{key}: expected a string, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn bool(&mut self, t: &mut Table, key: &str) -> Option<bool> {
+        let field = key.rsplit('.').next().unwrap_or(key);
+        match t.remove(field)? {
+            Value::Boolean(b) => Some(b),
+            Value::String(s) if s == "true" || s == "false" => Some(s == "true"),
+            other => {
+                self.push(format!("{key}: expected true or false, found {other}"));
+                None
+            }
+        }
+    }
+
+    fn addr(&mut self, t: &mut Table, key: &str) -> Option<SocketAddr> {
+        let s = self.string(t, key)?;
+        match s.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.push(format!("{key}: {s:?} is not an address such as \"0.0.0.0:5000\""));
+                None
+            }
+        }
+    }
+
+    fn path(&mut self, t: &mut Table, key: &str, base: &Path) -> Option<PathBuf> {
+        let s = self.string(t, key)?;
+        if s.is_empty() {
+            self.push(format!("{key}: must not be empty"));
+            return None;
+        }
+        Some(base.join(s))
+    }
+
+    fn size(&mut self, t: &mut Table, key: &str) -> Option<u64> {
+        let field = key.rsplit('.').next().unwrap_or(key);
+        let r = match t.remove(field)? {
+            Value::Integer(i) if i >= 0 => Ok(i as u64),
+            Value::String(s) => units::parse_size(&s),
+            other => Err(format!("expected a size such as \"512MiB\", found {other}")),
+        };
+        r.map_err(|m| self.push(format!("{key}: {m}"))).ok()
+    }
+
+    fn duration(&mut self, t: &mut Table, key: &str) -> Option<Duration> {
+        let field = key.rsplit('.').next().unwrap_or(key);
+        let r = match t.remove(field)? {
+            Value::Integer(i) if i >= 0 => Ok(Duration::from_secs(i as u64)),
+            Value::String(s) => units::parse_duration(&s),
+            other => Err(format!("expected a duration such as \"5m\", found {other}")),
+        };
+        r.map_err(|m| self.push(format!("{key}: {m}"))).ok()
+    }
+
+    fn string_list(&mut self, t: &mut Table, key: &str) -> Vec<String> {
+        let field = key.rsplit('.').next().unwrap_or(key);
+        match t.remove(field) {
+            None => Vec::new(),
+            Some(Value::Array(a)) => a
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(s),
+                    other => {
+                        self.push(format!("{key}: expected strings, found {other}"));
+                        None
+                    }
+                })
+                .collect(),
+            Some(Value::String(s)) => s.split(',').map(|x| x.trim().to_owned()).collect(),
+            Some(other) => {
+                self.push(format!("{key}: expected a list of strings, found {other}"));
+                Vec::new()
+            }
+        }
+    }
+
+    fn upstream(&mut self, mut t: Table, i: usize, base: &Path) -> Option<UpstreamConfig> {
+        let at = |k: &str| format!("upstream[{i}].{k}");
+        let before = self.0.len();
+        let name = self.string(&mut t, &at("name"));
+        let label = name.clone().unwrap_or_else(|| format!("upstream[{i}]"));
+        match &name {
+            None => self.push(format!("{}: required", at("name"))),
+            Some(n) if !valid_upstream_name(n) => self.push(format!(
+                "{}: {n:?} must be a host-like name of [a-z0-9.-] (optionally :port), as it appears in path prefixes and metrics",
+                at("name")
+            )),
+            _ => {}
+        }
+        let url = self.string(&mut t, &at("url")).and_then(|u| {
+            let parsed = u.parse::<Uri>().ok().filter(|p| {
+                matches!(p.scheme_str(), Some("http" | "https"))
+                    && p.authority().is_some()
+                    && matches!(p.path(), "" | "/")
+                    && p.query().is_none()
+            });
+            if parsed.is_none() {
+                self.push(format!(
+                    "{}: {u:?} must be an http(s) URL with a host and no path, such as \"https://registry-1.docker.io\"",
+                    at("url")
+                ));
+            }
+            parsed
+        });
+        if url.is_none() && !self.0.iter().skip(before).any(|m| m.starts_with(&at("url"))) {
+            self.push(format!("{}: required", at("url")));
+        }
+        let mut aliases: Vec<String> = self
+            .string_list(&mut t, &at("aliases"))
+            .into_iter()
+            .map(|a| a.to_ascii_lowercase())
+            .collect();
+        let default = self.bool(&mut t, &at("default")).unwrap_or(false);
+        let auth = match self.string(&mut t, &at("auth")).as_deref() {
+            None | Some("public") => AuthMode::Public,
+            Some(m @ ("passthrough" | "service")) => {
+                self.push(format!(
+                    "{}: {m:?} is not supported yet; use \"public\" (per-client authorization is being built)",
+                    at("auth")
+                ));
+                AuthMode::Public
+            }
+            Some(other) => {
+                self.push(format!(
+                    "{}: {other:?} is not one of public, passthrough, service",
+                    at("auth")
+                ));
+                AuthMode::Public
+            }
+        };
+        let username = self.string(&mut t, &at("username"));
+        let password_file = self.path(&mut t, &at("password_file"), base);
+        if t.contains_key("password") {
+            t.remove("password");
+            self.push(format!(
+                "{}: passwords are not accepted inline; put it in a file and set password_file",
+                at("password")
+            ));
+        }
+        let credentials = match (username, password_file) {
+            (None, None) => None,
+            (Some(username), Some(pf)) => match std::fs::read_to_string(&pf) {
+                Ok(p) => Some(Credentials {
+                    username,
+                    password: Secret::new(p.trim_end_matches(['\r', '\n']).to_owned()),
+                }),
+                Err(err) => {
+                    self.push(format!(
+                        "{}: cannot read {}: {err}",
+                        at("password_file"),
+                        pf.display()
+                    ));
+                    None
+                }
+            },
+            _ => {
+                self.push(format!(
+                    "{}: username and password_file go together",
+                    at("username")
+                ));
+                None
+            }
+        };
+        let ca_file = self.path(&mut t, &at("ca_file"), base);
+        if let Some(ca) = &ca_file {
+            if !ca.is_file() {
+                self.push(format!("{}: {} is not a readable file", at("ca_file"), ca.display()));
+            }
+        }
+        let offline = self.bool(&mut t, &at("offline")).unwrap_or(false);
+        let connect_timeout = self
+            .duration(&mut t, &at("connect_timeout"))
+            .unwrap_or(Duration::from_secs(10));
+        let first_byte_timeout = self
+            .duration(&mut t, &at("first_byte_timeout"))
+            .unwrap_or(Duration::from_secs(30));
+        let idle_timeout = self
+            .duration(&mut t, &at("idle_timeout"))
+            .unwrap_or(Duration::from_secs(60));
+        self.unknown(&t, &format!("upstream[{i}]"));
+        let _ = label;
+        let (name, url) = (name?, url?);
+        if self.0.len() > before {
+            return None;
+        }
+        let host = url.authority().map(|a| a.as_str().to_ascii_lowercase()).unwrap_or_default();
+        let docker_hub = DOCKER_HUB_HOSTS.contains(&host.as_str())
+            || aliases.iter().any(|a| DOCKER_HUB_HOSTS.contains(&a.as_str()));
+        if !aliases.contains(&name) {
+            aliases.push(name.clone());
+        }
+        Some(UpstreamConfig {
+            name,
+            url,
+            aliases,
+            default,
+            auth,
+            credentials,
+            ca_file,
+            offline,
+            docker_hub,
+            connect_timeout,
+            first_byte_timeout,
+            idle_timeout,
+        })
+    }
+}
+
+fn valid_upstream_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b':'))
+        && !n.starts_with(['.', '-', ':'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [server]
+        listen = "127.0.0.1:5000"
+        [admin]
+        listen = "127.0.0.1:9090"
+        [cache]
+        dir = "c"
+        disk_bytes = "1GiB"
+        tag_ttl = "1m"
+        [[upstream]]
+        name = "docker.io"
+        url = "https://registry-1.docker.io"
+        aliases = ["docker.io", "index.docker.io"]
+        default = true
+    "#;
+
+    #[test]
+    fn parses_the_design_shape() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(c.cache.disk_bytes, 1 << 30);
+        assert_eq!(c.cache.tag_ttl, Duration::from_secs(60));
+        assert_eq!(c.upstreams.len(), 1);
+        assert!(c.upstreams[0].docker_hub);
+        assert!(c.upstreams[0].default);
+        assert_eq!(c.admin.listen, Some("127.0.0.1:9090".parse().unwrap()));
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let bad = r#"
+            bogus = 1
+            [server]
+            listen = "nope"
+            colour = "blue"
+            [cache]
+            disk_bytes = "12XB"
+            tag_ttl = "soon"
+            [[upstream]]
+            url = "ftp://x"
+            auth = "maybe"
+        "#;
+        let errs = Config::from_toml(bad).unwrap_err().0;
+        let all = errs.join("\n");
+        for needle in [
+            "bogus: unknown key",
+            "server.listen",
+            "server.colour: unknown key",
+            "cache.disk_bytes",
+            "cache.tag_ttl",
+            "upstream[0].name: required",
+            "upstream[0].url",
+            "upstream[0].auth",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn rejects_two_defaults_and_duplicate_names() {
+        let t = r#"
+            [[upstream]]
+            name = "a"
+            url = "http://a"
+            default = true
+            [[upstream]]
+            name = "a"
+            url = "http://b"
+            default = true
+        "#;
+        let all = Config::from_toml(t).unwrap_err().0.join("\n");
+        assert!(all.contains("name used twice"), "{all}");
+        assert!(all.contains("more than one upstream"), "{all}");
+    }
+}

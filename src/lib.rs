@@ -1,0 +1,24 @@
+//! berth: a pull-through caching edge proxy for OCI / Docker registries.
+//!
+//! Request path (DESIGN §1): [`server`] accepts connections → [`proxy::App`] routes
+//! ([`router`]) and picks the origin ([`upstream::Upstreams`]) → [`cache`] answers or fills from
+//! the [`upstream`] client. Errors are typed per layer and become HTTP answers in
+//! [`error::Error::into_response`] only.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod body;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod oci;
+pub mod proxy;
+pub mod router;
+pub mod secret;
+pub mod server;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{start, Running};

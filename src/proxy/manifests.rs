@@ -1,0 +1,241 @@
+//! GET|HEAD /v2/<name>/manifests/<reference>: by digest from the content-addressed cache, by tag
+//! through the tag mapping (fresh → cache; stale → HEAD revalidation; origin down → stale).
+
+use std::time::Instant;
+
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+
+use super::{App, CacheResult};
+use crate::body::{self, Body};
+use crate::cache::{accept_key, StoredManifest, TagKey};
+use crate::error::Error;
+use crate::oci::{media, Digest, Hasher, Reference, Tag};
+use crate::upstream::{Selected, UpstreamError, UpstreamRequest};
+
+/// Header carrying the content digest.
+pub const DIGEST_HEADER: &str = "docker-content-digest";
+
+impl App {
+    /// GET|HEAD: /v2/<name>/manifests/<reference>
+    pub(super) async fn manifest(
+        &self,
+        sel: &Selected,
+        reference: Reference,
+        accept: Vec<String>,
+        head: bool,
+    ) -> Result<(Response<Body>, CacheResult), Error> {
+        match reference {
+            Reference::Digest(d) => {
+                if let Some((m, tier)) = self.cache().manifest(&d).map_err(io_err)? {
+                    self.count_lookup("manifest", tier.as_str(), true);
+                    return Ok((manifest_response(&d, &m, head), CacheResult::Hit));
+                }
+                self.count_lookup("manifest", "disk", false);
+                let (got, m) = self
+                    .fetch_manifest(sel, &d.to_string(), &accept, Some(&d))
+                    .await
+                    .map_err(|e| not_found_as(e, "manifest"))?;
+                let m = self.cache().put_manifest(&got, m).map_err(io_err)?;
+                Ok((manifest_response(&got, &m, head), CacheResult::Miss))
+            }
+            Reference::Tag(tag) => self.manifest_by_tag(sel, tag, accept, head).await,
+        }
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        sel: &Selected,
+        tag: Tag,
+        accept: Vec<String>,
+        head: bool,
+    ) -> Result<(Response<Body>, CacheResult), Error> {
+        let key = TagKey {
+            upstream: sel.upstream.name().to_owned(),
+            repo: sel.name.clone(),
+            tag: tag.clone(),
+            accept: accept_key(&accept),
+        };
+        let known = self.cache().tags().get(&key);
+        let cached = match &known {
+            Some(e) => self.cache().manifest(&e.digest).map_err(io_err)?,
+            None => None,
+        };
+        self.count_lookup("tag", "memory", known.as_ref().is_some_and(|e| e.is_fresh(self.tag_ttl())));
+        if let (Some(e), Some((m, _))) = (&known, &cached) {
+            if e.is_fresh(self.tag_ttl()) {
+                return Ok((manifest_response(&e.digest, m, head), CacheResult::Hit));
+            }
+            // Stale mapping: revalidate with a HEAD (does not count against Docker Hub's limit).
+            match self.head_manifest(sel, tag.as_str(), &accept).await {
+                Ok(Some(d)) if d == e.digest => {
+                    self.cache().tags().put(&key, d.clone(), m.media_type.clone());
+                    return Ok((manifest_response(&d, m, head), CacheResult::Hit));
+                }
+                Ok(_) => {}
+                Err(err) if err.is_origin_failure() => {
+                    return Ok(self.stale(&e.digest, m, head, &err));
+                }
+                Err(err) if err.is_not_found() => {
+                    self.cache().tags().remove(&key);
+                    return Err(not_found_as(err, "manifest"));
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        match self.fetch_manifest(sel, tag.as_str(), &accept, None).await {
+            Ok((d, m)) => {
+                let media_type = m.media_type.clone();
+                let m = self.cache().put_manifest(&d, m).map_err(io_err)?;
+                self.cache().tags().put(&key, d.clone(), media_type);
+                Ok((manifest_response(&d, &m, head), CacheResult::Miss))
+            }
+            Err(err) if err.is_origin_failure() => match (&known, &cached) {
+                (Some(e), Some((m, _))) => Ok(self.stale(&e.digest, m, head, &err)),
+                _ => Err(not_found_as(err, "manifest")),
+            },
+            Err(err) => {
+                if err.is_not_found() {
+                    self.cache().tags().remove(&key);
+                }
+                Err(not_found_as(err, "manifest"))
+            }
+        }
+    }
+
+    fn stale(&self, d: &Digest, m: &StoredManifest, head: bool, why: &UpstreamError) -> (Response<Body>, CacheResult) {
+        tracing::warn!(digest = %d, reason = %why, "origin failed; serving stale manifest");
+        self.metrics.stale_served.with_label_values(&["manifest"]).inc();
+        (manifest_response(d, m, head), CacheResult::Stale)
+    }
+
+    /// HEAD of a manifest at the origin: the digest it reports now, if it reports one.
+    async fn head_manifest(&self, sel: &Selected, reference: &str, accept: &[String]) -> Result<Option<Digest>, UpstreamError> {
+        let req = manifest_request(sel, Method::HEAD, reference, accept);
+        let started = Instant::now();
+        let resp = sel.upstream.send(&req).await;
+        self.count_upstream(sel, &Method::HEAD, resp.as_ref().ok().map(|r| r.status()), started);
+        let resp = resp?;
+        if resp.status() != StatusCode::OK {
+            return Err(sel.upstream.status_error(&resp));
+        }
+        Ok(resp
+            .headers()
+            .get(DIGEST_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()))
+    }
+
+    /// GET of a manifest at the origin, verified: against `expected` when fetched by digest, and
+    /// against the origin's Docker-Content-Digest when it sends one.
+    async fn fetch_manifest(
+        &self,
+        sel: &Selected,
+        reference: &str,
+        accept: &[String],
+        expected: Option<&Digest>,
+    ) -> Result<(Digest, StoredManifest), UpstreamError> {
+        let req = manifest_request(sel, Method::GET, reference, accept);
+        let started = Instant::now();
+        let resp = sel.upstream.send(&req).await;
+        self.count_upstream(sel, &Method::GET, resp.as_ref().ok().map(|r| r.status()), started);
+        let resp = resp?;
+        if resp.status() != StatusCode::OK {
+            return Err(sel.upstream.status_error(&resp));
+        }
+        let claimed: Option<Digest> = resp
+            .headers()
+            .get(DIGEST_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_owned())
+            .filter(|v| !v.is_empty() && v != "application/octet-stream" && v != "text/plain");
+        let bytes = sel
+            .upstream
+            .collect(resp.into_body(), media::MAX_MANIFEST_BYTES)
+            .await?;
+        let algorithm = expected
+            .or(claimed.as_ref())
+            .map(|d| d.algorithm())
+            .unwrap_or(crate::oci::DigestAlgorithm::Sha256);
+        let mut h = Hasher::new(algorithm);
+        h.update(&bytes);
+        let actual = h.finish();
+        for want in [expected, claimed.as_ref()].into_iter().flatten() {
+            if want.algorithm() == actual.algorithm() && *want != actual {
+                return Err(UpstreamError::DigestMismatch {
+                    upstream: sel.upstream.name().to_owned(),
+                    expected: want.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+        }
+        let media_type = content_type
+            .or_else(|| media_type_from_json(&bytes))
+            .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
+        Ok((actual, StoredManifest { media_type, bytes }))
+    }
+}
+
+fn manifest_request(sel: &Selected, method: Method, reference: &str, accept: &[String]) -> UpstreamRequest {
+    let mut headers = HeaderMap::new();
+    let values: Vec<&str> = if accept.is_empty() {
+        media::DEFAULT_ACCEPT.to_vec()
+    } else {
+        accept.iter().map(String::as_str).collect()
+    };
+    for v in values {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            headers.append(header::ACCEPT, v);
+        }
+    }
+    UpstreamRequest {
+        method,
+        path_and_query: format!("/v2/{}/manifests/{}", sel.name, reference),
+        headers,
+        scope: format!("repository:{}:pull", sel.name),
+    }
+}
+
+fn media_type_from_json(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Probe>(bytes).ok()?.media_type
+}
+
+/// A manifest answer: exact bytes, the origin's media type, digest and length; HEAD alike.
+fn manifest_response(d: &Digest, m: &StoredManifest, head: bool) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, m.media_type.as_str())
+        .header(header::CONTENT_LENGTH, m.bytes.len())
+        .header(DIGEST_HEADER, d.to_string())
+        .header(header::ETAG, format!("\"{d}\""))
+        .body(if head { body::empty() } else { body::full(m.bytes.clone()) })
+        .unwrap_or_else(|_| Error::Internal("bad manifest media type".into()).into_response(head))
+}
+
+/// Maps "the origin says no such thing" to the spec's code for `kind`; other errors pass.
+pub(super) fn not_found_as(e: UpstreamError, kind: &str) -> Error {
+    match (&e, kind) {
+        (UpstreamError::Offline { upstream }, "blob") => {
+            Error::BlobUnknown(format!("blob not in this mirror ({upstream} is offline)"))
+        }
+        (UpstreamError::Offline { upstream }, _) => {
+            Error::ManifestUnknown(format!("manifest not in this mirror ({upstream} is offline)"))
+        }
+        (_, "blob") if e.is_not_found() => Error::BlobUnknown("blob unknown to the origin".into()),
+        (_, _) if e.is_not_found() => Error::ManifestUnknown("manifest unknown to the origin".into()),
+        _ => Error::Upstream(e),
+    }
+}
+
+pub(super) fn io_err(e: std::io::Error) -> Error {
+    Error::Internal(format!("cache: {e}"))
+}

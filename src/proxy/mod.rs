@@ -1,0 +1,272 @@
+//! The request path (DESIGN §1): route, pick the upstream, answer from the cache or fill it.
+//! [`App::handle`] is the one entry point the listener calls; errors become responses in
+//! [`crate::error::Error::into_response`] only.
+
+mod blobs;
+mod listing;
+mod manifests;
+pub mod range;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+
+use crate::body::{self, Body};
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::router::{self, Route};
+use crate::upstream::{SelectError, Selected, Upstreams};
+
+/// Header name of the distribution API version.
+pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
+/// Its value.
+pub const API_VERSION: &str = "registry/2.0";
+/// Response header telling how the cache answered: hit, miss or stale.
+pub const CACHE_HEADER: &str = "x-berth-cache";
+
+/// How the cache answered a request (a log field, a metric label, the [`CACHE_HEADER`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    /// Served from the cache without asking the origin (or after the origin confirmed it).
+    Hit,
+    /// Fetched from the origin.
+    Miss,
+    /// Served from the cache because the origin failed.
+    Stale,
+    /// Not a cacheable request.
+    None,
+}
+
+impl CacheResult {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Stale => "stale",
+            CacheResult::None => "none",
+        }
+    }
+}
+
+/// Everything a request handler needs, shared by all connections.
+pub struct App {
+    config: Arc<Config>,
+    cache: Cache,
+    upstreams: Upstreams,
+    metrics: Arc<Metrics>,
+    listings: listing::ListingCache,
+}
+
+/// What the request log records besides method, path and status.
+struct Outcome {
+    route: &'static str,
+    upstream: Option<String>,
+    cache: CacheResult,
+}
+
+// === impl App ===
+
+impl App {
+    /// Builds the request path from its parts.
+    pub fn new(config: Arc<Config>, cache: Cache, upstreams: Upstreams, metrics: Arc<Metrics>) -> Arc<App> {
+        Arc::new(App {
+            config,
+            cache,
+            upstreams,
+            metrics,
+            listings: listing::ListingCache::new(),
+        })
+    }
+
+    /// The cache.
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// Answers one client request. Never fails: errors become OCI error responses.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let head = method == Method::HEAD;
+        let mut outcome = Outcome {
+            route: "unknown",
+            upstream: None,
+            cache: CacheResult::None,
+        };
+        let result = self.dispatch(&req, &mut outcome).await;
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if let Error::Upstream(crate::upstream::UpstreamError::DigestMismatch { upstream, .. }) = &e {
+                    self.metrics
+                        .digest_mismatches
+                        .with_label_values(&[upstream.as_str()])
+                        .inc();
+                }
+                e.into_response(head)
+            }
+        };
+        let h = resp.headers_mut();
+        h.insert(API_VERSION_HEADER, HeaderValue::from_static(API_VERSION));
+        if outcome.cache != CacheResult::None {
+            h.insert(CACHE_HEADER, HeaderValue::from_static(outcome.cache.as_str()));
+        }
+        if outcome.cache == CacheResult::Stale {
+            h.insert(header::WARNING, HeaderValue::from_static("110 - \"Response is Stale\""));
+        }
+        let status = resp.status();
+        let elapsed = start.elapsed();
+        self.metrics
+            .http_requests
+            .with_label_values(&[outcome.route, method_label(&method), status.as_str()])
+            .inc();
+        self.metrics
+            .http_duration
+            .with_label_values(&[outcome.route, outcome.cache.as_str()])
+            .observe(elapsed.as_secs_f64());
+        tracing::info!(
+            method = %method,
+            path = %req.uri().path(),
+            route = outcome.route,
+            upstream = outcome.upstream.as_deref().unwrap_or("-"),
+            status = status.as_u16(),
+            cache = outcome.cache.as_str(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+        resp
+    }
+
+    async fn dispatch<B>(&self, req: &Request<B>, outcome: &mut Outcome) -> Result<Response<Body>, Error> {
+        let route = router::parse(req.uri().path())?;
+        outcome.route = route.as_str();
+        let method = req.method();
+        let read = method == Method::GET || method == Method::HEAD;
+        if matches!(route, Route::Upload) || !read {
+            return Err(Error::Unsupported(format!(
+                "{method} is not supported: berth is a pull-through cache (pull only)"
+            )));
+        }
+        let head = method == Method::HEAD;
+        let query = req.uri().query();
+        let ns = router::query_param(query, "ns");
+        let select = |name| {
+            self.upstreams.select(ns.as_deref(), name).map_err(|e| match e {
+                SelectError::UnknownNamespace(_) | SelectError::NoDefault(_) => Error::NameUnknown(e.to_string()),
+            })
+        };
+        match route {
+            Route::Base => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{}"), head)),
+            Route::Catalog => Err(Error::NotFound("the catalog is not offered by a pull-through cache".into())),
+            Route::Upload => unreachable!("refused above"),
+            Route::Manifest { name, reference } => {
+                let sel = select(name)?;
+                outcome.upstream = Some(sel.upstream.name().to_owned());
+                let accept = accept_values(req.headers());
+                let (resp, cache) = self.manifest(&sel, reference, accept, head).await?;
+                outcome.cache = cache;
+                Ok(resp)
+            }
+            Route::Blob { name, digest } => {
+                let sel = select(name)?;
+                outcome.upstream = Some(sel.upstream.name().to_owned());
+                let range = req
+                    .headers()
+                    .get(header::RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let (resp, cache) = self.blob(&sel, digest, range.as_deref(), head).await?;
+                outcome.cache = cache;
+                Ok(resp)
+            }
+            Route::Tags { name } => {
+                let sel = select(name)?;
+                outcome.upstream = Some(sel.upstream.name().to_owned());
+                let mut q = Vec::new();
+                for k in ["n", "last"] {
+                    if let Some(v) = router::query_param(query, k) {
+                        q.push((k, v));
+                    }
+                }
+                let path = format!("/v2/{}/tags/list", sel.name);
+                let (resp, cache) = self.listing(&sel, listing::Kind::Tags, path, q, head).await?;
+                outcome.cache = cache;
+                Ok(resp)
+            }
+            Route::Referrers { name, digest } => {
+                let sel = select(name)?;
+                outcome.upstream = Some(sel.upstream.name().to_owned());
+                let mut q = Vec::new();
+                if let Some(v) = router::query_param(query, "artifactType") {
+                    q.push(("artifactType", v));
+                }
+                let path = format!("/v2/{}/referrers/{}", sel.name, digest);
+                let (resp, cache) = self.listing(&sel, listing::Kind::Referrers, path, q, head).await?;
+                outcome.cache = cache;
+                Ok(resp)
+            }
+        }
+    }
+
+    fn tag_ttl(&self) -> Duration {
+        self.config.cache.tag_ttl
+    }
+
+    fn count_lookup(&self, kind: &str, tier: &str, hit: bool) {
+        self.metrics
+            .cache_lookups
+            .with_label_values(&[kind, tier, if hit { "hit" } else { "miss" }])
+            .inc();
+    }
+
+    fn count_upstream(&self, sel: &Selected, method: &Method, status: Option<StatusCode>, started: Instant) {
+        let name = sel.upstream.name();
+        let status = status.map(|s| s.as_str().to_owned()).unwrap_or_else(|| "error".into());
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[name, method_label(method), &status])
+            .inc();
+        self.metrics
+            .upstream_duration
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        _ => "OTHER",
+    }
+}
+
+/// Every Accept value the client sent, across header lines (skopeo sends several).
+fn accept_values(h: &HeaderMap) -> Vec<String> {
+    h.get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+fn json_response(status: StatusCode, bytes: Bytes, head: bool) -> Response<Body> {
+    let len = bytes.len();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, len)
+        .body(if head { body::empty() } else { body::full(bytes) })
+        .expect("static headers are valid")
+}

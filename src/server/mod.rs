@@ -1,0 +1,280 @@
+//! Listeners: the client-facing server (plain or TLS, HTTP/1.1 and HTTP/2) and the admin server,
+//! with graceful shutdown. [`start`] binds everything and returns the bound addresses, so tests
+//! and the binary drive berth the same way.
+
+pub mod tls;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::body::{self, Body};
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::App;
+use crate::upstream::Upstreams;
+
+/// Longest a client may take for its TLS handshake or request head.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why berth could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The cache directory could not be opened.
+    #[error("cache directory {path}: {source}")]
+    Cache {
+        /// The directory.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// An upstream client could not be built.
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::BuildError),
+    /// TLS material could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Metrics registration failed.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A started berth: its bound addresses and the handle to stop it.
+pub struct Running {
+    /// Address of the client listener.
+    pub addr: SocketAddr,
+    /// Address of the admin listener, if configured.
+    pub admin_addr: Option<SocketAddr>,
+    /// The request path (for tests that inspect the cache).
+    pub app: Arc<App>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (bounded by `server.shutdown_grace`),
+    /// and returns when every listener has stopped.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Waits until the listeners stop (after [`Running::trigger_shutdown`] or a signal).
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// A handle that starts a graceful shutdown when sent `true`.
+    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// Opens the cache, builds upstream clients, binds the listeners and starts serving.
+pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Running, StartError> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new(registry)?);
+    let cache_dir = config.cache.dir.clone();
+    let cache = tokio::task::spawn_blocking({
+        let c = config.cache.clone();
+        move || Cache::open(&c)
+    })
+    .await
+    .expect("cache open does not panic")
+    .map_err(|source| StartError::Cache {
+        path: cache_dir.display().to_string(),
+        source,
+    })?;
+    let upstreams = Upstreams::new(&config.upstreams)?;
+    let acceptor = match &config.server.tls {
+        Some(t) => Some(tls::acceptor(t)?),
+        None => None,
+    };
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.server.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.server.listen,
+        source,
+    })?;
+    let admin_listener = match config.admin.listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|source| StartError::Bind { addr: a, source })?,
+        ),
+        None => None,
+    };
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let app = App::new(config.clone(), cache, upstreams, metrics.clone());
+    let (shutdown, rx) = watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(true));
+    let mut tasks = vec![tokio::spawn(serve_clients(
+        listener,
+        acceptor,
+        app.clone(),
+        rx.clone(),
+        config.server.shutdown_grace,
+        ready.clone(),
+    ))];
+    if let Some(l) = admin_listener {
+        tasks.push(tokio::spawn(serve_admin(l, metrics, ready, rx)));
+    }
+    tracing::info!(%addr, admin = ?admin_addr, tls = config.server.tls.is_some(), "berth listening");
+    Ok(Running {
+        addr,
+        admin_addr,
+        app,
+        shutdown,
+        tasks,
+    })
+}
+
+async fn serve_clients(
+    listener: TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    app: Arc<App>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    ready: Arc<AtomicBool>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let acceptor = acceptor.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(app.handle(req).await) }
+            });
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT);
+            builder.http2().timer(TokioTimer::new());
+            let result = match acceptor {
+                Some(acc) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let conn = builder.serve_connection(TokioIo::new(tls), svc);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    ready.store(false, Ordering::SeqCst);
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("shutdown grace period over; dropping remaining connections");
+    }
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => continue,
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let metrics = metrics.clone();
+        let ready = ready.clone();
+        tokio::spawn(serve_admin_conn(stream, metrics, ready));
+    }
+}
+
+async fn serve_admin_conn(stream: TcpStream, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let metrics = metrics.clone();
+        let ready = ready.clone();
+        async move { Ok::<_, Infallible>(admin_response(req.uri().path(), &metrics, &ready)) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
+}
+
+fn admin_response(path: &str, metrics: &Metrics, ready: &AtomicBool) -> Response<Body> {
+    let (status, ctype, text) = match path {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" if ready.load(Ordering::SeqCst) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n".to_owned()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
+    };
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, ctype)
+        .body(body::full(text))
+        .expect("static headers are valid")
+}

@@ -1,0 +1,353 @@
+//! One origin registry: a pooled hyper client over rustls, the token dance, redirects without
+//! credentials, and the connect / first-byte / idle timeouts of DESIGN §6.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use super::challenge;
+use super::token::{self, TokenCache};
+use super::{error_chain, HttpClient, UpstreamError, USER_AGENT};
+use crate::config::UpstreamConfig;
+
+/// Most redirects followed for one request.
+const MAX_REDIRECTS: usize = 5;
+
+/// Why an upstream client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configured CA file could not be read or parsed.
+    #[error("upstream {upstream}: ca_file {path}: {reason}")]
+    CaFile {
+        /// Upstream name.
+        upstream: String,
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// A configured origin and the client that talks to it.
+pub struct Upstream {
+    config: UpstreamConfig,
+    client: HttpClient,
+    tokens: TokenCache,
+}
+
+/// What [`Upstream::send`] should ask for.
+#[derive(Debug, Clone)]
+pub struct UpstreamRequest {
+    /// GET or HEAD.
+    pub method: Method,
+    /// Path and query at the origin, starting with `/v2/`.
+    pub path_and_query: String,
+    /// Headers to send (Accept, Range); never the client's Authorization.
+    pub headers: HeaderMap,
+    /// Token scope, such as `repository:library/alpine:pull`.
+    pub scope: String,
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    /// Builds the client: webpki roots plus the configured CA, HTTP/2 when offered, TCP_NODELAY.
+    pub fn new(config: UpstreamConfig) -> Result<Arc<Upstream>, BuildError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &config.ca_file {
+            let ca_err = |reason: String| BuildError::CaFile {
+                upstream: config.name.clone(),
+                path: path.display().to_string(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+            let mut n = 0;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| ca_err(e.to_string()))?;
+                roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(ca_err("no PEM certificates found".into()));
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(32)
+            .build(https);
+        Ok(Arc::new(Upstream {
+            config,
+            client,
+            tokens: TokenCache::default(),
+        }))
+    }
+
+    /// The upstream's configured name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    /// Sends a request to the origin. Handles the auth challenge (one retry with a token or
+    /// Basic credentials) and follows redirects for GET / HEAD, dropping Authorization when the
+    /// target is another host. Returns the final answer whatever its status.
+    pub async fn send(&self, req: &UpstreamRequest) -> Result<Response<Incoming>, UpstreamError> {
+        if self.config.offline {
+            return Err(UpstreamError::Offline {
+                upstream: self.config.name.clone(),
+            });
+        }
+        let origin = self.origin_uri(&req.path_and_query)?;
+        let auth = self.cached_auth(&req.scope);
+        let resp = self.follow(req, origin.clone(), auth.clone()).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let challenges = resp
+            .headers()
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(challenge::parse)
+            .collect::<Vec<_>>();
+        let new_auth = if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
+            let scope = bearer.param("scope").unwrap_or(&req.scope).to_owned();
+            let (tok, life) = token::fetch(
+                &self.client,
+                &self.config.name,
+                bearer,
+                &scope,
+                self.config.credentials.as_ref(),
+                self.config.first_byte_timeout,
+            )
+            .await?;
+            self.tokens.put(&req.scope, tok.clone(), life);
+            Some(format!("Bearer {}", tok.expose()))
+        } else if challenges.iter().any(|c| c.scheme == "basic") {
+            self.basic_auth()
+        } else {
+            None
+        };
+        match new_auth {
+            Some(a) if Some(&a) != auth.as_ref() => {
+                drop(resp);
+                self.follow(req, origin, Some(a)).await
+            }
+            _ => Ok(resp),
+        }
+    }
+
+    fn basic_auth(&self) -> Option<String> {
+        self.config.credentials.as_ref().map(|c| {
+            let b = base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{}", c.username, c.password.expose()));
+            format!("Basic {b}")
+        })
+    }
+
+    fn cached_auth(&self, scope: &str) -> Option<String> {
+        self.tokens
+            .get(scope)
+            .map(|t| format!("Bearer {}", t.expose()))
+    }
+
+    fn origin_uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
+        let base = &self.config.url;
+        Uri::builder()
+            .scheme(base.scheme_str().unwrap_or("https"))
+            .authority(base.authority().map(|a| a.as_str()).unwrap_or(""))
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| UpstreamError::Invalid {
+                upstream: self.config.name.clone(),
+                reason: format!("bad request URI: {e}"),
+            })
+    }
+
+    async fn follow(
+        &self,
+        req: &UpstreamRequest,
+        mut uri: Uri,
+        auth: Option<String>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let origin_authority = uri.authority().cloned();
+        for _ in 0..=MAX_REDIRECTS {
+            let same_host = uri.authority() == origin_authority.as_ref();
+            let mut b = Request::builder()
+                .method(req.method.clone())
+                .uri(uri.clone())
+                .header(header::USER_AGENT, USER_AGENT);
+            for (k, v) in &req.headers {
+                b = b.header(k, v);
+            }
+            if let (true, Some(a)) = (same_host, &auth) {
+                let mut v = HeaderValue::from_str(a).map_err(|_| UpstreamError::Invalid {
+                    upstream: self.config.name.clone(),
+                    reason: "token is not a valid header value".into(),
+                })?;
+                v.set_sensitive(true);
+                b = b.header(header::AUTHORIZATION, v);
+            }
+            let request = b
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| UpstreamError::Invalid {
+                    upstream: self.config.name.clone(),
+                    reason: e.to_string(),
+                })?;
+            let resp = tokio::time::timeout(self.config.first_byte_timeout, self.client.request(request))
+                .await
+                .map_err(|_| UpstreamError::Timeout {
+                    upstream: self.config.name.clone(),
+                    what: "first byte",
+                })?
+                .map_err(|e| UpstreamError::Unreachable {
+                    upstream: self.config.name.clone(),
+                    reason: error_chain(&e),
+                })?;
+            let redirect = matches!(
+                resp.status(),
+                StatusCode::MOVED_PERMANENTLY
+                    | StatusCode::FOUND
+                    | StatusCode::SEE_OTHER
+                    | StatusCode::TEMPORARY_REDIRECT
+                    | StatusCode::PERMANENT_REDIRECT
+            );
+            if !redirect || !(req.method == Method::GET || req.method == Method::HEAD) {
+                return Ok(resp);
+            }
+            let Some(next) = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| resolve(&uri, l))
+            else {
+                return Ok(resp);
+            };
+            uri = next;
+        }
+        Err(UpstreamError::Invalid {
+            upstream: self.config.name.clone(),
+            reason: "too many redirects".into(),
+        })
+    }
+
+    /// Next chunk of an origin body, bounded by the idle timeout. `Ok(None)` at the end.
+    pub async fn next_chunk(&self, body: &mut Incoming) -> Result<Option<Bytes>, UpstreamError> {
+        loop {
+            let frame = tokio::time::timeout(self.config.idle_timeout, body.frame())
+                .await
+                .map_err(|_| UpstreamError::Timeout {
+                    upstream: self.config.name.clone(),
+                    what: "idle body",
+                })?;
+            match frame {
+                None => return Ok(None),
+                Some(Err(e)) => {
+                    return Err(UpstreamError::Unreachable {
+                        upstream: self.config.name.clone(),
+                        reason: format!("body: {}", error_chain(&e)),
+                    })
+                }
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        if !data.is_empty() {
+                            return Ok(Some(data));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads a whole (small) body, refusing more than `limit` bytes.
+    pub async fn collect(&self, mut body: Incoming, limit: usize) -> Result<Bytes, UpstreamError> {
+        let mut buf = bytes::BytesMut::new();
+        while let Some(chunk) = self.next_chunk(&mut body).await? {
+            if buf.len() + chunk.len() > limit {
+                return Err(UpstreamError::Invalid {
+                    upstream: self.config.name.clone(),
+                    reason: format!("answer larger than {limit} bytes"),
+                });
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    }
+
+    /// The error for an answer with status `status`.
+    pub fn status_error(&self, resp: &Response<Incoming>) -> UpstreamError {
+        UpstreamError::Status {
+            upstream: self.config.name.clone(),
+            status: resp.status(),
+            retry_after: resp
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        }
+    }
+}
+
+/// Resolves a `Location` header against the URI it came from.
+fn resolve(base: &Uri, location: &str) -> Option<Uri> {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return location.parse().ok();
+    }
+    if location.starts_with('/') {
+        return Uri::builder()
+            .scheme(base.scheme_str()?)
+            .authority(base.authority()?.as_str())
+            .path_and_query(location)
+            .build()
+            .ok();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_locations() {
+        let base: Uri = "https://reg.example/v2/a/blobs/x".parse().unwrap();
+        assert_eq!(
+            resolve(&base, "/v2/b").unwrap().to_string(),
+            "https://reg.example/v2/b"
+        );
+        assert_eq!(
+            resolve(&base, "https://s3.example/obj?sig=1").unwrap().to_string(),
+            "https://s3.example/obj?sig=1"
+        );
+        assert!(resolve(&base, "relative").is_none());
+    }
+}

@@ -1,0 +1,128 @@
+//! The origins berth pulls from (DESIGN §3, §6): one [`Upstream`] client per configured origin,
+//! and [`Upstreams::select`], which picks the origin for a request.
+
+mod challenge;
+mod client;
+mod error;
+mod token;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+
+pub use client::{BuildError, Upstream, UpstreamRequest};
+pub use error::UpstreamError;
+
+use crate::config::UpstreamConfig;
+use crate::oci::RepoName;
+
+/// The pooled client type shared by an upstream and its token fetches.
+pub type HttpClient =
+    hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// User-Agent sent to origins.
+pub const USER_AGENT: &str = concat!("berth/", env!("CARGO_PKG_VERSION"));
+
+/// Renders an error and its sources on one line (hyper's top-level messages are terse).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Why no upstream could be chosen for a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectError {
+    /// `?ns=` names a registry that is not configured (berth is never an open proxy).
+    #[error("registry {0:?} is not mirrored here")]
+    UnknownNamespace(String),
+    /// No prefix matched and there is no default upstream.
+    #[error("no upstream for repository {0:?}: prefix it with an upstream name or configure a default")]
+    NoDefault(String),
+}
+
+/// All configured upstreams.
+pub struct Upstreams {
+    list: Vec<Arc<Upstream>>,
+    default: Option<usize>,
+}
+
+/// The outcome of [`Upstreams::select`]: which origin, and the repository name there.
+#[derive(Clone)]
+pub struct Selected {
+    /// The origin.
+    pub upstream: Arc<Upstream>,
+    /// Repository name at the origin (prefix removed, `library/` added for Docker Hub).
+    pub name: RepoName,
+    /// The path prefix the client used, if it routed by prefix.
+    pub prefix: Option<String>,
+}
+
+impl Upstreams {
+    /// Builds a client for every configured upstream.
+    pub fn new(configs: &[UpstreamConfig]) -> Result<Upstreams, BuildError> {
+        let list = configs
+            .iter()
+            .cloned()
+            .map(Upstream::new)
+            .collect::<Result<Vec<_>, _>>()?;
+        let default = configs.iter().position(|c| c.default);
+        Ok(Upstreams { list, default })
+    }
+
+    /// Every upstream, in config order.
+    pub fn all(&self) -> &[Arc<Upstream>] {
+        &self.list
+    }
+
+    /// Upstream by name.
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.list.iter().find(|u| u.name() == name)
+    }
+
+    /// Picks the upstream: `ns` (already percent-decoded) against aliases, then a path prefix
+    /// naming an upstream, then the default (DESIGN §3).
+    pub fn select(&self, ns: Option<&str>, name: RepoName) -> Result<Selected, SelectError> {
+        let (upstream, name, prefix) = if let Some(ns) = ns {
+            let ns = ns.to_ascii_lowercase();
+            let u = self
+                .list
+                .iter()
+                .find(|u| u.config().aliases.iter().any(|a| *a == ns))
+                .ok_or_else(|| SelectError::UnknownNamespace(ns.chars().take(253).collect()))?;
+            (u.clone(), name, None)
+        } else if let Some((u, rest)) = self.by_prefix(&name) {
+            let prefix = u.name().to_owned();
+            (u.clone(), rest, Some(prefix))
+        } else {
+            let i = self
+                .default
+                .ok_or_else(|| SelectError::NoDefault(name.to_string()))?;
+            (self.list[i].clone(), name, None)
+        };
+        let name = if upstream.config().docker_hub && name.components() == 1 {
+            name.with_library_prefix()
+        } else {
+            name
+        };
+        Ok(Selected {
+            upstream,
+            name,
+            prefix,
+        })
+    }
+
+    fn by_prefix(&self, name: &RepoName) -> Option<(&Arc<Upstream>, RepoName)> {
+        let (first, rest) = name.as_str().split_once('/')?;
+        let u = self.list.iter().find(|u| u.name() == first)?;
+        Some((u, rest.parse().ok()?))
+    }
+}

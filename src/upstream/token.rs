@@ -1,0 +1,198 @@
+//! Docker / OAuth2 token dance with an origin's token service, and the per-scope token cache.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use serde::Deserialize;
+
+use super::challenge::Challenge;
+use super::{HttpClient, UpstreamError};
+use crate::config::Credentials;
+use crate::secret::Secret;
+
+/// Most tokens berth keeps per upstream before it starts over (bounds memory).
+const MAX_TOKENS: usize = 10_000;
+/// Largest token response accepted.
+const MAX_TOKEN_RESPONSE: usize = 1 << 20;
+
+/// Tokens per scope, valid until shortly before their `expires_in`.
+#[derive(Default)]
+pub struct TokenCache {
+    tokens: Mutex<HashMap<String, (Secret, Instant)>>,
+}
+
+impl TokenCache {
+    /// A cached, still valid token for `scope`.
+    pub fn get(&self, scope: &str) -> Option<Secret> {
+        let map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(scope)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(t, _)| t.clone())
+    }
+
+    /// Keeps `token` for `scope` for `lifetime`.
+    pub fn put(&self, scope: &str, token: Secret, lifetime: Duration) {
+        let mut map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_TOKENS {
+            let now = Instant::now();
+            map.retain(|_, (_, until)| *until > now);
+            if map.len() >= MAX_TOKENS {
+                map.clear();
+            }
+        }
+        map.insert(scope.to_owned(), (token, Instant::now() + lifetime));
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+/// How long before a token's expiry berth stops using it.
+fn usable_lifetime(expires_in: u64) -> Duration {
+    let margin = (expires_in / 5).clamp(1, 30);
+    Duration::from_secs(expires_in.saturating_sub(margin).max(1))
+}
+
+/// Fetches a token for `scope` from the realm named in a Bearer `challenge`: GET with Basic
+/// credentials (or anonymously), falling back to an OAuth2 password-grant POST where the token
+/// service does not serve GET.
+pub async fn fetch(
+    client: &HttpClient,
+    upstream: &str,
+    challenge: &Challenge,
+    scope: &str,
+    credentials: Option<&Credentials>,
+    timeout: Duration,
+) -> Result<(Secret, Duration), UpstreamError> {
+    let err = |reason: String| UpstreamError::Token {
+        upstream: upstream.to_owned(),
+        reason,
+    };
+    let realm = challenge
+        .param("realm")
+        .ok_or_else(|| err("challenge has no realm".into()))?;
+    let service = challenge.param("service");
+    let enc = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
+    let mut query = Vec::new();
+    if let Some(s) = service {
+        query.push(format!("service={}", enc(s)));
+    }
+    if !scope.is_empty() {
+        query.push(format!("scope={}", enc(scope)));
+    }
+    let sep = if realm.contains('?') { '&' } else { '?' };
+    let url = format!("{realm}{sep}{}", query.join("&"));
+    let mut req = Request::builder()
+        .method(Method::GET)
+        .uri(&url)
+        .header(header::USER_AGENT, super::USER_AGENT);
+    if let Some(c) = credentials {
+        let basic = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", c.username, c.password.expose()));
+        req = req.header(header::AUTHORIZATION, format!("Basic {basic}"));
+    }
+    let req = req
+        .body(Full::new(Bytes::new()))
+        .map_err(|_| err("realm is not a valid URL".into()))?;
+    let (status, body) = send(client, req, timeout, &err).await?;
+    let (status, body) = match (status, credentials) {
+        (StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED, Some(c)) => {
+            let mut form = vec![
+                "grant_type=password".to_owned(),
+                format!("username={}", enc(&c.username)),
+                format!("password={}", enc(c.password.expose())),
+                "client_id=berth".to_owned(),
+            ];
+            if let Some(s) = service {
+                form.push(format!("service={}", enc(s)));
+            }
+            if !scope.is_empty() {
+                form.push(format!("scope={}", enc(scope)));
+            }
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri(realm)
+                .header(header::USER_AGENT, super::USER_AGENT)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Full::new(Bytes::from(form.join("&"))))
+                .map_err(|_| err("realm is not a valid URL".into()))?;
+            send(client, req, timeout, &err).await?
+        }
+        _ => (status, body),
+    };
+    if !status.is_success() {
+        return Err(UpstreamError::Status {
+            upstream: upstream.to_owned(),
+            status: if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                status
+            } else {
+                StatusCode::BAD_GATEWAY
+            },
+            retry_after: None,
+        });
+    }
+    let parsed: TokenResponse =
+        serde_json::from_slice(&body).map_err(|e| err(format!("unreadable token response: {e}")))?;
+    let token = parsed
+        .token
+        .or(parsed.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| err("token response has no token".into()))?;
+    Ok((Secret::new(token), usable_lifetime(parsed.expires_in.unwrap_or(60))))
+}
+
+async fn send(
+    client: &HttpClient,
+    req: Request<Full<Bytes>>,
+    timeout: Duration,
+    err: &impl Fn(String) -> UpstreamError,
+) -> Result<(StatusCode, Bytes), UpstreamError> {
+    let fut = async {
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| err(format!("request failed: {}", super::error_chain(&e))))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| err(format!("reading answer: {e}")))?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| err("timed out".into()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes_leave_a_margin() {
+        assert_eq!(usable_lifetime(300), Duration::from_secs(270));
+        assert_eq!(usable_lifetime(60), Duration::from_secs(48));
+        assert_eq!(usable_lifetime(1), Duration::from_secs(1));
+        assert_eq!(usable_lifetime(0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn cache_expires() {
+        let c = TokenCache::default();
+        c.put("s", Secret::new("t".into()), Duration::from_secs(60));
+        assert_eq!(c.get("s").unwrap().expose(), "t");
+        c.put("s", Secret::new("t".into()), Duration::ZERO);
+        assert!(c.get("s").is_none());
+    }
+}
