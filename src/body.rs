@@ -18,7 +18,9 @@ pub fn empty() -> Body {
 
 /// A body of bytes already in memory (manifests, JSON).
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// A body streamed from `stream`; an `Err` item aborts the response.

@@ -61,7 +61,10 @@ pub enum Command {
 
 fn load(args: &ConfigArgs) -> Result<Config, i32> {
     Config::load(&args.config, &args.sets).map_err(|e| {
-        eprintln!("berth: invalid configuration {}:\n{e}", args.config.display());
+        eprintln!(
+            "berth: invalid configuration {}:\n{e}",
+            args.config.display()
+        );
         EXIT_CONFIG
     })
 }
@@ -69,7 +72,9 @@ fn load(args: &ConfigArgs) -> Result<Config, i32> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => b.try_init(),
         LogFormat::Json => b.json().flatten_event(true).try_init(),

@@ -132,7 +132,11 @@ impl Error {
             }
             _ => {}
         }
-        let body = if head { body::empty() } else { body::full(bytes) };
+        let body = if head {
+            body::empty()
+        } else {
+            body::full(bytes)
+        };
         let mut r = resp.body(body).expect("static headers are valid");
         r.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -147,9 +151,15 @@ mod tests {
     #[test]
     fn codes_and_statuses_follow_the_spec() {
         let e = Error::BlobUnknown("x".into());
-        assert_eq!((e.status(), e.code()), (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"));
+        assert_eq!(
+            (e.status(), e.code()),
+            (StatusCode::NOT_FOUND, "BLOB_UNKNOWN")
+        );
         let e = Error::from("sha1:x".parse::<crate::oci::Digest>().unwrap_err());
-        assert_eq!((e.status(), e.code()), (StatusCode::BAD_REQUEST, "DIGEST_INVALID"));
+        assert_eq!(
+            (e.status(), e.code()),
+            (StatusCode::BAD_REQUEST, "DIGEST_INVALID")
+        );
         let e = Error::Unsupported("push".into());
         assert_eq!(e.status(), StatusCode::METHOD_NOT_ALLOWED);
         let r = Error::RangeNotSatisfiable { size: 10 }.into_response(false);

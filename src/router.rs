@@ -147,7 +147,10 @@ mod tests {
             parse(&format!("/v2/a/blobs/{}", d().replace(':', "%3A"))).unwrap(),
             Route::Blob { .. }
         ));
-        assert!(matches!(parse("/v2/a/tags/list").unwrap(), Route::Tags { .. }));
+        assert!(matches!(
+            parse("/v2/a/tags/list").unwrap(),
+            Route::Tags { .. }
+        ));
         assert!(matches!(
             parse(&format!("/v2/a/referrers/{}", d())).unwrap(),
             Route::Referrers { .. }

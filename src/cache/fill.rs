@@ -251,7 +251,11 @@ impl Fills {
 
     /// The blob from disk, or a fill to read: an existing one, or a new one that runs `fetch`
     /// in its own task (so it completes even if this client goes away).
-    pub fn blob_or_fill<Fut>(self: &Arc<Self>, d: &Digest, fetch: impl FnOnce() -> Fut) -> io::Result<BlobSource>
+    pub fn blob_or_fill<Fut>(
+        self: &Arc<Self>,
+        d: &Digest,
+        fetch: impl FnOnce() -> Fut,
+    ) -> io::Result<BlobSource>
     where
         Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
     {
@@ -389,9 +393,10 @@ impl Fills {
         let mut guard = guard;
         let temp_path = guard.0.take().expect("temp path present");
         let f = file.clone();
-        let committed = tokio::task::spawn_blocking(move || store.commit_blob(&f, &temp_path, &digest))
-            .await
-            .map_err(|e| FillError::Io(e.to_string()))?;
+        let committed =
+            tokio::task::spawn_blocking(move || store.commit_blob(&f, &temp_path, &digest))
+                .await
+                .map_err(|e| FillError::Io(e.to_string()))?;
         if let Err(e) = committed {
             let _ = std::fs::remove_file(&temp);
             return Err(FillError::Io(e.to_string()));

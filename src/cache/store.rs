@@ -86,10 +86,11 @@ impl DiskStore {
     /// A new temp file for a fill, readable by followers while it grows.
     pub fn temp_file(&self) -> io::Result<(File, PathBuf)> {
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .root
-            .join("tmp")
-            .join(format!("{}-{n}-{}", std::process::id(), rand::random::<u32>()));
+        let path = self.root.join("tmp").join(format!(
+            "{}-{n}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         let f = fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -112,10 +113,9 @@ impl DiskStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let nl = raw
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "manifest file has no header"))?;
+        let nl = raw.iter().position(|&b| b == b'\n').ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "manifest file has no header")
+        })?;
         let media_type = String::from_utf8_lossy(&raw[..nl]).into_owned();
         let bytes = Bytes::from(raw).slice(nl + 1..);
         // A manifest file is only ever renamed into place whole, but check anyway: a bad file is
@@ -151,7 +151,9 @@ impl DiskStore {
     /// Writes a small file atomically (temp + rename, no fsync: used for re-derivable state).
     pub fn write_small(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
         let (mut f, temp) = self.temp_file()?;
-        let r = f.write_all(bytes).and_then(|_| rename_into_place(&temp, dest));
+        let r = f
+            .write_all(bytes)
+            .and_then(|_| rename_into_place(&temp, dest));
         if r.is_err() {
             let _ = fs::remove_file(&temp);
         }

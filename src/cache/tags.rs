@@ -58,7 +58,13 @@ pub fn accept_key(values: &[String]) -> String {
     let mut v: Vec<String> = values
         .iter()
         .flat_map(|h| h.split(','))
-        .map(|a| a.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|a| {
+            a.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .filter(|a| !a.is_empty())
         .collect();
     v.sort();

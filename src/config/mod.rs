@@ -214,10 +214,13 @@ impl Config {
                 e.unknown(&t, "server.tls");
                 for (k, p) in [("cert", &cert), ("key", &key)] {
                     match p {
-                        None => e.push(format!("server.tls.{k}: required when [server.tls] is present")),
-                        Some(p) if !p.is_file() => {
-                            e.push(format!("server.tls.{k}: {} is not a readable file", p.display()))
-                        }
+                        None => e.push(format!(
+                            "server.tls.{k}: required when [server.tls] is present"
+                        )),
+                        Some(p) if !p.is_file() => e.push(format!(
+                            "server.tls.{k}: {} is not a readable file",
+                            p.display()
+                        )),
                         _ => {}
                     }
                 }
@@ -245,7 +248,9 @@ impl Config {
                 .path(&mut cache_t, "cache.dir", base)
                 .unwrap_or_else(|| base.join("berth-cache")),
             disk_bytes: e.size(&mut cache_t, "cache.disk_bytes").unwrap_or(50 << 30),
-            memory_bytes: e.size(&mut cache_t, "cache.memory_bytes").unwrap_or(256 << 20),
+            memory_bytes: e
+                .size(&mut cache_t, "cache.memory_bytes")
+                .unwrap_or(256 << 20),
             memory_max_object_bytes: e
                 .size(&mut cache_t, "cache.memory_max_object_bytes")
                 .unwrap_or(1 << 20),
@@ -285,7 +290,10 @@ impl Config {
             }
             for a in &u.aliases {
                 if !aliases.insert(a.clone()) {
-                    e.push(format!("upstream {:?}: alias {a:?} is used by another upstream", u.name));
+                    e.push(format!(
+                        "upstream {:?}: alias {a:?} is used by another upstream",
+                        u.name
+                    ));
                 }
             }
         }
@@ -348,7 +356,10 @@ impl Errors {
         match t.remove(field)? {
             Value::String(s) => Some(s),
             other => {
-                self.push(format!("{key}: expected a string, found {}", other.type_str()));
+                self.push(format!(
+                    "{key}: expected a string, found {}",
+                    other.type_str()
+                ));
                 None
             }
         }
@@ -371,7 +382,9 @@ impl Errors {
         match s.parse() {
             Ok(a) => Some(a),
             Err(_) => {
-                self.push(format!("{key}: {s:?} is not an address such as \"0.0.0.0:5000\""));
+                self.push(format!(
+                    "{key}: {s:?} is not an address such as \"0.0.0.0:5000\""
+                ));
                 None
             }
         }
@@ -456,7 +469,13 @@ impl Errors {
             }
             parsed
         });
-        if url.is_none() && !self.0.iter().skip(before).any(|m| m.starts_with(&at("url"))) {
+        if url.is_none()
+            && !self
+                .0
+                .iter()
+                .skip(before)
+                .any(|m| m.starts_with(&at("url")))
+        {
             self.push(format!("{}: required", at("url")));
         }
         let mut aliases: Vec<String> = self
@@ -518,7 +537,11 @@ impl Errors {
         let ca_file = self.path(&mut t, &at("ca_file"), base);
         if let Some(ca) = &ca_file {
             if !ca.is_file() {
-                self.push(format!("{}: {} is not a readable file", at("ca_file"), ca.display()));
+                self.push(format!(
+                    "{}: {} is not a readable file",
+                    at("ca_file"),
+                    ca.display()
+                ));
             }
         }
         let offline = self.bool(&mut t, &at("offline")).unwrap_or(false);
@@ -537,9 +560,14 @@ impl Errors {
         if self.0.len() > before {
             return None;
         }
-        let host = url.authority().map(|a| a.as_str().to_ascii_lowercase()).unwrap_or_default();
+        let host = url
+            .authority()
+            .map(|a| a.as_str().to_ascii_lowercase())
+            .unwrap_or_default();
         let docker_hub = DOCKER_HUB_HOSTS.contains(&host.as_str())
-            || aliases.iter().any(|a| DOCKER_HUB_HOSTS.contains(&a.as_str()));
+            || aliases
+                .iter()
+                .any(|a| DOCKER_HUB_HOSTS.contains(&a.as_str()));
         if !aliases.contains(&name) {
             aliases.push(name.clone());
         }
@@ -563,8 +591,9 @@ impl Errors {
 fn valid_upstream_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 253
-        && n.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b':'))
+        && n.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b':')
+        })
         && !n.starts_with(['.', '-', ':'])
 }
 

@@ -65,7 +65,10 @@ fn set_path(table: &mut Table, segments: &[String], value: Value) -> Result<(), 
                 .parse()
                 .map_err(|_| format!("{first} is a list: give an index, as {first}.0.key"))?;
             if idx > items.len() {
-                return Err(format!("{first} has {} entries; index {idx} is past the end", items.len()));
+                return Err(format!(
+                    "{first} has {} entries; index {idx} is past the end",
+                    items.len()
+                ));
             }
             if idx == items.len() {
                 items.push(Value::Table(Table::new()));
@@ -85,7 +88,9 @@ mod tests {
 
     #[test]
     fn sets_nested_keys_and_array_entries() {
-        let mut t: Table = "[cache]\ndir = \"a\"\n[[upstream]]\nname = \"x\"\n".parse().unwrap();
+        let mut t: Table = "[cache]\ndir = \"a\"\n[[upstream]]\nname = \"x\"\n"
+            .parse()
+            .unwrap();
         apply_override(&mut t, "cache.disk_bytes=1GiB").unwrap();
         apply_override(&mut t, "upstream.0.default=true").unwrap();
         apply_override(&mut t, "server.listen=127.0.0.1:0").unwrap();

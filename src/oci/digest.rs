@@ -84,7 +84,9 @@ impl FromStr for Digest {
             _ => return Err(DigestError::UnsupportedAlgorithm),
         };
         if hex.len() != algorithm.hex_len()
-            || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
             return Err(DigestError::BadEncoding);
         }
@@ -145,7 +147,9 @@ mod tests {
         let d: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
         assert_eq!(d.algorithm(), DigestAlgorithm::Sha256);
         assert_eq!(d.to_string(), format!("sha256:{}", "a".repeat(64)));
-        assert!(format!("sha512:{}", "0".repeat(128)).parse::<Digest>().is_ok());
+        assert!(format!("sha512:{}", "0".repeat(128))
+            .parse::<Digest>()
+            .is_ok());
         assert_eq!("abc".parse::<Digest>(), Err(DigestError::MissingAlgorithm));
         assert_eq!(
             format!("md5:{}", "a".repeat(32)).parse::<Digest>(),

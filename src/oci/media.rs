@@ -11,7 +11,12 @@ pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.mani
 
 /// What berth sends upstream when a client sent no `Accept` at all: every modern manifest type,
 /// so that the origin does not down-convert to schema 1.
-pub const DEFAULT_ACCEPT: &[&str] = &[OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST];
+pub const DEFAULT_ACCEPT: &[&str] = &[
+    OCI_INDEX,
+    OCI_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    DOCKER_MANIFEST,
+];
 
 /// Largest manifest berth accepts from an origin (distribution's own limit is 4 MiB).
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;

@@ -97,7 +97,10 @@ mod tests {
         assert_eq!("".parse::<Reference>(), Err(ReferenceError::BadTag));
         assert_eq!(".x".parse::<Reference>(), Err(ReferenceError::BadTag));
         assert_eq!("-x".parse::<Reference>(), Err(ReferenceError::BadTag));
-        assert_eq!("a".repeat(129).parse::<Reference>(), Err(ReferenceError::BadTag));
+        assert_eq!(
+            "a".repeat(129).parse::<Reference>(),
+            Err(ReferenceError::BadTag)
+        );
         assert!("a".repeat(128).parse::<Reference>().is_ok());
         assert!(matches!(
             "sha1:abc".parse::<Reference>(),

@@ -41,10 +41,22 @@ impl App {
                 let file = Arc::new(file);
                 let resp = match range::parse(range_header, size) {
                     RangeRequest::Unsatisfiable => return Err(Error::RangeNotSatisfiable { size }),
-                    RangeRequest::Full => blob_response(&digest, 0, size, size, read_range(file, 0, Some(size), None), false),
-                    RangeRequest::Partial { start, end } => {
-                        blob_response(&digest, start, end, size, read_range(file, start, Some(end), None), true)
-                    }
+                    RangeRequest::Full => blob_response(
+                        &digest,
+                        0,
+                        size,
+                        size,
+                        read_range(file, 0, Some(size), None),
+                        false,
+                    ),
+                    RangeRequest::Partial { start, end } => blob_response(
+                        &digest,
+                        start,
+                        end,
+                        size,
+                        read_range(file, start, Some(end), None),
+                        true,
+                    ),
                 };
                 Ok((resp, CacheResult::Hit))
             }
@@ -72,7 +84,9 @@ impl App {
                             .map_err(|e| Error::Internal(e.to_string()))?
                     }
                     Some(size) => match range::parse(range_header, size) {
-                        RangeRequest::Unsatisfiable => return Err(Error::RangeNotSatisfiable { size }),
+                        RangeRequest::Unsatisfiable => {
+                            return Err(Error::RangeNotSatisfiable { size })
+                        }
                         RangeRequest::Full => {
                             let s = fill.reader(0, Some(size)).map_err(io_err)?;
                             blob_response(&digest, 0, size, size, s, false)
@@ -90,7 +104,11 @@ impl App {
 
     /// HEAD of a blob: from disk or a running fill if possible, else a HEAD at the origin (a
     /// HEAD never starts a fill).
-    async fn head_blob(&self, sel: &Selected, digest: &Digest) -> Result<(Response<Body>, CacheResult), Error> {
+    async fn head_blob(
+        &self,
+        sel: &Selected,
+        digest: &Digest,
+    ) -> Result<(Response<Body>, CacheResult), Error> {
         if let Some((_, size)) = self.cache().store().open_blob(digest).map_err(io_err)? {
             self.count_lookup("blob", "disk", true);
             return Ok((blob_head(digest, size), CacheResult::Hit));
@@ -104,7 +122,12 @@ impl App {
         let req = blob_request(sel, Method::HEAD, digest);
         let started = Instant::now();
         let resp = sel.upstream.send(&req).await;
-        self.count_upstream(sel, &Method::HEAD, resp.as_ref().ok().map(|r| r.status()), started);
+        self.count_upstream(
+            sel,
+            &Method::HEAD,
+            resp.as_ref().ok().map(|r| r.status()),
+            started,
+        );
         let resp = resp.map_err(|e| not_found_as(e, "blob"))?;
         if resp.status() != StatusCode::OK {
             return Err(not_found_as(sel.upstream.status_error(&resp), "blob"));
@@ -202,14 +225,22 @@ fn blob_response(
     partial: bool,
 ) -> Response<Body> {
     let mut b = Response::builder()
-        .status(if partial { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK })
+        .status(if partial {
+            StatusCode::PARTIAL_CONTENT
+        } else {
+            StatusCode::OK
+        })
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, end - start)
         .header(DIGEST_HEADER, d.to_string())
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::ETAG, format!("\"{d}\""));
     if partial {
-        b = b.header(header::CONTENT_RANGE, format!("bytes {start}-{}/{size}", end - 1));
+        b = b.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{size}", end - 1),
+        );
     }
-    b.body(body::stream(stream)).expect("static headers are valid")
+    b.body(body::stream(stream))
+        .expect("static headers are valid")
 }

@@ -44,7 +44,9 @@ impl ListingCache {
         ListingCache(
             Cache::builder()
                 .max_capacity(LISTING_BUDGET)
-                .weigher(|k: &String, v: &Listing| (k.len() + v.bytes.len() + 64).min(u32::MAX as usize) as u32)
+                .weigher(|k: &String, v: &Listing| {
+                    (k.len() + v.bytes.len() + 64).min(u32::MAX as usize) as u32
+                })
                 .build(),
         )
     }
@@ -89,7 +91,12 @@ impl App {
         let started = Instant::now();
         let fetched = async {
             let resp = sel.upstream.send(&req).await;
-            self.count_upstream(sel, &Method::GET, resp.as_ref().ok().map(|r| r.status()), started);
+            self.count_upstream(
+                sel,
+                &Method::GET,
+                resp.as_ref().ok().map(|r| r.status()),
+                started,
+            );
             let resp = resp?;
             if resp.status() != StatusCode::OK {
                 return Err(sel.upstream.status_error(&resp));
@@ -100,7 +107,10 @@ impl App {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or(accept)
                 .to_owned();
-            let link = h.get(header::LINK).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let link = h
+                .get(header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let bytes = sel.upstream.collect(resp.into_body(), MAX_LISTING).await?;
             Ok(Listing {
                 content_type,
@@ -116,10 +126,13 @@ impl App {
                 Ok((listing_response(&l, sel, head), CacheResult::Miss))
             }
             Err(e) if e.is_origin_failure() && kept.is_some() => {
-                self.metrics.stale_served.with_label_values(&[match kind {
-                    Kind::Tags => "tags",
-                    Kind::Referrers => "referrers",
-                }]).inc();
+                self.metrics
+                    .stale_served
+                    .with_label_values(&[match kind {
+                        Kind::Tags => "tags",
+                        Kind::Referrers => "referrers",
+                    }])
+                    .inc();
                 let l = kept.expect("checked above");
                 Ok((listing_response(&l, sel, head), CacheResult::Stale))
             }
@@ -145,6 +158,10 @@ fn listing_response(l: &Listing, sel: &Selected, head: bool) -> Response<Body> {
         };
         b = b.header(header::LINK, link);
     }
-    b.body(if head { body::empty() } else { body::full(l.bytes.clone()) })
-        .unwrap_or_else(|_| Error::Internal("bad listing headers".into()).into_response(head))
+    b.body(if head {
+        body::empty()
+    } else {
+        body::full(l.bytes.clone())
+    })
+    .unwrap_or_else(|_| Error::Internal("bad listing headers".into()).into_response(head))
 }

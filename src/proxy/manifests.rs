@@ -60,7 +60,11 @@ impl App {
             Some(e) => self.cache().manifest(&e.digest).map_err(io_err)?,
             None => None,
         };
-        self.count_lookup("tag", "memory", known.as_ref().is_some_and(|e| e.is_fresh(self.tag_ttl())));
+        self.count_lookup(
+            "tag",
+            "memory",
+            known.as_ref().is_some_and(|e| e.is_fresh(self.tag_ttl())),
+        );
         if let (Some(e), Some((m, _))) = (&known, &cached) {
             if e.is_fresh(self.tag_ttl()) {
                 return Ok((manifest_response(&e.digest, m, head), CacheResult::Hit));
@@ -68,7 +72,9 @@ impl App {
             // Stale mapping: revalidate with a HEAD (does not count against Docker Hub's limit).
             match self.head_manifest(sel, tag.as_str(), &accept).await {
                 Ok(Some(d)) if d == e.digest => {
-                    self.cache().tags().put(&key, d.clone(), m.media_type.clone());
+                    self.cache()
+                        .tags()
+                        .put(&key, d.clone(), m.media_type.clone());
                     return Ok((manifest_response(&d, m, head), CacheResult::Hit));
                 }
                 Ok(_) => {}
@@ -102,18 +108,37 @@ impl App {
         }
     }
 
-    fn stale(&self, d: &Digest, m: &StoredManifest, head: bool, why: &UpstreamError) -> (Response<Body>, CacheResult) {
+    fn stale(
+        &self,
+        d: &Digest,
+        m: &StoredManifest,
+        head: bool,
+        why: &UpstreamError,
+    ) -> (Response<Body>, CacheResult) {
         tracing::warn!(digest = %d, reason = %why, "origin failed; serving stale manifest");
-        self.metrics.stale_served.with_label_values(&["manifest"]).inc();
+        self.metrics
+            .stale_served
+            .with_label_values(&["manifest"])
+            .inc();
         (manifest_response(d, m, head), CacheResult::Stale)
     }
 
     /// HEAD of a manifest at the origin: the digest it reports now, if it reports one.
-    async fn head_manifest(&self, sel: &Selected, reference: &str, accept: &[String]) -> Result<Option<Digest>, UpstreamError> {
+    async fn head_manifest(
+        &self,
+        sel: &Selected,
+        reference: &str,
+        accept: &[String],
+    ) -> Result<Option<Digest>, UpstreamError> {
         let req = manifest_request(sel, Method::HEAD, reference, accept);
         let started = Instant::now();
         let resp = sel.upstream.send(&req).await;
-        self.count_upstream(sel, &Method::HEAD, resp.as_ref().ok().map(|r| r.status()), started);
+        self.count_upstream(
+            sel,
+            &Method::HEAD,
+            resp.as_ref().ok().map(|r| r.status()),
+            started,
+        );
         let resp = resp?;
         if resp.status() != StatusCode::OK {
             return Err(sel.upstream.status_error(&resp));
@@ -137,7 +162,12 @@ impl App {
         let req = manifest_request(sel, Method::GET, reference, accept);
         let started = Instant::now();
         let resp = sel.upstream.send(&req).await;
-        self.count_upstream(sel, &Method::GET, resp.as_ref().ok().map(|r| r.status()), started);
+        self.count_upstream(
+            sel,
+            &Method::GET,
+            resp.as_ref().ok().map(|r| r.status()),
+            started,
+        );
         let resp = resp?;
         if resp.status() != StatusCode::OK {
             return Err(sel.upstream.status_error(&resp));
@@ -180,7 +210,12 @@ impl App {
     }
 }
 
-fn manifest_request(sel: &Selected, method: Method, reference: &str, accept: &[String]) -> UpstreamRequest {
+fn manifest_request(
+    sel: &Selected,
+    method: Method,
+    reference: &str,
+    accept: &[String],
+) -> UpstreamRequest {
     let mut headers = HeaderMap::new();
     let values: Vec<&str> = if accept.is_empty() {
         media::DEFAULT_ACCEPT.to_vec()
@@ -217,7 +252,11 @@ fn manifest_response(d: &Digest, m: &StoredManifest, head: bool) -> Response<Bod
         .header(header::CONTENT_LENGTH, m.bytes.len())
         .header(DIGEST_HEADER, d.to_string())
         .header(header::ETAG, format!("\"{d}\""))
-        .body(if head { body::empty() } else { body::full(m.bytes.clone()) })
+        .body(if head {
+            body::empty()
+        } else {
+            body::full(m.bytes.clone())
+        })
         .unwrap_or_else(|_| Error::Internal("bad manifest media type".into()).into_response(head))
 }
 
@@ -227,11 +266,13 @@ pub(super) fn not_found_as(e: UpstreamError, kind: &str) -> Error {
         (UpstreamError::Offline { upstream }, "blob") => {
             Error::BlobUnknown(format!("blob not in this mirror ({upstream} is offline)"))
         }
-        (UpstreamError::Offline { upstream }, _) => {
-            Error::ManifestUnknown(format!("manifest not in this mirror ({upstream} is offline)"))
-        }
+        (UpstreamError::Offline { upstream }, _) => Error::ManifestUnknown(format!(
+            "manifest not in this mirror ({upstream} is offline)"
+        )),
         (_, "blob") if e.is_not_found() => Error::BlobUnknown("blob unknown to the origin".into()),
-        (_, _) if e.is_not_found() => Error::ManifestUnknown("manifest unknown to the origin".into()),
+        (_, _) if e.is_not_found() => {
+            Error::ManifestUnknown("manifest unknown to the origin".into())
+        }
         _ => Error::Upstream(e),
     }
 }

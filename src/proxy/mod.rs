@@ -73,7 +73,12 @@ struct Outcome {
 
 impl App {
     /// Builds the request path from its parts.
-    pub fn new(config: Arc<Config>, cache: Cache, upstreams: Upstreams, metrics: Arc<Metrics>) -> Arc<App> {
+    pub fn new(
+        config: Arc<Config>,
+        cache: Cache,
+        upstreams: Upstreams,
+        metrics: Arc<Metrics>,
+    ) -> Arc<App> {
         Arc::new(App {
             config,
             cache,
@@ -102,7 +107,11 @@ impl App {
         let mut resp = match result {
             Ok(r) => r,
             Err(e) => {
-                if let Error::Upstream(crate::upstream::UpstreamError::DigestMismatch { upstream, .. }) = &e {
+                if let Error::Upstream(crate::upstream::UpstreamError::DigestMismatch {
+                    upstream,
+                    ..
+                }) = &e
+                {
                     self.metrics
                         .digest_mismatches
                         .with_label_values(&[upstream.as_str()])
@@ -114,10 +123,16 @@ impl App {
         let h = resp.headers_mut();
         h.insert(API_VERSION_HEADER, HeaderValue::from_static(API_VERSION));
         if outcome.cache != CacheResult::None {
-            h.insert(CACHE_HEADER, HeaderValue::from_static(outcome.cache.as_str()));
+            h.insert(
+                CACHE_HEADER,
+                HeaderValue::from_static(outcome.cache.as_str()),
+            );
         }
         if outcome.cache == CacheResult::Stale {
-            h.insert(header::WARNING, HeaderValue::from_static("110 - \"Response is Stale\""));
+            h.insert(
+                header::WARNING,
+                HeaderValue::from_static("110 - \"Response is Stale\""),
+            );
         }
         let status = resp.status();
         let elapsed = start.elapsed();
@@ -142,7 +157,11 @@ impl App {
         resp
     }
 
-    async fn dispatch<B>(&self, req: &Request<B>, outcome: &mut Outcome) -> Result<Response<Body>, Error> {
+    async fn dispatch<B>(
+        &self,
+        req: &Request<B>,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, Error> {
         let route = router::parse(req.uri().path())?;
         outcome.route = route.as_str();
         let method = req.method();
@@ -156,13 +175,23 @@ impl App {
         let query = req.uri().query();
         let ns = router::query_param(query, "ns");
         let select = |name| {
-            self.upstreams.select(ns.as_deref(), name).map_err(|e| match e {
-                SelectError::UnknownNamespace(_) | SelectError::NoDefault(_) => Error::NameUnknown(e.to_string()),
-            })
+            self.upstreams
+                .select(ns.as_deref(), name)
+                .map_err(|e| match e {
+                    SelectError::UnknownNamespace(_) | SelectError::NoDefault(_) => {
+                        Error::NameUnknown(e.to_string())
+                    }
+                })
         };
         match route {
-            Route::Base => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{}"), head)),
-            Route::Catalog => Err(Error::NotFound("the catalog is not offered by a pull-through cache".into())),
+            Route::Base => Ok(json_response(
+                StatusCode::OK,
+                Bytes::from_static(b"{}"),
+                head,
+            )),
+            Route::Catalog => Err(Error::NotFound(
+                "the catalog is not offered by a pull-through cache".into(),
+            )),
             Route::Upload => unreachable!("refused above"),
             Route::Manifest { name, reference } => {
                 let sel = select(name)?;
@@ -194,7 +223,9 @@ impl App {
                     }
                 }
                 let path = format!("/v2/{}/tags/list", sel.name);
-                let (resp, cache) = self.listing(&sel, listing::Kind::Tags, path, q, head).await?;
+                let (resp, cache) = self
+                    .listing(&sel, listing::Kind::Tags, path, q, head)
+                    .await?;
                 outcome.cache = cache;
                 Ok(resp)
             }
@@ -206,7 +237,9 @@ impl App {
                     q.push(("artifactType", v));
                 }
                 let path = format!("/v2/{}/referrers/{}", sel.name, digest);
-                let (resp, cache) = self.listing(&sel, listing::Kind::Referrers, path, q, head).await?;
+                let (resp, cache) = self
+                    .listing(&sel, listing::Kind::Referrers, path, q, head)
+                    .await?;
                 outcome.cache = cache;
                 Ok(resp)
             }
@@ -224,9 +257,17 @@ impl App {
             .inc();
     }
 
-    fn count_upstream(&self, sel: &Selected, method: &Method, status: Option<StatusCode>, started: Instant) {
+    fn count_upstream(
+        &self,
+        sel: &Selected,
+        method: &Method,
+        status: Option<StatusCode>,
+        started: Instant,
+    ) {
         let name = sel.upstream.name();
-        let status = status.map(|s| s.as_str().to_owned()).unwrap_or_else(|| "error".into());
+        let status = status
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_else(|| "error".into());
         self.metrics
             .upstream_requests
             .with_label_values(&[name, method_label(method), &status])
@@ -267,6 +308,10 @@ fn json_response(status: StatusCode, bytes: Bytes, head: bool) -> Response<Body>
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CONTENT_LENGTH, len)
-        .body(if head { body::empty() } else { body::full(bytes) })
+        .body(if head {
+            body::empty()
+        } else {
+            body::full(bytes)
+        })
         .expect("static headers are valid")
 }

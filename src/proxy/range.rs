@@ -79,7 +79,10 @@ mod tests {
         assert_eq!(parse(Some("bytes=5-"), 10), Partial { start: 5, end: 10 });
         assert_eq!(parse(Some("bytes=-3"), 10), Partial { start: 7, end: 10 });
         assert_eq!(parse(Some("bytes=-30"), 10), Partial { start: 0, end: 10 });
-        assert_eq!(parse(Some("bytes=2-100"), 10), Partial { start: 2, end: 10 });
+        assert_eq!(
+            parse(Some("bytes=2-100"), 10),
+            Partial { start: 2, end: 10 }
+        );
         assert_eq!(parse(Some("bytes=10-"), 10), Unsatisfiable);
         assert_eq!(parse(Some("bytes=20-30"), 10), Unsatisfiable);
         assert_eq!(parse(Some("bytes=-0"), 10), Unsatisfiable);

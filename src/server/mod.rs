@@ -195,20 +195,22 @@ async fn serve_clients(
                 .header_read_timeout(HANDSHAKE_TIMEOUT);
             builder.http2().timer(TokioTimer::new());
             let result = match acceptor {
-                Some(acc) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let conn = builder.serve_connection(TokioIo::new(tls), svc);
-                        watcher.watch(conn.into_owned()).await
+                Some(acc) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                },
+                }
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
                     watcher.watch(conn.into_owned()).await
@@ -221,7 +223,10 @@ async fn serve_clients(
     }
     ready.store(false, Ordering::SeqCst);
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace period over; dropping remaining connections");
     }
 }
@@ -268,9 +273,19 @@ fn admin_response(path: &str, metrics: &Metrics, ready: &AtomicBool) -> Response
             metrics.render(),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/readyz" if ready.load(Ordering::SeqCst) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n".to_owned()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
+        "/readyz" if ready.load(Ordering::SeqCst) => {
+            (StatusCode::OK, "text/plain", "ready\n".to_owned())
+        }
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "shutting down\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
     };
     Response::builder()
         .status(status)

@@ -39,7 +39,10 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Pem(format!("{}: {e}", cfg.cert.display())))?;
     if certs.is_empty() {
-        return Err(TlsError::Pem(format!("{}: no certificates", cfg.cert.display())));
+        return Err(TlsError::Pem(format!(
+            "{}: no certificates",
+            cfg.cert.display()
+        )));
     }
     let key = rustls_pemfile::private_key(&mut read(&cfg.key)?.as_slice())
         .map_err(|e| TlsError::Pem(format!("{}: {e}", cfg.key.display())))?

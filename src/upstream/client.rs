@@ -168,8 +168,11 @@ impl Upstream {
 
     fn basic_auth(&self) -> Option<String> {
         self.config.credentials.as_ref().map(|c| {
-            let b = base64::engine::general_purpose::STANDARD
-                .encode(format!("{}:{}", c.username, c.password.expose()));
+            let b = base64::engine::general_purpose::STANDARD.encode(format!(
+                "{}:{}",
+                c.username,
+                c.password.expose()
+            ));
             format!("Basic {b}")
         })
     }
@@ -223,16 +226,17 @@ impl Upstream {
                     upstream: self.config.name.clone(),
                     reason: e.to_string(),
                 })?;
-            let resp = tokio::time::timeout(self.config.first_byte_timeout, self.client.request(request))
-                .await
-                .map_err(|_| UpstreamError::Timeout {
-                    upstream: self.config.name.clone(),
-                    what: "first byte",
-                })?
-                .map_err(|e| UpstreamError::Unreachable {
-                    upstream: self.config.name.clone(),
-                    reason: error_chain(&e),
-                })?;
+            let resp =
+                tokio::time::timeout(self.config.first_byte_timeout, self.client.request(request))
+                    .await
+                    .map_err(|_| UpstreamError::Timeout {
+                        upstream: self.config.name.clone(),
+                        what: "first byte",
+                    })?
+                    .map_err(|e| UpstreamError::Unreachable {
+                        upstream: self.config.name.clone(),
+                        reason: error_chain(&e),
+                    })?;
             let redirect = matches!(
                 resp.status(),
                 StatusCode::MOVED_PERMANENTLY
@@ -345,7 +349,9 @@ mod tests {
             "https://reg.example/v2/b"
         );
         assert_eq!(
-            resolve(&base, "https://s3.example/obj?sig=1").unwrap().to_string(),
+            resolve(&base, "https://s3.example/obj?sig=1")
+                .unwrap()
+                .to_string(),
             "https://s3.example/obj?sig=1"
         );
         assert!(resolve(&base, "relative").is_none());

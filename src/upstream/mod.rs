@@ -45,7 +45,9 @@ pub enum SelectError {
     #[error("registry {0:?} is not mirrored here")]
     UnknownNamespace(String),
     /// No prefix matched and there is no default upstream.
-    #[error("no upstream for repository {0:?}: prefix it with an upstream name or configure a default")]
+    #[error(
+        "no upstream for repository {0:?}: prefix it with an upstream name or configure a default"
+    )]
     NoDefault(String),
 }
 

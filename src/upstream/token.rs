@@ -97,8 +97,11 @@ pub async fn fetch(
         .uri(&url)
         .header(header::USER_AGENT, super::USER_AGENT);
     if let Some(c) = credentials {
-        let basic = base64::engine::general_purpose::STANDARD
-            .encode(format!("{}:{}", c.username, c.password.expose()));
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            c.username,
+            c.password.expose()
+        ));
         req = req.header(header::AUTHORIZATION, format!("Basic {basic}"));
     }
     let req = req
@@ -141,14 +144,17 @@ pub async fn fetch(
             retry_after: None,
         });
     }
-    let parsed: TokenResponse =
-        serde_json::from_slice(&body).map_err(|e| err(format!("unreadable token response: {e}")))?;
+    let parsed: TokenResponse = serde_json::from_slice(&body)
+        .map_err(|e| err(format!("unreadable token response: {e}")))?;
     let token = parsed
         .token
         .or(parsed.access_token)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| err("token response has no token".into()))?;
-    Ok((Secret::new(token), usable_lifetime(parsed.expires_in.unwrap_or(60))))
+    Ok((
+        Secret::new(token),
+        usable_lifetime(parsed.expires_in.unwrap_or(60)),
+    ))
 }
 
 async fn send(

@@ -1,0 +1,154 @@
+//! berth itself, started in process on an ephemeral port with a temporary cache directory:
+//! `Berth::in_front_of(&tap.url()).start().await`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use tempfile::TempDir;
+
+use super::TestCa;
+
+/// How to configure a berth for a test.
+pub struct BerthBuilder {
+    upstreams: Vec<String>,
+    tls: Option<(PathBuf, PathBuf)>,
+    tag_ttl: String,
+    cache_dir: Option<PathBuf>,
+}
+
+/// A running berth.
+pub struct Berth {
+    running: Option<berth::Running>,
+    /// Client listener address.
+    pub addr: SocketAddr,
+    /// Admin listener address.
+    pub admin_addr: SocketAddr,
+    scheme: &'static str,
+    cache_dir: PathBuf,
+    _dir: TempDir,
+}
+
+impl Berth {
+    /// A berth whose default upstream (named `origin`, aliased to the origin's host:port so that
+    /// `?ns=` matches it) is `url`.
+    pub fn in_front_of(url: &str) -> BerthBuilder {
+        let host = url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_owned();
+        BerthBuilder {
+            upstreams: vec![format!(
+                "[[upstream]]\nname = \"origin\"\nurl = \"{url}\"\naliases = [\"{host}\"]\ndefault = true\nconnect_timeout = \"2s\"\nfirst_byte_timeout = \"10s\"\nidle_timeout = \"10s\"\n"
+            )],
+            tls: None,
+            tag_ttl: "5m".into(),
+            cache_dir: None,
+        }
+    }
+
+    /// A berth with exactly the given `[[upstream]]` tables.
+    pub fn with_upstreams(tables: &str) -> BerthBuilder {
+        BerthBuilder {
+            upstreams: vec![tables.to_owned()],
+            tls: None,
+            tag_ttl: "5m".into(),
+            cache_dir: None,
+        }
+    }
+
+    /// `http(s)://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("{}://{}", self.scheme, self.addr)
+    }
+
+    /// `127.0.0.1:PORT`, as registry clients name it.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// The cache directory.
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin_addr))
+            .await
+            .expect("metrics reachable")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// Stops berth gracefully.
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+impl BerthBuilder {
+    /// Serve TLS with the CA's server certificate.
+    pub fn tls(mut self, ca: &TestCa) -> Self {
+        self.tls = Some((ca.server_cert_path(), ca.server_key_path()));
+        self
+    }
+
+    /// Tag freshness lifetime (`"0s"` revalidates every time).
+    pub fn tag_ttl(mut self, ttl: &str) -> Self {
+        self.tag_ttl = ttl.to_owned();
+        self
+    }
+
+    /// Reuse a cache directory (to test restarts).
+    pub fn cache_dir(mut self, dir: &Path) -> Self {
+        self.cache_dir = Some(dir.to_owned());
+        self
+    }
+
+    /// The config file text this builder produces.
+    pub fn config_text(&self, cache_dir: &Path) -> String {
+        let mut s = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\ndisk_bytes = \"10GiB\"\ntag_ttl = \"{}\"\n",
+            cache_dir.display(),
+            self.tag_ttl
+        );
+        if let Some((cert, key)) = &self.tls {
+            s.push_str(&format!(
+                "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+        for u in &self.upstreams {
+            s.push_str(u);
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Starts berth in this process.
+    pub async fn start(self) -> Berth {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache_dir = self
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("cache"));
+        let text = self.config_text(&cache_dir);
+        let config = berth::Config::from_toml(&text)
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
+        let running = berth::start(config, prometheus::Registry::new())
+            .await
+            .expect("berth starts");
+        Berth {
+            addr: running.addr,
+            admin_addr: running.admin_addr.expect("admin configured"),
+            running: Some(running),
+            scheme: if self.tls.is_some() { "https" } else { "http" },
+            cache_dir,
+            _dir: dir,
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Integration-test harness shared by the files in `tests/`.
+//!
+//! Real servers only: a `docker-registry` child process as the origin ([`Registry`]), content
+//! pushed through its HTTP API ([`content`]), a counting forwarding proxy in front of it to see
+//! what reaches the origin ([`Tap`]), and a throwaway CA for TLS listeners ([`TestCa`]).
+//! Include it with `mod common;`; each test binary uses a different subset, hence the
+//! `dead_code` / `unused_imports` allowance.
+#![allow(dead_code, unused_imports)]
+
+pub mod berth;
+pub mod content;
+pub mod registry;
+pub mod tap;
+pub mod tls;
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+
+pub use content::{
+    delete_manifest, push_blob, push_docker_image, push_manifest, push_oci_image, push_oci_index,
+    PlatformImage, TestImage, TestIndex,
+};
+pub use registry::Registry;
+pub use tap::Tap;
+pub use tls::TestCa;
+
+/// Finds `name` on `PATH`, or panics with the package to install.
+///
+/// Tests never skip silently: a missing tool is a broken test machine, in CI and locally alike.
+pub fn require_binary(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if let Some(found) = std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+    {
+        return found;
+    }
+    let package = match name {
+        "ctr" | "containerd" => "containerd",
+        other => other,
+    };
+    let ci = if std::env::var("CI").as_deref() == Ok("true") {
+        " (CI=true: the CI image must provide it)"
+    } else {
+        ""
+    };
+    panic!(
+        "required binary `{name}` not found on PATH{ci}; install it with \
+         `apt-get install {package}` — integration tests do not skip"
+    );
+}
+
+/// Returns a port that was free a moment ago on 127.0.0.1.
+///
+/// Only for child processes that must be told their port up front; another process may take it
+/// before the child binds, so callers retry on bind failure. In-process servers bind
+/// `127.0.0.1:0` themselves instead.
+pub fn free_port() -> u16 {
+    TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .and_then(|listener| listener.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
