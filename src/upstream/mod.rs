@@ -98,7 +98,7 @@ impl Upstreams {
             let u = self
                 .list
                 .iter()
-                .find(|u| u.config().aliases.iter().any(|a| *a == ns))
+                .find(|u| u.config().aliases.contains(&ns))
                 .ok_or_else(|| SelectError::UnknownNamespace(ns.chars().take(253).collect()))?;
             (u.clone(), name, None)
         } else if let Some((u, rest)) = self.by_prefix(&name) {

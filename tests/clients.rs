@@ -1,0 +1,286 @@
+//! End to end with real clients: skopeo (plain HTTP and TLS, with the origin stopped) and
+//! containerd (`ctr images pull --hosts-dir`, so requests arrive with `?ns=`).
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::berth::Berth;
+use common::content::sha256_digest;
+use common::{push_oci_image, push_oci_index, require_binary, Registry, Tap, TestCa, TestImage};
+use reqwest::Method;
+use tokio::process::Command;
+
+async fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("command starts");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed: {text}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn skopeo() -> Command {
+    let mut c = Command::new(require_binary("skopeo"));
+    c.arg("--insecure-policy");
+    c
+}
+
+/// Checks a `dir:` copy: the manifest is the pushed one and every blob file hashes to its name.
+fn check_dir_copy(dir: &Path, img: &TestImage) {
+    let manifest = std::fs::read(dir.join("manifest.json")).expect("manifest.json");
+    assert_eq!(manifest, img.manifest_bytes, "manifest bytes");
+    for (digest, bytes) in img.blobs() {
+        let hex = digest.trim_start_matches("sha256:");
+        let got = std::fs::read(dir.join(hex)).unwrap_or_else(|_| panic!("blob {hex} copied"));
+        assert_eq!(sha256_digest(&got), digest);
+        assert_eq!(got.len(), bytes.len());
+    }
+}
+
+#[tokio::test]
+async fn skopeo_pulls_through_berth_then_from_cache_then_with_origin_stopped() {
+    let mut registry = Registry::start().await;
+    let tap = Tap::start(registry.addr()).await;
+    let berth = Berth::in_front_of(&tap.url()).tag_ttl("0s").start().await;
+    let img = push_oci_image(
+        &registry.url(),
+        "e2e/app",
+        "1.0",
+        &[200_000, 150_000, 1_000_000],
+        21,
+    )
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let src = |r: &str| format!("docker://{}/e2e/app{r}", berth.host());
+
+    let first = work.path().join("first");
+    run(skopeo()
+        .args(["copy", "--src-tls-verify=false", &src(":1.0")])
+        .arg(format!("dir:{}", first.display())))
+    .await;
+    check_dir_copy(&first, &img);
+    let gets = tap.count(|m, p| m == Method::GET && p.contains("/blobs/"));
+    assert_eq!(
+        gets,
+        img.blobs().len(),
+        "each blob fetched once: {:?}",
+        tap.requests()
+    );
+
+    // Second pull: no blob request reaches the origin.
+    tap.clear();
+    let second = work.path().join("second");
+    run(skopeo()
+        .args(["copy", "--src-tls-verify=false", &src(":1.0")])
+        .arg(format!("dir:{}", second.display())))
+    .await;
+    check_dir_copy(&second, &img);
+    assert_eq!(
+        tap.count(|_, p| p.contains("/blobs/")),
+        0,
+        "{:?}",
+        tap.requests()
+    );
+
+    // skopeo inspect lists tags through berth.
+    let out = run(skopeo().args(["inspect", "--tls-verify=false", &src(":1.0")])).await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["Digest"], img.manifest_digest.as_str());
+    assert!(
+        v["RepoTags"].as_array().unwrap().iter().any(|t| t == "1.0"),
+        "{out}"
+    );
+
+    // Origin stopped: by tag (stale mapping) and by digest still pull.
+    registry.stop();
+    for (name, r) in [
+        ("by-tag", ":1.0".to_owned()),
+        ("by-digest", format!("@{}", img.manifest_digest)),
+    ] {
+        let dest = work.path().join(name);
+        run(skopeo()
+            .args(["copy", "--src-tls-verify=false", &src(&r)])
+            .arg(format!("dir:{}", dest.display())))
+        .await;
+        check_dir_copy(&dest, &img);
+    }
+}
+
+#[tokio::test]
+async fn skopeo_pulls_over_tls() {
+    let registry = Registry::start().await;
+    let img = push_oci_image(&registry.url(), "secure/app", "v2", &[64_000, 10_000], 22).await;
+    let ca = TestCa::new();
+    let berth = Berth::in_front_of(&registry.url()).tls(&ca).start().await;
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::copy(ca.ca_path(), certs.path().join("ca.crt")).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let out = dest.path().join("img");
+    run(skopeo()
+        .args(["copy", "--src-cert-dir"])
+        .arg(certs.path())
+        .arg(format!(
+            "docker://localhost:{}/secure/app:v2",
+            berth.addr.port()
+        ))
+        .arg(format!("dir:{}", out.display())))
+    .await;
+    check_dir_copy(&out, &img);
+}
+
+/// A private containerd: its own root, state and socket, native snapshotter, CRI disabled.
+struct Containerd {
+    child: tokio::process::Child,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    async fn start() -> Containerd {
+        let bin = require_binary("containerd");
+        require_binary("ctr");
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("containerd.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.internal.v1.opt\", \"io.containerd.snapshotter.v1.btrfs\", \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.devmapper\", \"io.containerd.snapshotter.v1.aufs\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n[debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
+                root = dir.path().join("root").display(),
+                state = dir.path().join("state").display(),
+                sock = socket.display(),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("containerd starts (the test must run as root)");
+        let c = Containerd {
+            child,
+            socket,
+            _dir: dir,
+        };
+        // Ready when `ctr version` answers over the socket.
+        for _ in 0..200 {
+            let ok = Command::new("ctr")
+                .arg("--address")
+                .arg(&c.socket)
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .await
+                .is_ok_and(|s| s.success());
+            if ok {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = std::fs::read_to_string(c._dir.path().join("containerd.log")).unwrap_or_default();
+        panic!("containerd did not become ready:\n{log}");
+    }
+
+    fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "berth-test"]);
+        c
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+#[tokio::test]
+async fn containerd_pulls_through_berth_as_a_mirror_with_ns() {
+    let registry = Registry::start().await;
+    let tap = Tap::start(registry.addr()).await;
+    // The origin is known to berth only by its host as an alias, and is not the default: the
+    // pull can only succeed if containerd's `?ns=` reaches berth and is honoured.
+    let origin_host = registry.host();
+    let berth = Berth::with_upstreams(&format!(
+        "[[upstream]]\nname = \"origin\"\nurl = \"{}\"\naliases = [\"{origin_host}\"]\n",
+        tap.url()
+    ))
+    .start()
+    .await;
+    let idx = push_oci_index(
+        &registry.url(),
+        "ctr/app",
+        "v1",
+        &[("linux", "amd64"), ("linux", "arm64")],
+        23,
+    )
+    .await;
+
+    let hosts = tempfile::tempdir().unwrap();
+    let host_dir = hosts.path().join(&origin_host);
+    std::fs::create_dir_all(&host_dir).unwrap();
+    // `server` is a dead address: if berth failed, containerd would have nowhere to fall back.
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"http://127.0.0.1:9\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            berth.host()
+        ),
+    )
+    .unwrap();
+
+    let containerd = Containerd::start().await;
+    let image = format!("{origin_host}/ctr/app:v1");
+    run(containerd
+        .ctr()
+        .args([
+            "images",
+            "pull",
+            "--snapshotter",
+            "native",
+            "--platform",
+            "linux/amd64",
+            "--hosts-dir",
+        ])
+        .arg(hosts.path())
+        .arg(&image))
+    .await;
+    let list = run(containerd.ctr().args(["images", "list"])).await;
+    assert!(list.contains(&idx.digest), "{list}");
+    let amd64 = idx.image_for("linux", "amd64").unwrap();
+    for (digest, _) in amd64.blobs() {
+        assert_eq!(
+            tap.count(|m, p| m == Method::GET && p.ends_with(&format!("/blobs/{digest}"))),
+            1,
+            "{:?}",
+            tap.requests()
+        );
+    }
+    // containerd fetched exactly what berth fetched: the origin saw only berth's requests.
+    let metrics = berth.metrics().await;
+    assert!(
+        metrics.contains("berth_http_requests_total{method=\"GET\",route=\"blob\",status=\"200\"}"),
+        "{metrics}"
+    );
+    let content = run(containerd.ctr().args(["content", "ls"])).await;
+    for (digest, _) in amd64.blobs() {
+        assert!(content.contains(digest), "{content}");
+    }
+}
