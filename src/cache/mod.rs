@@ -86,11 +86,19 @@ impl Cache {
         }
     }
 
-    /// Stores a manifest already verified against `d` in both tiers.
-    pub fn put_manifest(&self, d: &Digest, m: StoredManifest) -> io::Result<Arc<StoredManifest>> {
+    /// Stores a manifest already verified against `d` in both tiers (the fsynced disk write
+    /// runs on the blocking pool).
+    pub async fn put_manifest(
+        &self,
+        d: &Digest,
+        m: StoredManifest,
+    ) -> io::Result<Arc<StoredManifest>> {
         let m = Arc::new(m);
         self.memory.put_manifest(d.clone(), m.clone());
-        self.store.write_manifest(d, &m)?;
+        let (store, digest, manifest) = (self.store.clone(), d.clone(), m.clone());
+        tokio::task::spawn_blocking(move || store.write_manifest(&digest, &manifest))
+            .await
+            .map_err(io::Error::other)??;
         Ok(m)
     }
 }

@@ -35,7 +35,7 @@ impl App {
                     .fetch_manifest(sel, &d.to_string(), &accept, Some(&d))
                     .await
                     .map_err(|e| not_found_as(e, "manifest"))?;
-                let m = self.cache().put_manifest(&got, m).map_err(io_err)?;
+                let m = self.cache().put_manifest(&got, m).await.map_err(io_err)?;
                 Ok((manifest_response(&got, &m, head), CacheResult::Miss))
             }
             Reference::Tag(tag) => self.manifest_by_tag(sel, tag, accept, head).await,
@@ -91,7 +91,7 @@ impl App {
         match self.fetch_manifest(sel, tag.as_str(), &accept, None).await {
             Ok((d, m)) => {
                 let media_type = m.media_type.clone();
-                let m = self.cache().put_manifest(&d, m).map_err(io_err)?;
+                let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
                 self.cache().tags().put(&key, d.clone(), media_type);
                 Ok((manifest_response(&d, &m, head), CacheResult::Miss))
             }

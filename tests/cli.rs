@@ -1,0 +1,160 @@
+//! The `berth` binary as an operator runs it: config checking with exit status 64, overrides by
+//! flag and environment, and serve → ready → SIGTERM → clean exit.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_berth");
+
+fn example_config() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+}
+
+#[test]
+fn example_config_is_valid() {
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(example_config())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_problem_is_listed_with_status_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "surprise = 1\n[server]\nlisten = \"not-an-address\"\n[cache]\ndisk_bytes = \"lots\"\n[[upstream]]\nname = \"x\"\nurl = \"ftp://nope\"\nauth = \"sometimes\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "surprise",
+        "server.listen",
+        "cache.disk_bytes",
+        "upstream[0].url",
+        "upstream[0].auth",
+    ] {
+        assert!(err.contains(needle), "{needle} missing from:\n{err}");
+    }
+}
+
+#[test]
+fn overrides_by_flag_and_environment_are_validated_too() {
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(example_config())
+        .args(["--set", "cache.tag_ttl=whenever"])
+        .env("BERTH_CACHE__DISK_BYTES", "12 parsecs")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cache.tag_ttl"), "{err}");
+    assert!(err.contains("cache.disk_bytes"), "{err}");
+}
+
+#[test]
+fn serve_with_a_bad_config_binds_nothing() {
+    let port = common::free_port();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(example_config())
+        .args(["--set", &format!("server.listen=127.0.0.1:{port}")])
+        .args(["--set", "upstream.0.url=not a url"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    // Nothing listens on the port.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+#[tokio::test]
+async fn serve_runs_the_example_config_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let admin = common::free_port();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(example_config())
+        .args(["--set", &format!("server.listen=127.0.0.1:{port}")])
+        .args(["--set", &format!("admin.listen=127.0.0.1:{admin}")])
+        .env("BERTH_CACHE__DIR", dir.path().join("cache"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .send()
+            .await
+        {
+            if r.status().is_success() {
+                ready = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready, "berth did not become ready");
+    let base = client
+        .get(format!("http://127.0.0.1:{port}/v2/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(base.status(), 200);
+    let health = client
+        .get(format!("http://127.0.0.1:{admin}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let metrics = client
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("berth_build_info"), "{metrics}");
+    assert!(
+        metrics
+            .contains("berth_http_requests_total{method=\"GET\",route=\"base\",status=\"200\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        dir.path().join("cache/blobs").is_dir(),
+        "cache directory created from the env override"
+    );
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
