@@ -2,6 +2,11 @@
 //! upstream fetch in its own task; it and every later request for the same digest read the
 //! growing temp file as bytes land. The last bytes are published only after the digest checked
 //! out, so no client ever receives a complete-looking body with wrong bytes.
+//!
+//! When the blob cannot be stored (larger than the disk budget, the budget held by other fills,
+//! a full disk, a write error) clients are still served: readers continue from the upstream
+//! with a ranged request from where the file left them (pass-through), verifying whole-blob
+//! bodies themselves.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -10,28 +15,61 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
 
+use super::index::{DiskIndex, Key, Kind, ReserveError};
 use super::store::DiskStore;
 use crate::oci::{Digest, Hasher};
 use crate::upstream::UpstreamError;
 
 /// Size of the reads and writes a fill and its readers make.
 pub const CHUNK: usize = 256 * 1024;
+/// How often a storage failure is logged at most.
+const WARN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A stream of upstream chunks.
+pub type UpstreamStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
+/// A stream of a blob's bytes, in [`CHUNK`]-sized frames; an error aborts the response.
+pub type BlobStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+/// What the origin answered for a blob GET: the length of this body if known and the body,
+/// starting at the offset that was asked for.
+pub struct Fetched {
+    /// Length of `body`.
+    pub total: Option<u64>,
+    /// Upstream name, for error messages.
+    pub upstream: String,
+    /// The body, chunk by chunk.
+    pub body: UpstreamStream,
+}
+
+/// How a fill (and a reader falling back to pass-through) gets bytes from the origin: bytes
+/// `start..end` (`end` = the blob's end when `None`). Implemented by the proxy, so the cache
+/// knows nothing of HTTP.
+pub trait BlobFetcher: Send + Sync + 'static {
+    /// Starts a fetch.
+    fn fetch(
+        &self,
+        start: u64,
+        end: Option<u64>,
+    ) -> Pin<Box<dyn Future<Output = Result<Fetched, UpstreamError>> + Send>>;
+}
 
 /// Why a fill failed; shared by every waiter.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FillError {
-    /// The origin failed or sent bad bytes.
+    /// The origin failed or sent bad bytes: every waiter's response is aborted.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-    /// The disk failed.
-    #[error("cache write failed: {0}")]
-    Io(String),
+    /// Local failure outside storage (a task panicked).
+    #[error("fill failed: {0}")]
+    Internal(String),
 }
 
 /// Where a fill stands, as every waiter sees it.
@@ -39,17 +77,24 @@ pub enum FillError {
 pub enum FillState {
     /// Waiting for the origin's answer.
     Starting,
-    /// Bytes are landing; `available` of them may be read.
+    /// Bytes are landing; `available` of them may be read from the file.
     Running {
         /// The blob's length, when the origin said.
         total: Option<u64>,
         /// Bytes readers may read now.
         available: u64,
     },
-    /// Verified and committed.
+    /// Verified (and, when possible, committed); readers read the rest from the file.
     Done {
         /// The blob's length.
         total: u64,
+    },
+    /// The blob is not being stored: readers past `available` fetch from the origin.
+    PassThrough {
+        /// The blob's length, when known.
+        total: Option<u64>,
+        /// Bytes of the file that are valid and may be read.
+        available: u64,
     },
     /// Failed; nothing was stored.
     Failed(FillError),
@@ -57,27 +102,36 @@ pub enum FillState {
 
 /// A fill in progress.
 pub struct Fill {
+    digest: Digest,
     state: watch::Sender<FillState>,
     file: OnceLock<Arc<File>>,
+    fetcher: Arc<dyn BlobFetcher>,
+    /// The fill's own upstream body when it decided not to store before reading any of it: the
+    /// first reader takes it instead of opening another request.
+    handoff: Mutex<Option<Fetched>>,
 }
 
-/// What the origin answered for a blob GET: its length if known and its body.
-pub struct Fetched {
-    /// Content-Length.
-    pub total: Option<u64>,
-    /// Upstream name, for error messages.
-    pub upstream: String,
-    /// The body, chunk by chunk.
-    pub body: Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>,
+/// Counters the metrics layer reads.
+#[derive(Default)]
+pub struct FillStats {
+    /// Fills that could not store their blob (budget, disk full, write error).
+    pub pass_through: AtomicU64,
+    /// Disk write or commit failures.
+    pub write_failures: AtomicU64,
+    /// Readers that continued from the origin after storage failed.
+    pub fallbacks: AtomicU64,
 }
 
 // === impl Fill ===
 
 impl Fill {
-    fn new() -> Arc<Fill> {
+    fn new(digest: Digest, fetcher: Arc<dyn BlobFetcher>) -> Arc<Fill> {
         Arc::new(Fill {
+            digest,
             state: watch::channel(FillState::Starting).0,
             file: OnceLock::new(),
+            fetcher,
+            handoff: Mutex::new(None),
         })
     }
 
@@ -88,118 +142,273 @@ impl Fill {
         loop {
             match &*rx.borrow_and_update() {
                 FillState::Starting => {}
-                FillState::Running { total, .. } => return Ok(*total),
+                FillState::Running { total, .. } | FillState::PassThrough { total, .. } => {
+                    return Ok(*total)
+                }
                 FillState::Done { total } => return Ok(Some(*total)),
                 FillState::Failed(e) => return Err(e.clone()),
             }
             if rx.changed().await.is_err() {
-                return Err(FillError::Io("fill abandoned".into()));
+                return Err(FillError::Internal("fill abandoned".into()));
             }
         }
     }
 
-    /// Waits for the fill to end and gives its length once it is known and everything landed.
-    pub async fn finished(&self) -> Result<u64, FillError> {
-        let mut rx = self.state.subscribe();
-        loop {
-            match &*rx.borrow_and_update() {
-                FillState::Done { total } => return Ok(*total),
-                FillState::Failed(e) => return Err(e.clone()),
-                _ => {}
+    /// A body of bytes `start..end` (`end` = the blob's end when `None`) as they land. Fails
+    /// (aborting the response) if the fill fails; continues from the origin if storage fails.
+    pub fn reader(
+        self: &Arc<Self>,
+        start: u64,
+        end: Option<u64>,
+        stats: Arc<FillStats>,
+    ) -> BlobStream {
+        let init = Reader {
+            fill: self.clone(),
+            rx: self.state.subscribe(),
+            offset: start,
+            start,
+            end,
+            total: None,
+            phase: Phase::File,
+            verify: None,
+            stats,
+        };
+        futures_util::stream::unfold(init, |mut r| async move {
+            match r.next().await {
+                Ok(Some(b)) => Some((Ok(b), r)),
+                Ok(None) => None,
+                Err(e) => {
+                    r.phase = Phase::Finished;
+                    Some((Err(e), r))
+                }
             }
-            if rx.changed().await.is_err() {
-                return Err(FillError::Io("fill abandoned".into()));
-            }
-        }
-    }
-
-    /// A body reading bytes `start..end` (`end` = the blob's end when `None`) as they land.
-    pub fn reader(self: &Arc<Self>, start: u64, end: Option<u64>) -> io::Result<BlobStream> {
-        let file = self
-            .file
-            .get()
-            .cloned()
-            .ok_or_else(|| io::Error::other("fill has no file yet"))?;
-        Ok(read_range(file, start, end, Some(self.state.subscribe())))
+        })
+        .boxed()
     }
 }
 
-/// A stream of a blob's bytes, in [`CHUNK`]-sized frames.
-pub type BlobStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+enum Phase {
+    File,
+    Upstream(UpstreamStream),
+    Finished,
+}
 
-/// Reads `start..end` of `file`; with `progress`, waits for bytes of a fill as they land and
-/// fails if the fill fails.
-pub fn read_range(
-    file: Arc<File>,
+/// Whole-body verification for pass-through reads: hash everything, hold the last chunk back
+/// until the digest checked out.
+struct Verify {
+    hasher: Hasher,
+    held: Option<Bytes>,
+}
+
+struct Reader {
+    fill: Arc<Fill>,
+    rx: watch::Receiver<FillState>,
+    offset: u64,
     start: u64,
     end: Option<u64>,
-    progress: Option<watch::Receiver<FillState>>,
-) -> BlobStream {
-    struct R {
-        file: Arc<File>,
-        offset: u64,
-        end: Option<u64>,
-        progress: Option<watch::Receiver<FillState>>,
-        failed: bool,
-    }
-    let init = R {
-        file,
-        offset: start,
-        end,
-        progress,
-        failed: false,
-    };
-    futures_util::stream::unfold(init, |mut r| async move {
-        if r.failed {
-            return None;
-        }
-        let limit = loop {
-            if r.end.is_some_and(|e| r.offset >= e) {
-                return None;
+    total: Option<u64>,
+    phase: Phase,
+    verify: Option<Verify>,
+    stats: Arc<FillStats>,
+}
+
+impl Reader {
+    async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            if self.end.is_some_and(|e| self.offset >= e) && self.verify.is_none() {
+                return Ok(None);
             }
-            let Some(rx) = r.progress.as_mut() else {
-                break r.end.expect("a finished read knows its end");
-            };
-            let state = rx.borrow_and_update().clone();
-            match state {
+            match &mut self.phase {
+                Phase::Finished => return Ok(None),
+                Phase::Upstream(_) => return self.next_upstream().await,
+                Phase::File => {}
+            }
+            let state = self.rx.borrow_and_update().clone();
+            match &state {
+                FillState::Running { total, .. } | FillState::PassThrough { total, .. } => {
+                    self.total = self.total.or(*total)
+                }
+                FillState::Done { total } => self.total = Some(*total),
+                _ => {}
+            }
+            let limit = match state {
                 FillState::Done { total } => {
-                    r.end = Some(r.end.map_or(total, |e| e.min(total)));
-                    r.progress = None;
+                    let end = *self.end.get_or_insert(total);
+                    end.min(total)
                 }
-                FillState::Failed(e) => {
-                    r.failed = true;
-                    return Some((Err(io::Error::other(e.to_string())), r));
+                FillState::Running { available, .. } if available > self.offset => {
+                    self.end.map_or(available, |e| e.min(available))
                 }
-                FillState::Running { available, .. } if available > r.offset => {
-                    break r.end.map_or(available, |e| e.min(available));
-                }
-                _ => {
-                    if rx.changed().await.is_err() {
-                        r.failed = true;
-                        return Some((Err(io::Error::other("fill abandoned")), r));
+                FillState::PassThrough { available, total } => {
+                    if available > self.offset {
+                        self.end.map_or(available, |e| e.min(available))
+                    } else {
+                        if self.end.is_none() {
+                            self.end = total;
+                        }
+                        self.switch_to_upstream().await?;
+                        continue;
                     }
                 }
+                FillState::Failed(e) => return Err(io::Error::other(e.to_string())),
+                FillState::Starting | FillState::Running { .. } => {
+                    if self.rx.changed().await.is_err() {
+                        return Err(io::Error::other("fill abandoned"));
+                    }
+                    continue;
+                }
+            };
+            if self.offset >= limit {
+                return Ok(None);
             }
+            let file = self
+                .fill
+                .file
+                .get()
+                .cloned()
+                .ok_or_else(|| io::Error::other("fill has no file"))?;
+            let b = read_at(
+                file,
+                self.offset,
+                (limit - self.offset).min(CHUNK as u64) as usize,
+            )
+            .await?;
+            self.offset += b.len() as u64;
+            return Ok(Some(b));
+        }
+    }
+
+    /// Storage failed or was skipped: continue from the origin at `offset`.
+    async fn switch_to_upstream(&mut self) -> io::Result<()> {
+        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+        let whole = self.start == 0 && (self.end.is_none() || self.end == self.total);
+        if whole {
+            // Verify the whole body: hash what the file already gave this client.
+            let mut hasher = Hasher::new(self.fill.digest.algorithm());
+            if self.offset > 0 {
+                let file = self
+                    .fill
+                    .file
+                    .get()
+                    .cloned()
+                    .ok_or_else(|| io::Error::other("fill has no file"))?;
+                let mut at = 0;
+                while at < self.offset {
+                    let b = read_at(
+                        file.clone(),
+                        at,
+                        (self.offset - at).min(CHUNK as u64) as usize,
+                    )
+                    .await?;
+                    hasher.update(&b);
+                    at += b.len() as u64;
+                }
+            }
+            self.verify = Some(Verify { hasher, held: None });
+        }
+        let handed = if self.offset == 0 {
+            self.fill
+                .handoff
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+        } else {
+            None
         };
-        let len = (limit - r.offset).min(CHUNK as u64) as usize;
-        let file = r.file.clone();
-        let offset = r.offset;
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = BytesMut::zeroed(len);
-            file.read_exact_at(&mut buf, offset)?;
-            Ok::<_, io::Error>(buf.freeze())
-        })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)));
-        match read {
-            Ok(b) => {
-                r.offset += b.len() as u64;
-                Some((Ok(b), r))
+        let fetched = match handed {
+            Some(f) => f,
+            None => self
+                .fill
+                .fetcher
+                .fetch(self.offset, self.end)
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))?,
+        };
+        self.phase = Phase::Upstream(fetched.body);
+        Ok(())
+    }
+
+    async fn next_upstream(&mut self) -> io::Result<Option<Bytes>> {
+        let Phase::Upstream(body) = &mut self.phase else {
+            return Ok(None);
+        };
+        loop {
+            let remaining = self.end.map(|e| e.saturating_sub(self.offset));
+            let chunk = if remaining == Some(0) {
+                None
+            } else {
+                body.next().await
+            };
+            match chunk {
+                Some(Ok(mut b)) => {
+                    if let Some(r) = remaining {
+                        if (b.len() as u64) > r {
+                            b.truncate(r as usize);
+                        }
+                    }
+                    if b.is_empty() {
+                        continue;
+                    }
+                    self.offset += b.len() as u64;
+                    match &mut self.verify {
+                        None => return Ok(Some(b)),
+                        Some(v) => {
+                            v.hasher.update(&b);
+                            if let Some(prev) = v.held.replace(b) {
+                                return Ok(Some(prev));
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => return Err(io::Error::other(e.to_string())),
+                None => {
+                    if let Some(e) = self.end {
+                        if self.offset < e {
+                            return Err(io::Error::other(format!(
+                                "origin body ended at {} of {e} bytes",
+                                self.offset
+                            )));
+                        }
+                    }
+                    let Some(v) = self.verify.take() else {
+                        self.phase = Phase::Finished;
+                        return Ok(None);
+                    };
+                    self.phase = Phase::Finished;
+                    let actual = v.hasher.finish();
+                    if actual != self.fill.digest {
+                        return Err(io::Error::other(format!(
+                            "origin content does not match {} (got {actual})",
+                            self.fill.digest
+                        )));
+                    }
+                    return Ok(v.held);
+                }
             }
-            Err(e) => {
-                r.failed = true;
-                Some((Err(e), r))
-            }
+        }
+    }
+}
+
+async fn read_at(file: Arc<File>, offset: u64, len: usize) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = BytesMut::zeroed(len);
+        file.read_exact_at(&mut buf, offset)?;
+        Ok::<_, io::Error>(buf.freeze())
+    })
+    .await
+    .unwrap_or_else(|e| Err(io::Error::other(e)))
+}
+
+/// Reads `start..end` of a committed file.
+pub fn read_file_range(file: Arc<File>, start: u64, end: u64) -> BlobStream {
+    futures_util::stream::unfold((file, start), move |(file, offset)| async move {
+        if offset >= end {
+            return None;
+        }
+        let len = (end - offset).min(CHUNK as u64) as usize;
+        match read_at(file.clone(), offset, len).await {
+            Ok(b) => Some((Ok(b), (file, offset + len as u64))),
+            Err(e) => Some((Err(e), (file, end))),
         }
     })
     .boxed()
@@ -221,18 +430,29 @@ pub enum BlobSource {
 /// The fills in progress, at most one per digest.
 pub struct Fills {
     store: Arc<DiskStore>,
+    index: Arc<DiskIndex>,
     map: Mutex<HashMap<Digest, Arc<Fill>>>,
+    stats: Arc<FillStats>,
+    last_warn: Mutex<Option<Instant>>,
 }
 
 // === impl Fills ===
 
 impl Fills {
     /// No fills yet.
-    pub fn new(store: Arc<DiskStore>) -> Arc<Fills> {
+    pub fn new(store: Arc<DiskStore>, index: Arc<DiskIndex>) -> Arc<Fills> {
         Arc::new(Fills {
             store,
+            index,
             map: Mutex::new(HashMap::new()),
+            stats: Arc::new(FillStats::default()),
+            last_warn: Mutex::new(None),
         })
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> &Arc<FillStats> {
+        &self.stats
     }
 
     /// Number of fills in progress.
@@ -249,17 +469,35 @@ impl Fills {
             .cloned()
     }
 
-    /// The blob from disk, or a fill to read: an existing one, or a new one that runs `fetch`
-    /// in its own task (so it completes even if this client goes away).
-    pub fn blob_or_fill<Fut>(
+    fn open_indexed(&self, d: &Digest) -> io::Result<Option<(File, u64)>> {
+        let key = Key {
+            kind: Kind::Blob,
+            digest: d.clone(),
+        };
+        if !self.index.contains(&key) {
+            return Ok(None);
+        }
+        match self.store.open_blob(d)? {
+            Some(x) => {
+                self.index.touch(&key);
+                Ok(Some(x))
+            }
+            None => {
+                // Deleted behind our back: forget it.
+                self.index.remove(&key);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The blob from disk, or a fill to read: an existing one, or a new one that runs in its
+    /// own task (so it completes even if this client goes away).
+    pub fn blob_or_fill(
         self: &Arc<Self>,
         d: &Digest,
-        fetch: impl FnOnce() -> Fut,
-    ) -> io::Result<BlobSource>
-    where
-        Fut: Future<Output = Result<Fetched, UpstreamError>> + Send + 'static,
-    {
-        if let Some((f, len)) = self.store.open_blob(d)? {
+        fetcher: impl FnOnce() -> Arc<dyn BlobFetcher>,
+    ) -> io::Result<BlobSource> {
+        if let Some((f, len)) = self.open_indexed(d)? {
             return Ok(BlobSource::Cached(f, len));
         }
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -270,64 +508,119 @@ impl Fills {
             });
         }
         // Re-check under the lock: a fill may have committed and left the map just now.
-        if let Some((f, len)) = self.store.open_blob(d)? {
+        if let Some((f, len)) = self.open_indexed(d)? {
             return Ok(BlobSource::Cached(f, len));
         }
-        let fill = Fill::new();
+        let fill = Fill::new(d.clone(), fetcher());
         map.insert(d.clone(), fill.clone());
         drop(map);
-        let fut = fetch();
         let this = self.clone();
-        let digest = d.clone();
         let f = fill.clone();
         tokio::spawn(async move {
-            let result = this.run(&digest, &f, fut).await;
-            // Remove the entry before announcing the end: later requests then find the
+            let result = this.run(&f).await;
+            // Leave the map before announcing the end: later requests then find the
             // committed file (or start afresh after a failure).
             {
                 let mut map = this.map.lock().unwrap_or_else(|p| p.into_inner());
-                if map.get(&digest).is_some_and(|x| Arc::ptr_eq(x, &f)) {
-                    map.remove(&digest);
+                if map.get(&f.digest).is_some_and(|x| Arc::ptr_eq(x, &f)) {
+                    map.remove(&f.digest);
                 }
             }
             match result {
-                Ok(total) => f.state.send_replace(FillState::Done { total }),
-                Err(e) => {
-                    tracing::warn!(digest = %digest, error = %e, "fill failed");
-                    f.state.send_replace(FillState::Failed(e))
+                Ok(Some(state)) => {
+                    f.state.send_replace(state);
                 }
-            };
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(digest = %f.digest, error = %e, "fill failed");
+                    f.state.send_replace(FillState::Failed(e));
+                }
+            }
         });
         Ok(BlobSource::Filling { fill, leader: true })
     }
 
-    async fn run(
-        &self,
-        d: &Digest,
-        fill: &Fill,
-        fetch: impl Future<Output = Result<Fetched, UpstreamError>>,
-    ) -> Result<u64, FillError> {
-        let Fetched {
-            total,
-            upstream,
-            mut body,
-        } = fetch.await?;
+    fn storage_failed(&self, digest: &Digest, what: &str, e: &dyn std::fmt::Display) {
+        self.stats.write_failures.fetch_add(1, Ordering::Relaxed);
+        let mut last = self.last_warn.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= WARN_INTERVAL) {
+            *last = Some(Instant::now());
+            tracing::warn!(digest = %digest, error = %e, "{what}; serving from the origin without storing (logged at most once a minute)");
+        }
+    }
+
+    async fn delete(&self, keys: Vec<Key>) {
+        if keys.is_empty() {
+            return;
+        }
         let store = self.store.clone();
-        let (file, temp) = tokio::task::spawn_blocking(move || store.temp_file())
+        let _ = tokio::task::spawn_blocking(move || {
+            for k in &keys {
+                store.delete(k);
+            }
+        })
+        .await;
+    }
+
+    /// Runs one fill. Returns the final state to publish (`None` when already published).
+    async fn run(&self, fill: &Arc<Fill>) -> Result<Option<FillState>, FillError> {
+        let fetched = fill.fetcher.fetch(0, None).await?;
+        let total = fetched.total;
+        let pass_through = |fetched: Fetched| {
+            self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
+            *fill.handoff.lock().unwrap_or_else(|p| p.into_inner()) = Some(fetched);
+            Ok(Some(FillState::PassThrough {
+                total,
+                available: 0,
+            }))
+        };
+        let mut reservation = match self.index.reserve(total.unwrap_or(0)) {
+            Ok((r, evicted)) => {
+                self.delete(evicted).await;
+                r
+            }
+            Err(e @ ReserveError::TooLarge { .. }) => {
+                tracing::info!(digest = %fill.digest, reason = %e, "not storing blob");
+                return pass_through(fetched);
+            }
+            Err(e) => {
+                self.storage_failed(&fill.digest, "no disk budget", &e);
+                return pass_through(fetched);
+            }
+        };
+        let store = self.store.clone();
+        let temp = tokio::task::spawn_blocking(move || store.temp_file())
             .await
-            .map_err(|e| FillError::Io(e.to_string()))?
-            .map_err(|e| FillError::Io(e.to_string()))?;
+            .map_err(|e| FillError::Internal(e.to_string()))?;
+        let (file, temp) = match temp {
+            Ok(x) => x,
+            Err(e) => {
+                self.storage_failed(&fill.digest, "cannot create a temp file", &e);
+                return pass_through(fetched);
+            }
+        };
         let file = Arc::new(file);
         let _ = fill.file.set(file.clone());
-        let guard = TempGuard(Some(temp.clone()));
+        let mut guard = TempGuard(Some(temp));
         fill.state.send_replace(FillState::Running {
             total,
             available: 0,
         });
-        let mut hasher = Some(Hasher::new(d.algorithm()));
+
+        let Fetched {
+            upstream, mut body, ..
+        } = fetched;
+        let mut hasher = Some(Hasher::new(fill.digest.algorithm()));
         let mut written: u64 = 0;
         let mut buf = BytesMut::with_capacity(CHUNK);
         let mut ended = false;
+        // Once storage fails the fill stops; readers continue from the origin.
+        let storage_failure = |written: u64| {
+            Ok(Some(FillState::PassThrough {
+                total,
+                available: written,
+            }))
+        };
         while !ended {
             match body.next().await {
                 Some(chunk) => buf.extend_from_slice(&chunk?),
@@ -343,24 +636,36 @@ impl Fills {
             let new_written = written + data.len() as u64;
             if total.is_some_and(|t| new_written > t) {
                 return Err(UpstreamError::Invalid {
-                    upstream: upstream.clone(),
+                    upstream,
                     reason: "body longer than its Content-Length".into(),
                 }
                 .into());
             }
+            if new_written > reservation.bytes() {
+                match reservation.grow(new_written - reservation.bytes()) {
+                    Ok(evicted) => self.delete(evicted).await,
+                    Err(e) => {
+                        self.storage_failed(&fill.digest, "disk budget exhausted mid-fill", &e);
+                        self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
+                        return storage_failure(written);
+                    }
+                }
+            }
             let f = file.clone();
             let mut h = hasher.take().expect("hasher is returned after each write");
             let at = written;
-            hasher = Some(
-                tokio::task::spawn_blocking(move || {
-                    f.write_all_at(&data, at)?;
-                    h.update(&data);
-                    Ok::<_, io::Error>(h)
-                })
-                .await
-                .map_err(|e| FillError::Io(e.to_string()))?
-                .map_err(|e| FillError::Io(e.to_string()))?,
-            );
+            let wrote = tokio::task::spawn_blocking(move || {
+                h.update(&data);
+                (f.write_all_at(&data, at), h)
+            })
+            .await
+            .map_err(|e| FillError::Internal(e.to_string()))?;
+            hasher = Some(wrote.1);
+            if let Err(e) = wrote.0 {
+                self.storage_failed(&fill.digest, "cache write failed", &e);
+                self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
+                return storage_failure(written);
+            }
             written = new_written;
             // Hold back the final bytes until the digest is verified.
             if total.is_none_or(|t| written < t) {
@@ -373,35 +678,46 @@ impl Fills {
         if let Some(t) = total {
             if written != t {
                 return Err(UpstreamError::Invalid {
-                    upstream: upstream.clone(),
+                    upstream,
                     reason: format!("body ended after {written} of {t} bytes"),
                 }
                 .into());
             }
         }
         let actual = hasher.take().expect("hasher present").finish();
-        if actual != *d {
+        if actual != fill.digest {
             return Err(UpstreamError::DigestMismatch {
-                upstream: upstream.clone(),
-                expected: d.to_string(),
+                upstream,
+                expected: fill.digest.to_string(),
                 actual: actual.to_string(),
             }
             .into());
         }
         let store = self.store.clone();
-        let digest = d.clone();
-        let mut guard = guard;
-        let temp_path = guard.0.take().expect("temp path present");
+        let digest = fill.digest.clone();
+        let temp_path = guard.0.clone().expect("temp path present");
         let f = file.clone();
         let committed =
             tokio::task::spawn_blocking(move || store.commit_blob(&f, &temp_path, &digest))
                 .await
-                .map_err(|e| FillError::Io(e.to_string()))?;
-        if let Err(e) = committed {
-            let _ = std::fs::remove_file(&temp);
-            return Err(FillError::Io(e.to_string()));
+                .map_err(|e| FillError::Internal(e.to_string()))?;
+        match committed {
+            Ok(()) => {
+                guard.0 = None;
+                let evicted = reservation.commit(
+                    Key {
+                        kind: Kind::Blob,
+                        digest: fill.digest.clone(),
+                    },
+                    written,
+                );
+                self.delete(evicted).await;
+            }
+            // The bytes are verified and readable through the open file: serve them all, keep
+            // nothing.
+            Err(e) => self.storage_failed(&fill.digest, "cache commit failed", &e),
         }
-        Ok(written)
+        Ok(Some(FillState::Done { total: written }))
     }
 }
 

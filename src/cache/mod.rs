@@ -3,14 +3,20 @@
 //! HTTP routing; the proxy hands it digests and a way to fetch.
 
 pub mod fill;
+pub mod index;
 pub mod memory;
 pub mod store;
 pub mod tags;
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
+use std::time::Instant;
 
-pub use fill::{BlobSource, BlobStream, Fetched, Fill, FillError, Fills};
+use bytes::Bytes;
+
+pub use fill::{BlobFetcher, BlobSource, BlobStream, Fetched, Fill, FillError, FillStats, Fills};
+pub use index::{DiskIndex, Key, Kind, Usage};
 pub use store::{DiskStore, StoredManifest};
 pub use tags::{accept_key, TagEntry, TagKey, TagStore};
 
@@ -39,19 +45,65 @@ impl Tier {
 /// Both tiers, the tag mappings and the fills.
 pub struct Cache {
     store: Arc<DiskStore>,
+    index: Arc<DiskIndex>,
     memory: memory::MemoryTier,
     tags: TagStore,
     fills: Arc<Fills>,
 }
 
 impl Cache {
-    /// Opens the cache directory (deleting leftovers of interrupted fills).
+    /// Opens the cache directory: deletes leftovers of interrupted fills and stray files, and
+    /// rebuilds the index from what is on disk, in the recency order last saved (objects the
+    /// snapshot does not know are ordered by modification time, as least recent). If the disk
+    /// holds more than the budget (it shrank), the least recent objects are evicted now.
     pub fn open(cfg: &CacheConfig) -> io::Result<Cache> {
+        let started = Instant::now();
         let store = Arc::new(DiskStore::open(&cfg.dir)?);
+        let index = DiskIndex::new(cfg.disk_bytes);
+        let mut found: HashMap<Key, (u64, std::time::SystemTime)> = store
+            .scan()?
+            .into_iter()
+            .map(|(k, size, mtime)| (k, (size, mtime)))
+            .collect();
+        let mut unknown: Vec<(Key, u64, std::time::SystemTime)> = Vec::new();
+        let recency = store.read_recency();
+        let mut ordered = Vec::with_capacity(recency.len());
+        for (k, protected) in recency {
+            if let Some((size, _)) = found.remove(&k) {
+                ordered.push((k, size, protected));
+            }
+        }
+        for (k, (size, mtime)) in found {
+            unknown.push((k, size, mtime));
+        }
+        unknown.sort_by_key(|(_, _, m)| *m);
+        let objects = ordered.len() + unknown.len();
+        for (k, size, _) in unknown {
+            index.load(k, size, false);
+        }
+        for (k, size, protected) in ordered {
+            index.load(k, size, protected);
+        }
+        // Over budget (the budget was lowered): evict down to it.
+        if let Ok((r, evicted)) = index.reserve(0) {
+            drop(r);
+            for k in &evicted {
+                store.delete(k);
+            }
+        }
+        let usage = index.usage();
+        tracing::info!(
+            objects,
+            bytes = usage.used,
+            budget = cfg.disk_bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "cache index rebuilt"
+        );
         Ok(Cache {
             memory: memory::MemoryTier::new(cfg.memory_bytes, cfg.memory_max_object_bytes),
             tags: TagStore::new(store.clone()),
-            fills: Fills::new(store.clone()),
+            fills: Fills::new(store.clone(), index.clone()),
+            index,
             store,
         })
     }
@@ -71,23 +123,52 @@ impl Cache {
         &self.store
     }
 
+    /// The disk tier's index.
+    pub fn index(&self) -> &Arc<DiskIndex> {
+        &self.index
+    }
+
+    /// The memory tier.
+    pub fn memory(&self) -> &memory::MemoryTier {
+        &self.memory
+    }
+
+    /// Saves the disk index's recency order if it changed (so a restart keeps the hot set).
+    pub fn save_recency(&self) -> io::Result<()> {
+        if !self.index.is_dirty() {
+            return Ok(());
+        }
+        self.store.write_recency(&self.index.snapshot())
+    }
+
     /// A manifest by digest from memory, else disk (promoted to memory).
     pub fn manifest(&self, d: &Digest) -> io::Result<Option<(Arc<StoredManifest>, Tier)>> {
         if let Some(m) = self.memory.manifest(d) {
             return Ok(Some((m, Tier::Memory)));
         }
+        let key = Key {
+            kind: Kind::Manifest,
+            digest: d.clone(),
+        };
+        if !self.index.contains(&key) {
+            return Ok(None);
+        }
         match self.store.read_manifest(d)? {
             Some(m) => {
+                self.index.touch(&key);
                 let m = Arc::new(m);
                 self.memory.put_manifest(d.clone(), m.clone());
                 Ok(Some((m, Tier::Disk)))
             }
-            None => Ok(None),
+            None => {
+                self.index.remove(&key);
+                Ok(None)
+            }
         }
     }
 
     /// Stores a manifest already verified against `d` in both tiers (the fsynced disk write
-    /// runs on the blocking pool).
+    /// runs on the blocking pool; without disk budget it stays in memory only).
     pub async fn put_manifest(
         &self,
         d: &Digest,
@@ -95,10 +176,62 @@ impl Cache {
     ) -> io::Result<Arc<StoredManifest>> {
         let m = Arc::new(m);
         self.memory.put_manifest(d.clone(), m.clone());
+        let key = Key {
+            kind: Kind::Manifest,
+            digest: d.clone(),
+        };
+        if self.index.contains(&key) {
+            return Ok(m);
+        }
+        let size = (m.media_type.len() + 1 + m.bytes.len()) as u64;
+        let Ok((reservation, evicted)) = self.index.reserve(size) else {
+            return Ok(m);
+        };
         let (store, digest, manifest) = (self.store.clone(), d.clone(), m.clone());
-        tokio::task::spawn_blocking(move || store.write_manifest(&digest, &manifest))
-            .await
-            .map_err(io::Error::other)??;
+        let written = tokio::task::spawn_blocking(move || {
+            for k in &evicted {
+                store.delete(k);
+            }
+            store.write_manifest(&digest, &manifest)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        match written {
+            Ok(()) => {
+                let evicted = reservation.commit(key, size);
+                for k in &evicted {
+                    self.store.delete(k);
+                }
+            }
+            Err(e) => {
+                self.fills
+                    .stats()
+                    .write_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(digest = %d, error = %e, "could not store manifest; kept in memory only");
+            }
+        }
         Ok(m)
+    }
+
+    /// A small blob from the memory tier, or loaded into it from disk when it fits there.
+    pub async fn small_blob(&self, d: &Digest, size: u64) -> Option<Bytes> {
+        if let Some(b) = self.memory.blob(d) {
+            return Some(b);
+        }
+        if !self.memory.fits(size) {
+            return None;
+        }
+        let store = self.store.clone();
+        let digest = d.clone();
+        let bytes = tokio::task::spawn_blocking(move || store.read_blob(&digest))
+            .await
+            .ok()?
+            .ok()??;
+        if bytes.len() as u64 != size {
+            return None;
+        }
+        self.memory.put_blob(d.clone(), bytes.clone());
+        Some(bytes)
     }
 }

@@ -6,6 +6,7 @@
 //! <dir>/manifests/sha256/ab/abcd...   "<media type>\n" + manifest bytes
 //! <dir>/tags/<upstream>/<repo>/_tags/<tag>/<accept-key>.json
 //! <dir>/tmp/                          fills in progress; emptied at startup
+//! <dir>/recency                       the index's eviction order, saved periodically
 //! ```
 
 use std::fs::{self, File};
@@ -15,7 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
+use super::index::{Key, Kind};
 use crate::oci::{Digest, Hasher};
+
+/// Name of the recency snapshot file.
+const RECENCY_FILE: &str = "recency";
 
 /// A manifest as stored: its media type and exact bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,9 +66,113 @@ impl DiskStore {
             .join(d.hex())
     }
 
+    /// Where an object lives once committed.
+    pub fn path(&self, key: &Key) -> PathBuf {
+        self.object_path(key.kind.as_str(), &key.digest)
+    }
+
     /// Where a blob lives once committed.
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
         self.object_path("blobs", d)
+    }
+
+    /// Deletes a committed object (eviction). Readers that opened it finish undisturbed.
+    pub fn delete(&self, key: &Key) {
+        if let Err(e) = fs::remove_file(self.path(key)) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(digest = %key.digest, error = %e, "could not delete evicted object");
+            }
+        }
+    }
+
+    /// Every committed object with its size and modification time. Files whose names are not
+    /// digests (or whose directory does not match) are deleted: nothing unverifiable is served.
+    pub fn scan(&self) -> io::Result<Vec<(Key, u64, std::time::SystemTime)>> {
+        let mut out = Vec::new();
+        for kind in [Kind::Blob, Kind::Manifest] {
+            let kind_dir = self.root.join(kind.as_str());
+            for alg in fs::read_dir(&kind_dir)? {
+                let alg = alg?;
+                let alg_name = alg.file_name().to_string_lossy().into_owned();
+                if !alg.file_type()?.is_dir() {
+                    let _ = fs::remove_file(alg.path());
+                    continue;
+                }
+                for shard in fs::read_dir(alg.path())? {
+                    let shard = shard?;
+                    if !shard.file_type()?.is_dir() {
+                        let _ = fs::remove_file(shard.path());
+                        continue;
+                    }
+                    let shard_name = shard.file_name().to_string_lossy().into_owned();
+                    for f in fs::read_dir(shard.path())? {
+                        let f = f?;
+                        let name = f.file_name().to_string_lossy().into_owned();
+                        let digest = format!("{alg_name}:{name}").parse::<Digest>().ok();
+                        let meta = f.metadata()?;
+                        match digest {
+                            Some(d)
+                                if meta.is_file()
+                                    && name.starts_with(&shard_name)
+                                    && shard_name.len() == 2 =>
+                            {
+                                let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                                out.push((Key { kind, digest: d }, meta.len(), mtime));
+                            }
+                            _ => {
+                                tracing::warn!(path = %f.path().display(), "removing stray file from the cache");
+                                let _ = if meta.is_dir() {
+                                    fs::remove_dir_all(f.path())
+                                } else {
+                                    fs::remove_file(f.path())
+                                };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads the recency snapshot: keys in eviction order with their protected flag.
+    pub fn read_recency(&self) -> Vec<(Key, bool)> {
+        let Ok(text) = fs::read_to_string(self.root.join(RECENCY_FILE)) else {
+            return Vec::new();
+        };
+        text.lines()
+            .filter_map(|l| {
+                let mut it = l.split(' ');
+                let (seg, kind, digest) = (it.next()?, it.next()?, it.next()?);
+                let kind = match kind {
+                    "b" => Kind::Blob,
+                    "m" => Kind::Manifest,
+                    _ => return None,
+                };
+                Some((
+                    Key {
+                        kind,
+                        digest: digest.parse().ok()?,
+                    },
+                    seg == "p",
+                ))
+            })
+            .collect()
+    }
+
+    /// Writes the recency snapshot atomically.
+    pub fn write_recency(&self, order: &[(Key, bool)]) -> io::Result<()> {
+        let mut text = String::with_capacity(order.len() * 80);
+        for (k, protected) in order {
+            text.push_str(if *protected { "p " } else { "o " });
+            text.push_str(match k.kind {
+                Kind::Blob => "b ",
+                Kind::Manifest => "m ",
+            });
+            text.push_str(&k.digest.to_string());
+            text.push('\n');
+        }
+        self.write_small(&self.root.join(RECENCY_FILE), text.as_bytes())
     }
 
     /// Opens a committed blob: the file and its length.
@@ -104,6 +213,15 @@ impl DiskStore {
         file.sync_all()?;
         let dest = self.blob_path(d);
         rename_into_place(temp, &dest)
+    }
+
+    /// Reads a whole small blob (for the memory tier).
+    pub fn read_blob(&self, d: &Digest) -> io::Result<Option<Bytes>> {
+        match fs::read(self.blob_path(d)) {
+            Ok(b) => Ok(Some(Bytes::from(b))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads a stored manifest.

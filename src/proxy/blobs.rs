@@ -1,6 +1,8 @@
 //! GET|HEAD /v2/<name>/blobs/<digest>: from disk, or from the single fill of a missing blob,
 //! with Range (206 / 416) on both.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,10 +12,12 @@ use super::manifests::{io_err, not_found_as, DIGEST_HEADER};
 use super::range::{self, RangeRequest};
 use super::{App, CacheResult};
 use crate::body::{self, Body};
-use crate::cache::fill::{read_range, BlobSource, Fetched, FillError};
+use crate::cache::fill::{read_file_range, BlobFetcher, BlobSource, Fetched, FillError};
+use crate::cache::{Key, Kind};
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::oci::Digest;
-use crate::upstream::{Selected, UpstreamError, UpstreamRequest};
+use crate::upstream::{Selected, Upstream, UpstreamError, UpstreamRequest};
 
 impl App {
     /// GET|HEAD: /v2/<name>/blobs/<digest>
@@ -27,36 +31,47 @@ impl App {
         if head {
             return self.head_blob(sel, &digest).await;
         }
-        let upstream = sel.upstream.clone();
-        let req = blob_request(sel, Method::GET, &digest);
-        let metrics = self.metrics.clone();
         let source = self
             .cache()
             .fills()
-            .blob_or_fill(&digest, move || fetch_blob(upstream, req, metrics))
+            .blob_or_fill(&digest, || {
+                Arc::new(UpstreamBlob {
+                    upstream: sel.upstream.clone(),
+                    request: blob_request(sel, Method::GET, &digest),
+                    metrics: self.metrics.clone(),
+                }) as Arc<dyn BlobFetcher>
+            })
             .map_err(io_err)?;
         match source {
             BlobSource::Cached(file, size) => {
+                if let Some(bytes) = self.cache().small_blob(&digest, size).await {
+                    self.count_lookup("blob", "memory", true);
+                    let resp = match range::parse(range_header, size) {
+                        RangeRequest::Unsatisfiable => {
+                            return Err(Error::RangeNotSatisfiable { size })
+                        }
+                        RangeRequest::Full => {
+                            blob_response(&digest, 0, size, size, body::full(bytes), false)
+                        }
+                        RangeRequest::Partial { start, end } => {
+                            let part = bytes.slice(start as usize..end as usize);
+                            blob_response(&digest, start, end, size, body::full(part), true)
+                        }
+                    };
+                    return Ok((resp, CacheResult::Hit));
+                }
                 self.count_lookup("blob", "disk", true);
                 let file = Arc::new(file);
                 let resp = match range::parse(range_header, size) {
                     RangeRequest::Unsatisfiable => return Err(Error::RangeNotSatisfiable { size }),
-                    RangeRequest::Full => blob_response(
-                        &digest,
-                        0,
-                        size,
-                        size,
-                        read_range(file, 0, Some(size), None),
-                        false,
-                    ),
-                    RangeRequest::Partial { start, end } => blob_response(
-                        &digest,
-                        start,
-                        end,
-                        size,
-                        read_range(file, start, Some(end), None),
-                        true,
-                    ),
+                    RangeRequest::Full => {
+                        let s = read_file_range(file, 0, size);
+                        blob_response(&digest, 0, size, size, body::stream(s), false)
+                    }
+                    RangeRequest::Partial { start, end } => {
+                        let s = read_file_range(file, start, end);
+                        blob_response(&digest, start, end, size, body::stream(s), true)
+                    }
                 };
                 Ok((resp, CacheResult::Hit))
             }
@@ -65,16 +80,13 @@ impl App {
                 if !leader {
                     self.metrics.fill_waiters.inc();
                 }
+                let stats = self.cache().fills().stats().clone();
                 let total = fill.ready().await.map_err(fill_err)?;
-                let total = match (total, range_header) {
-                    (Some(t), _) => Some(t),
-                    // Unknown length and a Range: the range can be checked only at the end.
-                    (None, Some(_)) => Some(fill.finished().await.map_err(fill_err)?),
-                    (None, None) => None,
-                };
                 let resp = match total {
                     None => {
-                        let stream = fill.reader(0, None).map_err(io_err)?;
+                        // Unknown length: a Range cannot be checked before the end; serve the
+                        // whole blob (RFC 9110 allows ignoring Range).
+                        let stream = fill.reader(0, None, stats);
                         Response::builder()
                             .status(StatusCode::OK)
                             .header(header::CONTENT_TYPE, "application/octet-stream")
@@ -88,12 +100,12 @@ impl App {
                             return Err(Error::RangeNotSatisfiable { size })
                         }
                         RangeRequest::Full => {
-                            let s = fill.reader(0, Some(size)).map_err(io_err)?;
-                            blob_response(&digest, 0, size, size, s, false)
+                            let s = fill.reader(0, Some(size), stats);
+                            blob_response(&digest, 0, size, size, body::stream(s), false)
                         }
                         RangeRequest::Partial { start, end } => {
-                            let s = fill.reader(start, Some(end)).map_err(io_err)?;
-                            blob_response(&digest, start, end, size, s, true)
+                            let s = fill.reader(start, Some(end), stats);
+                            blob_response(&digest, start, end, size, body::stream(s), true)
                         }
                     },
                 };
@@ -109,9 +121,15 @@ impl App {
         sel: &Selected,
         digest: &Digest,
     ) -> Result<(Response<Body>, CacheResult), Error> {
-        if let Some((_, size)) = self.cache().store().open_blob(digest).map_err(io_err)? {
-            self.count_lookup("blob", "disk", true);
-            return Ok((blob_head(digest, size), CacheResult::Hit));
+        let key = Key {
+            kind: Kind::Blob,
+            digest: digest.clone(),
+        };
+        if self.cache().index().contains(&key) {
+            if let Some((_, size)) = self.cache().store().open_blob(digest).map_err(io_err)? {
+                self.count_lookup("blob", "disk", true);
+                return Ok((blob_head(digest, size), CacheResult::Hit));
+            }
         }
         if let Some(fill) = self.cache().fills().get(digest) {
             if let Ok(Some(size)) = fill.ready().await {
@@ -142,6 +160,87 @@ impl App {
     }
 }
 
+/// Fetches a blob (or a range of it) from its origin for a fill or a pass-through reader.
+struct UpstreamBlob {
+    upstream: Arc<Upstream>,
+    request: UpstreamRequest,
+    metrics: Arc<Metrics>,
+}
+
+impl BlobFetcher for UpstreamBlob {
+    fn fetch(
+        &self,
+        start: u64,
+        end: Option<u64>,
+    ) -> Pin<Box<dyn Future<Output = Result<Fetched, UpstreamError>> + Send>> {
+        let upstream = self.upstream.clone();
+        let mut request = self.request.clone();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let ranged = start > 0 || end.is_some();
+            if ranged {
+                let spec = match end {
+                    Some(e) => format!("bytes={start}-{}", e.saturating_sub(1)),
+                    None => format!("bytes={start}-"),
+                };
+                if let Ok(v) = http::HeaderValue::from_str(&spec) {
+                    request.headers.insert(header::RANGE, v);
+                }
+            }
+            let started = Instant::now();
+            let resp = upstream.send(&request).await;
+            let status = resp
+                .as_ref()
+                .map(|r| r.status().as_str().to_owned())
+                .unwrap_or_else(|_| "error".into());
+            metrics
+                .upstream_requests
+                .with_label_values(&[upstream.name(), "GET", &status])
+                .inc();
+            metrics
+                .upstream_duration
+                .with_label_values(&[upstream.name()])
+                .observe(started.elapsed().as_secs_f64());
+            let resp = resp?;
+            // An origin that ignores Range answers 200 with the whole blob: skip to `start`.
+            let skip = match resp.status() {
+                StatusCode::OK => start,
+                StatusCode::PARTIAL_CONTENT if ranged => 0,
+                _ => return Err(upstream.status_error(&resp)),
+            };
+            let total = content_length(resp.headers()).map(|l| l.saturating_sub(skip));
+            let name = upstream.name().to_owned();
+            let body = resp.into_body();
+            let stream =
+                futures_util::stream::unfold(Some((upstream, body, skip)), |state| async move {
+                    let (u, mut b, mut skip) = state?;
+                    loop {
+                        match u.next_chunk(&mut b).await {
+                            Ok(Some(mut chunk)) => {
+                                if skip > 0 {
+                                    let n = skip.min(chunk.len() as u64);
+                                    skip -= n;
+                                    chunk = chunk.slice(n as usize..);
+                                    if chunk.is_empty() {
+                                        continue;
+                                    }
+                                }
+                                return Some((Ok(chunk), Some((u, b, skip))));
+                            }
+                            Ok(None) => return None,
+                            Err(e) => return Some((Err(e), None)),
+                        }
+                    }
+                });
+            Ok(Fetched {
+                total,
+                upstream: name,
+                body: Box::pin(stream),
+            })
+        })
+    }
+}
+
 fn blob_request(sel: &Selected, method: Method, digest: &Digest) -> UpstreamRequest {
     UpstreamRequest {
         method,
@@ -151,48 +250,6 @@ fn blob_request(sel: &Selected, method: Method, digest: &Digest) -> UpstreamRequ
     }
 }
 
-/// The fetch a fill runs: GET the blob, hand over its length and body.
-async fn fetch_blob(
-    upstream: Arc<crate::upstream::Upstream>,
-    req: UpstreamRequest,
-    metrics: Arc<crate::metrics::Metrics>,
-) -> Result<Fetched, UpstreamError> {
-    let started = Instant::now();
-    let resp = upstream.send(&req).await;
-    let status = resp
-        .as_ref()
-        .map(|r| r.status().as_str().to_owned())
-        .unwrap_or_else(|_| "error".into());
-    metrics
-        .upstream_requests
-        .with_label_values(&[upstream.name(), "GET", &status])
-        .inc();
-    metrics
-        .upstream_duration
-        .with_label_values(&[upstream.name()])
-        .observe(started.elapsed().as_secs_f64());
-    let resp = resp?;
-    if resp.status() != StatusCode::OK {
-        return Err(upstream.status_error(&resp));
-    }
-    let total = content_length(resp.headers());
-    let name = upstream.name().to_owned();
-    let body = resp.into_body();
-    let stream = futures_util::stream::unfold(Some((upstream, body)), |state| async move {
-        let (u, mut b) = state?;
-        match u.next_chunk(&mut b).await {
-            Ok(Some(chunk)) => Some((Ok(chunk), Some((u, b)))),
-            Ok(None) => None,
-            Err(e) => Some((Err(e), None)),
-        }
-    });
-    Ok(Fetched {
-        total,
-        upstream: name,
-        body: Box::pin(stream),
-    })
-}
-
 fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
@@ -200,7 +257,7 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 fn fill_err(e: FillError) -> Error {
     match e {
         FillError::Upstream(u) => not_found_as(u, "blob"),
-        FillError::Io(m) => Error::Internal(m),
+        FillError::Internal(m) => Error::Internal(m),
     }
 }
 
@@ -221,7 +278,7 @@ fn blob_response(
     start: u64,
     end: u64,
     size: u64,
-    stream: crate::cache::BlobStream,
+    body: Body,
     partial: bool,
 ) -> Response<Body> {
     let mut b = Response::builder()
@@ -241,6 +298,5 @@ fn blob_response(
             format!("bytes {start}-{}/{size}", end - 1),
         );
     }
-    b.body(body::stream(stream))
-        .expect("static headers are valid")
+    b.body(body).expect("static headers are valid")
 }

@@ -27,6 +27,9 @@ use crate::metrics::Metrics;
 use crate::proxy::App;
 use crate::upstream::Upstreams;
 
+/// How often the cache's recency order is saved.
+const RECENCY_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Longest a client may take for its TLS handshake or request head.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -146,8 +149,9 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
         ready.clone(),
     ))];
     if let Some(l) = admin_listener {
-        tasks.push(tokio::spawn(serve_admin(l, metrics, ready, rx)));
+        tasks.push(tokio::spawn(serve_admin(l, metrics, ready, rx.clone())));
     }
+    tasks.push(tokio::spawn(save_recency(app.clone(), rx)));
     tracing::info!(%addr, admin = ?admin_addr, tls = config.server.tls.is_some(), "berth listening");
     Ok(Running {
         addr,
@@ -228,6 +232,24 @@ async fn serve_clients(
         .is_err()
     {
         tracing::warn!("shutdown grace period over; dropping remaining connections");
+    }
+}
+
+/// Saves the cache's recency order every [`RECENCY_INTERVAL`] and once more at shutdown.
+async fn save_recency(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let stop = tokio::select! {
+            _ = tokio::time::sleep(RECENCY_INTERVAL) => false,
+            _ = shutdown.changed() => true,
+        };
+        let a = app.clone();
+        let saved = tokio::task::spawn_blocking(move || a.cache().save_recency()).await;
+        if let Ok(Err(e)) = saved {
+            tracing::warn!(error = %e, "could not save cache recency");
+        }
+        if stop {
+            return;
+        }
     }
 }
 

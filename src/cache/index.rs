@@ -1,0 +1,457 @@
+//! The disk tier's index: which objects are on disk, their sizes, and their recency, under a
+//! strict byte budget.
+//!
+//! Policy: segmented LRU (SLRU). A new object enters the *probation* segment; a hit promotes it
+//! to *protected* (capped at [`PROTECTED_SHARE`] of the budget, overflow demoted back to
+//! probation). Eviction takes probation's least recent first, then protected's. A blob pulled
+//! once (a one-off image, a scan) cannot push out the layers every node pulls, which plain LRU
+//! lets it do; and unlike an admission filter (TinyLFU) a first pull is always stored, so the
+//! second pull of a new image is a hit. `benches/hit_ratio.rs` measures it against LRU and moka.
+//!
+//! Space is reserved before a fill writes a byte ([`DiskIndex::reserve`]), so committed bytes
+//! plus bytes being written never exceed the budget, however many fills run at once. Eviction
+//! only unlinks files: a reader that already opened one finishes undisturbed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::oci::Digest;
+
+/// Share of the budget the protected segment may hold.
+pub const PROTECTED_SHARE: f64 = 0.8;
+
+/// What an object is: the two kinds live in separate directories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// A layer or config blob.
+    Blob,
+    /// A manifest or index.
+    Manifest,
+}
+
+impl Kind {
+    /// Directory name and label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Blob => "blobs",
+            Kind::Manifest => "manifests",
+        }
+    }
+}
+
+/// An object's identity on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    /// Blob or manifest.
+    pub kind: Kind,
+    /// Its digest.
+    pub digest: Digest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Segment {
+    Probation,
+    Protected,
+}
+
+#[derive(Debug)]
+struct Entry {
+    size: u64,
+    tick: u64,
+    segment: Segment,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<Key, Entry>,
+    probation: BTreeMap<u64, Key>,
+    protected: BTreeMap<u64, Key>,
+    tick: u64,
+    used: u64,
+    protected_bytes: u64,
+    reserved: u64,
+    evictions: u64,
+    dirty: bool,
+}
+
+/// Why space could not be reserved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReserveError {
+    /// The object alone is larger than the whole budget: serve it without storing.
+    #[error("object of {size} bytes exceeds the disk budget of {budget} bytes")]
+    TooLarge {
+        /// Requested bytes.
+        size: u64,
+        /// The budget.
+        budget: u64,
+    },
+    /// In-flight reservations hold the space (nothing left to evict).
+    #[error("disk budget is taken by fills in progress")]
+    Busy,
+}
+
+/// The index and its budget.
+pub struct DiskIndex {
+    budget: u64,
+    inner: Mutex<Inner>,
+}
+
+/// Space held for a fill; released on drop unless committed.
+pub struct Reservation {
+    index: Arc<DiskIndex>,
+    bytes: u64,
+}
+
+/// Point-in-time figures for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of committed objects.
+    pub used: u64,
+    /// Bytes reserved by fills in progress.
+    pub reserved: u64,
+    /// Number of committed objects.
+    pub objects: u64,
+    /// Evictions since start.
+    pub evictions: u64,
+}
+
+// === impl DiskIndex ===
+
+impl DiskIndex {
+    /// An empty index with a byte budget.
+    pub fn new(budget: u64) -> Arc<DiskIndex> {
+        Arc::new(DiskIndex {
+            budget,
+            inner: Mutex::new(Inner::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The budget in bytes.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Current figures.
+    pub fn usage(&self) -> Usage {
+        let i = self.lock();
+        Usage {
+            used: i.used,
+            reserved: i.reserved,
+            objects: i.entries.len() as u64,
+            evictions: i.evictions,
+        }
+    }
+
+    /// Whether `key` is indexed.
+    pub fn contains(&self, key: &Key) -> bool {
+        self.lock().entries.contains_key(key)
+    }
+
+    /// Records a hit: the object moves to the protected segment's most recent end.
+    pub fn touch(&self, key: &Key) -> bool {
+        let mut i = self.lock();
+        let budget = self.budget;
+        i.touch(key, budget)
+    }
+
+    /// Adds an object found on disk at startup, as most recent of `protected` or probation.
+    pub fn load(&self, key: Key, size: u64, protected: bool) {
+        let mut i = self.lock();
+        i.insert(
+            key,
+            size,
+            if protected {
+                Segment::Protected
+            } else {
+                Segment::Probation
+            },
+        );
+        i.dirty = false;
+    }
+
+    /// Holds `bytes` of budget for a fill, evicting least recent objects as needed. Returns the
+    /// reservation and the keys evicted, whose files the caller deletes before writing.
+    pub fn reserve(self: &Arc<Self>, bytes: u64) -> Result<(Reservation, Vec<Key>), ReserveError> {
+        let mut i = self.lock();
+        let evicted = i.make_room(bytes, self.budget)?;
+        i.reserved += bytes;
+        Ok((
+            Reservation {
+                index: self.clone(),
+                bytes,
+            },
+            evicted,
+        ))
+    }
+
+    /// Drops an object from the index (its file is gone or being deleted).
+    pub fn remove(&self, key: &Key) -> Option<u64> {
+        let mut i = self.lock();
+        i.remove(key)
+    }
+
+    /// Every key in eviction order (next victim first) with its segment, for the recency
+    /// snapshot; clears the dirty flag.
+    pub fn snapshot(&self) -> Vec<(Key, bool)> {
+        let mut i = self.lock();
+        i.dirty = false;
+        i.probation
+            .values()
+            .map(|k| (k.clone(), false))
+            .chain(i.protected.values().map(|k| (k.clone(), true)))
+            .collect()
+    }
+
+    /// Whether recency changed since the last snapshot.
+    pub fn is_dirty(&self) -> bool {
+        self.lock().dirty
+    }
+}
+
+// === impl Reservation ===
+
+impl Reservation {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Holds `more` bytes (a body longer than announced, or of unknown length).
+    pub fn grow(&mut self, more: u64) -> Result<Vec<Key>, ReserveError> {
+        let mut i = self.index.lock();
+        let evicted = i.make_room(more, self.index.budget)?;
+        i.reserved += more;
+        self.bytes += more;
+        Ok(evicted)
+    }
+
+    /// Turns the reservation into the committed object `key` of `size` bytes (at most the
+    /// reservation). Returns anything evicted to make the exchange (nothing in practice).
+    pub fn commit(mut self, key: Key, size: u64) -> Vec<Key> {
+        let mut i = self.index.lock();
+        i.reserved -= self.bytes;
+        let held = std::mem::take(&mut self.bytes);
+        let mut evicted = Vec::new();
+        if i.entries.contains_key(&key) {
+            // Someone committed the same content first; this copy replaced it on disk.
+            i.remove(&key);
+        }
+        if size > held {
+            if let Ok(e) = i.make_room(size - held, self.index.budget) {
+                evicted = e;
+            }
+        }
+        i.insert(key, size, Segment::Probation);
+        evicted
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            let mut i = self.index.lock();
+            i.reserved -= self.bytes;
+        }
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.dirty = true;
+        self.tick
+    }
+
+    fn insert(&mut self, key: Key, size: u64, segment: Segment) {
+        if self.entries.contains_key(&key) {
+            return;
+        }
+        let tick = self.next_tick();
+        match segment {
+            Segment::Probation => self.probation.insert(tick, key.clone()),
+            Segment::Protected => {
+                self.protected_bytes += size;
+                self.protected.insert(tick, key.clone())
+            }
+        };
+        self.used += size;
+        self.entries.insert(
+            key,
+            Entry {
+                size,
+                tick,
+                segment,
+            },
+        );
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<u64> {
+        let e = self.entries.remove(key)?;
+        match e.segment {
+            Segment::Probation => {
+                self.probation.remove(&e.tick);
+            }
+            Segment::Protected => {
+                self.protected.remove(&e.tick);
+                self.protected_bytes -= e.size;
+            }
+        }
+        self.used -= e.size;
+        self.dirty = true;
+        Some(e.size)
+    }
+
+    fn touch(&mut self, key: &Key, budget: u64) -> bool {
+        let tick = self.next_tick();
+        let Some(e) = self.entries.get_mut(key) else {
+            return false;
+        };
+        let (old_tick, old_segment, size) = (e.tick, e.segment, e.size);
+        e.tick = tick;
+        e.segment = Segment::Protected;
+        match old_segment {
+            Segment::Probation => {
+                self.probation.remove(&old_tick);
+                self.protected_bytes += size;
+            }
+            Segment::Protected => {
+                self.protected.remove(&old_tick);
+            }
+        }
+        self.protected.insert(tick, key.clone());
+        // Keep protected within its share: demote its least recent to probation's recent end.
+        let cap = (budget as f64 * PROTECTED_SHARE) as u64;
+        while self.protected_bytes > cap && self.protected.len() > 1 {
+            let (&t, _) = self.protected.iter().next().expect("non-empty");
+            let k = self.protected.remove(&t).expect("present");
+            let nt = self.next_tick();
+            let e = self.entries.get_mut(&k).expect("indexed");
+            e.tick = nt;
+            e.segment = Segment::Probation;
+            self.protected_bytes -= e.size;
+            self.probation.insert(nt, k);
+        }
+        true
+    }
+
+    /// Evicts until `bytes` more fit beside what is used and reserved.
+    fn make_room(&mut self, bytes: u64, budget: u64) -> Result<Vec<Key>, ReserveError> {
+        if bytes > budget {
+            return Err(ReserveError::TooLarge {
+                size: bytes,
+                budget,
+            });
+        }
+        if self.reserved + bytes > budget {
+            return Err(ReserveError::Busy);
+        }
+        let mut evicted = Vec::new();
+        while self.used + self.reserved + bytes > budget {
+            let victim = self
+                .probation
+                .values()
+                .next()
+                .or_else(|| self.protected.values().next())
+                .cloned();
+            let Some(k) = victim else {
+                break;
+            };
+            self.remove(&k);
+            self.evictions += 1;
+            evicted.push(k);
+        }
+        Ok(evicted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> Key {
+        Key {
+            kind: Kind::Blob,
+            digest: Digest::sha256_of(&[n]),
+        }
+    }
+
+    fn fill(index: &Arc<DiskIndex>, n: u8, size: u64) -> Vec<Key> {
+        let (r, mut evicted) = index.reserve(size).unwrap();
+        evicted.extend(r.commit(key(n), size));
+        evicted
+    }
+
+    #[test]
+    fn budget_holds_and_lru_of_probation_goes_first() {
+        let idx = DiskIndex::new(100);
+        for n in 0..5 {
+            assert!(fill(&idx, n, 20).is_empty());
+        }
+        assert_eq!(idx.usage().used, 100);
+        // A hit protects 0; the next fill evicts 1, the oldest unprotected.
+        idx.touch(&key(0));
+        assert_eq!(fill(&idx, 9, 20), vec![key(1)]);
+        assert_eq!(idx.usage().used, 100);
+        assert!(idx.contains(&key(0)));
+    }
+
+    #[test]
+    fn reservations_count_against_the_budget() {
+        let idx = DiskIndex::new(100);
+        let (a, _) = idx.reserve(60).unwrap();
+        assert_eq!(idx.reserve(50).err(), Some(ReserveError::Busy));
+        drop(a);
+        let (_b, _) = idx.reserve(50).unwrap();
+        assert_eq!(idx.usage().reserved, 50);
+        assert!(matches!(
+            idx.reserve(101),
+            Err(ReserveError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn one_off_scans_do_not_flush_the_hot_set() {
+        let idx = DiskIndex::new(100);
+        for n in 0..4 {
+            fill(&idx, n, 10);
+            idx.touch(&key(n));
+        }
+        // A scan of many cold objects passes through probation only.
+        for n in 10..60 {
+            fill(&idx, n, 10);
+        }
+        for n in 0..4 {
+            assert!(idx.contains(&key(n)), "hot object {n} survived the scan");
+        }
+        assert!(idx.usage().used <= 100);
+    }
+
+    #[test]
+    fn protected_share_is_capped() {
+        let idx = DiskIndex::new(100);
+        for n in 0..10 {
+            fill(&idx, n, 10);
+            idx.touch(&key(n));
+        }
+        let i = idx.lock();
+        assert!(i.protected_bytes <= 80, "{}", i.protected_bytes);
+        assert_eq!(i.used, 100);
+    }
+
+    #[test]
+    fn snapshot_orders_victims_first() {
+        let idx = DiskIndex::new(100);
+        fill(&idx, 1, 10);
+        fill(&idx, 2, 10);
+        idx.touch(&key(1));
+        let s = idx.snapshot();
+        assert_eq!(s, vec![(key(2), false), (key(1), true)]);
+        assert!(!idx.is_dirty());
+    }
+}
