@@ -34,6 +34,13 @@ impl Registry {
     /// Panics (with the registry's stderr) if it never becomes ready: an origin that does not
     /// start is a broken test machine, not a skipped test.
     pub async fn start() -> Registry {
+        Registry::start_with_config("").await
+    }
+
+    /// Like [`Registry::start`], with `extra` (top-level YAML sections such as `auth:`) appended
+    /// to the config; ready then also means a 401 from `GET /v2/`, as an auth-enabled registry
+    /// answers. Used by `issuer::TokenIssuer::start_registry`.
+    pub async fn start_with_config(extra: &str) -> Registry {
         let binary = require_binary("docker-registry");
         let dir = tempfile::Builder::new()
             .prefix("berth-registry-")
@@ -46,7 +53,8 @@ impl Registry {
         for attempt in 1..=BIND_ATTEMPTS {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
             let config = dir.path().join("config.yml");
-            std::fs::write(&config, config_yaml(&storage, addr)).expect("write registry config");
+            let yaml = config_yaml(&storage, addr) + extra;
+            std::fs::write(&config, yaml).expect("write registry config");
             let stderr_path = dir.path().join(format!("stderr-{attempt}.log"));
             let stderr = File::create(&stderr_path).expect("create registry stderr file");
             let mut command = Command::new(&binary);
@@ -134,7 +142,8 @@ impl Drop for Registry {
     }
 }
 
-/// Polls `GET /v2/` until it answers 200, the child exits, or the deadline passes.
+/// Polls `GET /v2/` until it answers 200 (401 with auth on), the child exits, or the deadline
+/// passes.
 async fn wait_ready(child: &mut Child, addr: SocketAddr, stderr_path: &Path) -> Result<(), String> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(1))
@@ -148,7 +157,10 @@ async fn wait_ready(child: &mut Child, addr: SocketAddr, stderr_path: &Path) -> 
             return Err(format!("exited with {status}; stderr:\n{}", stderr()));
         }
         if let Ok(response) = client.get(&url).send().await {
-            if response.status() == reqwest::StatusCode::OK {
+            if matches!(
+                response.status(),
+                reqwest::StatusCode::OK | reqwest::StatusCode::UNAUTHORIZED
+            ) {
                 return Ok(());
             }
         }
