@@ -444,6 +444,13 @@ async fn wrong_password_is_refused_without_echoing_it() {
     }
     let metrics = p.berth.metrics().await;
     assert!(!metrics.contains(WRONG), "password in metrics");
+    // The refusal is remembered briefly: the two pulls above asked the token service once.
+    assert_eq!(
+        o.issuer.count(|r| r.principal == Principal::user(USER)),
+        1,
+        "{:?}",
+        o.issuer.requests()
+    );
 
     let failed = o.issuer.count(|r| {
         r.status == StatusCode::UNAUTHORIZED
@@ -569,4 +576,37 @@ async fn falls_back_to_an_oauth2_password_post_when_get_is_not_served() {
         assert_eq!(post.service.as_deref(), Some(SERVICE));
         assert!(post.client_id.is_some(), "OAuth2 POSTs name a client_id");
     }
+}
+
+#[tokio::test]
+async fn concurrent_cold_requests_share_one_token_fetch() {
+    let o = origin(team_issuer()).await;
+    let image = o
+        .issuer
+        .push_oci_image(
+            &o.registry,
+            "team/burst",
+            "v1",
+            &[2_000, 3_000, 4_000, 5_000],
+            7,
+        )
+        .await;
+    let p = berth_for(&o, Some((USER, PASSWORD))).await;
+    let base = p.berth.url();
+    let tasks: Vec<_> = image
+        .blobs()
+        .into_iter()
+        .map(|(d, bytes)| {
+            let (base, d, bytes) = (base.clone(), d.to_owned(), bytes.to_vec());
+            tokio::spawn(async move {
+                let resp = get_blob(&base, "team/burst", &d).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert_eq!(resp.bytes().await.unwrap(), bytes);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(issued_to_berth(&o.issuer), 1, "{:?}", o.issuer.requests());
 }

@@ -141,16 +141,20 @@ impl Upstream {
             .collect::<Vec<_>>();
         let new_auth = if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
             let scope = bearer.param("scope").unwrap_or(&req.scope).to_owned();
-            let (tok, life) = token::fetch(
-                &self.client,
-                &self.config.name,
-                bearer,
-                &scope,
-                self.config.credentials.as_ref(),
-                self.config.first_byte_timeout,
-            )
-            .await?;
-            self.tokens.put(&req.scope, tok.clone(), life);
+            let failed = auth.as_deref().and_then(|a| a.strip_prefix("Bearer "));
+            let tok = self
+                .tokens
+                .get_or_fetch(&req.scope, failed, || {
+                    token::fetch(
+                        &self.client,
+                        &self.config.name,
+                        bearer,
+                        &scope,
+                        self.config.credentials.as_ref(),
+                        self.config.first_byte_timeout,
+                    )
+                })
+                .await?;
             Some(format!("Bearer {}", tok.expose()))
         } else if challenges.iter().any(|c| c.scheme == "basic") {
             self.basic_auth()

@@ -6,7 +6,7 @@ use http::StatusCode;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     /// TCP, TLS or HTTP failure before an answer arrived.
-    #[error("origin {upstream} unreachable: {reason}")]
+    #[error("upstream {upstream} unreachable: {reason}")]
     Unreachable {
         /// Upstream name.
         upstream: String,
@@ -14,7 +14,7 @@ pub enum UpstreamError {
         reason: String,
     },
     /// A connect, first-byte or idle timeout expired.
-    #[error("origin {upstream} timed out ({what})")]
+    #[error("upstream {upstream} timed out ({what})")]
     Timeout {
         /// Upstream name.
         upstream: String,
@@ -22,7 +22,7 @@ pub enum UpstreamError {
         what: &'static str,
     },
     /// The origin answered with an error status berth passes on in kind.
-    #[error("origin {upstream} answered {status}")]
+    #[error("upstream {upstream} answered {status}")]
     Status {
         /// Upstream name.
         upstream: String,
@@ -50,7 +50,7 @@ pub enum UpstreamError {
         actual: String,
     },
     /// The origin sent something berth will not accept (oversized manifest, bad header).
-    #[error("origin {upstream} sent an invalid answer: {reason}")]
+    #[error("upstream {upstream} sent an invalid answer: {reason}")]
     Invalid {
         /// Upstream name.
         upstream: String,

@@ -21,13 +21,84 @@ const MAX_TOKENS: usize = 10_000;
 /// Largest token response accepted.
 const MAX_TOKEN_RESPONSE: usize = 1 << 20;
 
-/// Tokens per scope, valid until shortly before their `expires_in`.
-#[derive(Default)]
+/// How long a refused login is remembered, so that a wrong password does not send every
+/// client request to the token service.
+const REFUSAL_MEMORY: Duration = Duration::from_secs(10);
+/// Lock stripes serializing token fetches per scope.
+const STRIPES: usize = 64;
+
+/// Tokens per scope, valid until shortly before their `expires_in`. Concurrent requests that
+/// need a token for the same scope share one fetch.
 pub struct TokenCache {
     tokens: Mutex<HashMap<String, (Secret, Instant)>>,
+    refusals: Mutex<HashMap<String, (UpstreamError, Instant)>>,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        TokenCache {
+            tokens: Mutex::default(),
+            refusals: Mutex::default(),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
 }
 
 impl TokenCache {
+    /// A token for `scope`: a cached one other than `failed` (the token the origin just
+    /// refused), or a fresh one from `fetch`, fetched once however many requests wait for it.
+    /// A refusal by the token service is remembered briefly.
+    pub async fn get_or_fetch<F, Fut>(
+        &self,
+        scope: &str,
+        failed: Option<&str>,
+        fetch: F,
+    ) -> Result<Secret, UpstreamError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(Secret, Duration), UpstreamError>>,
+    {
+        let stripe = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            scope.hash(&mut h);
+            (h.finish() as usize) % STRIPES
+        };
+        let _guard = self.stripes[stripe].lock().await;
+        if let Some(t) = self.get(scope) {
+            if Some(t.expose()) != failed {
+                return Ok(t);
+            }
+        }
+        {
+            let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((e, at)) = refusals.get(scope) {
+                if at.elapsed() < REFUSAL_MEMORY {
+                    return Err(e.clone());
+                }
+                refusals.remove(scope);
+            }
+        }
+        match fetch().await {
+            Ok((token, life)) => {
+                self.put(scope, token.clone(), life);
+                Ok(token)
+            }
+            Err(e) => {
+                if matches!(&e, UpstreamError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN)
+                {
+                    let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+                    if refusals.len() >= MAX_TOKENS {
+                        refusals.clear();
+                    }
+                    refusals.insert(scope.to_owned(), (e.clone(), Instant::now()));
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// A cached, still valid token for `scope`.
     pub fn get(&self, scope: &str) -> Option<Secret> {
         let map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
