@@ -14,6 +14,8 @@ pub struct BerthBuilder {
     tls: Option<(PathBuf, PathBuf)>,
     tag_ttl: String,
     cache_dir: Option<PathBuf>,
+    disk_bytes: String,
+    memory_max_object: String,
 }
 
 /// A running berth.
@@ -43,6 +45,8 @@ impl Berth {
             tls: None,
             tag_ttl: "5m".into(),
             cache_dir: None,
+            disk_bytes: "10GiB".into(),
+            memory_max_object: "1MiB".into(),
         }
     }
 
@@ -53,6 +57,8 @@ impl Berth {
             tls: None,
             tag_ttl: "5m".into(),
             cache_dir: None,
+            disk_bytes: "10GiB".into(),
+            memory_max_object: "1MiB".into(),
         }
     }
 
@@ -102,6 +108,18 @@ impl BerthBuilder {
         self
     }
 
+    /// Disk tier budget.
+    pub fn disk_bytes(mut self, size: &str) -> Self {
+        self.disk_bytes = size.to_owned();
+        self
+    }
+
+    /// Largest object of the memory tier (`"0"` keeps blobs on disk only).
+    pub fn memory_max_object(mut self, size: &str) -> Self {
+        self.memory_max_object = size.to_owned();
+        self
+    }
+
     /// Reuse a cache directory (to test restarts).
     pub fn cache_dir(mut self, dir: &Path) -> Self {
         self.cache_dir = Some(dir.to_owned());
@@ -111,8 +129,10 @@ impl BerthBuilder {
     /// The config file text this builder produces.
     pub fn config_text(&self, cache_dir: &Path) -> String {
         let mut s = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\ndisk_bytes = \"10GiB\"\ntag_ttl = \"{}\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\ndisk_bytes = \"{}\"\nmemory_max_object_bytes = \"{}\"\ntag_ttl = \"{}\"\n",
             cache_dir.display(),
+            self.disk_bytes,
+            self.memory_max_object,
             self.tag_ttl
         );
         if let Some((cert, key)) = &self.tls {
