@@ -1,10 +1,18 @@
 //! Prometheus metrics, built once from a registry that `main` creates (never registered inside a
-//! handler). Names are fixed by the observability issue; label values come from fixed sets.
+//! handler). Names are fixed by the observability issue; label values come from fixed sets
+//! (routes, tiers, upstream names from config), never from repository names, tags or digests.
+//!
+//! Counters that other layers keep as plain atomics (cache usage, fill outcomes, upstream
+//! bytes) are copied in by [`Metrics::refresh`] when `/metrics` is scraped.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use prometheus::{
     register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
-    register_int_gauge_vec_with_registry, register_int_gauge_with_registry, Encoder, HistogramVec,
-    IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
+    register_int_counter_with_registry, register_int_gauge_vec_with_registry,
+    register_int_gauge_with_registry, Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Registry, TextEncoder,
 };
 
 /// Every metric berth exports.
@@ -12,26 +20,69 @@ pub struct Metrics {
     registry: Registry,
     /// `berth_http_requests_total{route,method,status}`.
     pub http_requests: IntCounterVec,
-    /// `berth_http_request_duration_seconds{route,cache}`.
+    /// `berth_http_request_duration_seconds{route,cache}`: time to the response head.
     pub http_duration: HistogramVec,
     /// `berth_cache_lookups_total{kind,tier,result}`.
     pub cache_lookups: IntCounterVec,
+    /// `berth_cache_size_bytes{tier}`.
+    pub cache_size: IntGaugeVec,
+    /// `berth_cache_capacity_bytes{tier}`.
+    pub cache_capacity: IntGaugeVec,
+    /// `berth_cache_objects{tier}`.
+    pub cache_objects: IntGaugeVec,
+    /// `berth_cache_evictions_total{tier}`.
+    pub cache_evictions: IntCounterVec,
+    /// `berth_cache_write_failures_total`: disk writes that failed (served pass-through).
+    pub cache_write_failures: IntCounter,
+    /// `berth_cache_passthrough_total`: blobs served without being stored.
+    pub cache_passthrough: IntCounter,
     /// `berth_served_bytes_total{source}`.
     pub served_bytes: IntCounterVec,
     /// `berth_upstream_requests_total{upstream,method,status}`.
     pub upstream_requests: IntCounterVec,
     /// `berth_upstream_request_duration_seconds{upstream}`.
     pub upstream_duration: HistogramVec,
+    /// `berth_upstream_bytes_total{upstream}`.
+    pub upstream_bytes: IntCounterVec,
+    /// `berth_upstream_ratelimit_remaining{upstream}` (Docker Hub's `ratelimit-remaining`).
+    pub upstream_ratelimit: IntGaugeVec,
     /// `berth_fills_in_flight`.
     pub fills_in_flight: IntGauge,
-    /// `berth_fill_waiters_total`.
-    pub fill_waiters: prometheus::IntCounter,
-    /// `berth_stale_served_total{kind}`.
-    pub stale_served: IntCounterVec,
+    /// `berth_fill_waiters_total`: requests that joined a fill another request started.
+    pub fill_waiters: IntCounter,
+    /// `berth_fill_failures_total{reason}`.
+    pub fill_failures: IntCounterVec,
     /// `berth_digest_mismatches_total{upstream}`.
     pub digest_mismatches: IntCounterVec,
+    /// `berth_stale_served_total{kind}`.
+    pub stale_served: IntCounterVec,
+    /// `berth_auth_decisions_total{result,source}`.
+    pub auth_decisions: IntCounterVec,
     /// `berth_build_info{version}`.
     pub build_info: IntGaugeVec,
+    /// Last values copied into counters by `refresh`, to add only the difference.
+    last: Mutex<HashMap<String, u64>>,
+}
+
+/// Figures other layers keep, copied in at scrape time.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    /// Disk tier: bytes used, capacity, objects, evictions so far.
+    pub disk: (u64, u64, u64, u64),
+    /// Memory tier: bytes used, capacity, objects, evictions so far.
+    pub memory: (u64, u64, u64, u64),
+    /// Fills in progress.
+    pub fills_in_flight: u64,
+    /// Fill failures so far by reason.
+    pub fill_failures: Vec<(&'static str, u64)>,
+    /// Disk write failures so far.
+    pub write_failures: u64,
+    /// Blobs served without storing so far.
+    pub passthrough: u64,
+    /// Blob fills that failed digest verification so far, per upstream.
+    pub fill_digest_mismatches: Vec<(String, u64)>,
+    /// Per upstream: name, body bytes received so far, last rate-limit remaining (if seen).
+    pub upstreams: Vec<(String, u64, Option<i64>)>,
 }
 
 impl Metrics {
@@ -51,20 +102,54 @@ impl Metrics {
             )?,
             http_duration: register_histogram_vec_with_registry!(
                 "berth_http_request_duration_seconds",
-                "Time to the response head, by route and cache result.",
+                "Time from request to response head, by route and cache result.",
                 &["route", "cache"],
                 latency.clone(),
                 r
             )?,
             cache_lookups: register_int_counter_vec_with_registry!(
                 "berth_cache_lookups_total",
-                "Cache lookups by kind, tier and result.",
+                "Cache lookups by kind (manifest, blob, tag), tier and result.",
                 &["kind", "tier", "result"],
+                r
+            )?,
+            cache_size: register_int_gauge_vec_with_registry!(
+                "berth_cache_size_bytes",
+                "Bytes held by each cache tier.",
+                &["tier"],
+                r
+            )?,
+            cache_capacity: register_int_gauge_vec_with_registry!(
+                "berth_cache_capacity_bytes",
+                "Byte budget of each cache tier.",
+                &["tier"],
+                r
+            )?,
+            cache_objects: register_int_gauge_vec_with_registry!(
+                "berth_cache_objects",
+                "Objects held by each cache tier.",
+                &["tier"],
+                r
+            )?,
+            cache_evictions: register_int_counter_vec_with_registry!(
+                "berth_cache_evictions_total",
+                "Objects evicted from each cache tier to stay within budget.",
+                &["tier"],
+                r
+            )?,
+            cache_write_failures: register_int_counter_with_registry!(
+                "berth_cache_write_failures_total",
+                "Disk writes that failed; the client was served from the origin.",
+                r
+            )?,
+            cache_passthrough: register_int_counter_with_registry!(
+                "berth_cache_passthrough_total",
+                "Blobs served without being stored (too large, no budget, disk failure).",
                 r
             )?,
             served_bytes: register_int_counter_vec_with_registry!(
                 "berth_served_bytes_total",
-                "Body bytes sent to clients, by where they came from.",
+                "Body bytes sent to clients, by where they came from (memory, disk, upstream).",
                 &["source"],
                 r
             )?,
@@ -81,20 +166,32 @@ impl Metrics {
                 latency,
                 r
             )?,
+            upstream_bytes: register_int_counter_vec_with_registry!(
+                "berth_upstream_bytes_total",
+                "Body bytes received from each origin.",
+                &["upstream"],
+                r
+            )?,
+            upstream_ratelimit: register_int_gauge_vec_with_registry!(
+                "berth_upstream_ratelimit_remaining",
+                "Pulls left in the origin's rate-limit window (Docker Hub's ratelimit-remaining).",
+                &["upstream"],
+                r
+            )?,
             fills_in_flight: register_int_gauge_with_registry!(
                 "berth_fills_in_flight",
                 "Blob fills from origins in progress.",
                 r
             )?,
-            fill_waiters: prometheus::register_int_counter_with_registry!(
+            fill_waiters: register_int_counter_with_registry!(
                 "berth_fill_waiters_total",
                 "Requests that joined a fill another request started.",
                 r
             )?,
-            stale_served: register_int_counter_vec_with_registry!(
-                "berth_stale_served_total",
-                "Answers served stale because the origin failed.",
-                &["kind"],
+            fill_failures: register_int_counter_vec_with_registry!(
+                "berth_fill_failures_total",
+                "Blob fills that failed, by reason.",
+                &["reason"],
                 r
             )?,
             digest_mismatches: register_int_counter_vec_with_registry!(
@@ -103,18 +200,94 @@ impl Metrics {
                 &["upstream"],
                 r
             )?,
+            stale_served: register_int_counter_vec_with_registry!(
+                "berth_stale_served_total",
+                "Answers served stale because the origin failed, by kind.",
+                &["kind"],
+                r
+            )?,
+            auth_decisions: register_int_counter_vec_with_registry!(
+                "berth_auth_decisions_total",
+                "Authorization decisions by result and source.",
+                &["result", "source"],
+                r
+            )?,
             build_info: register_int_gauge_vec_with_registry!(
                 "berth_build_info",
                 "berth version.",
                 &["version"],
                 r
             )?,
+            last: Mutex::new(HashMap::new()),
             registry,
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Series that should exist from the start, so that rates and alerts see zeros.
+        for source in ["memory", "disk", "upstream"] {
+            m.served_bytes.with_label_values(&[source]);
+        }
+        for kind in ["manifest", "blob", "tag"] {
+            for tier in ["memory", "disk"] {
+                for result in ["hit", "miss"] {
+                    m.cache_lookups.with_label_values(&[kind, tier, result]);
+                }
+            }
+        }
+        for kind in ["manifest", "tags", "referrers"] {
+            m.stale_served.with_label_values(&[kind]);
+        }
         Ok(m)
+    }
+
+    /// Adds the growth of a monotonic figure kept elsewhere to `counter`.
+    fn add_delta(&self, key: &str, now: u64, counter: &IntCounter) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let prev = last.insert(key.to_owned(), now).unwrap_or(0);
+        counter.inc_by(now.saturating_sub(prev));
+    }
+
+    /// Copies figures kept by other layers into the exported families.
+    pub fn refresh(&self, s: &Snapshot) {
+        for (tier, (used, cap, objects, evictions), key) in [
+            ("disk", s.disk, "evict_disk"),
+            ("memory", s.memory, "evict_memory"),
+        ] {
+            self.cache_size.with_label_values(&[tier]).set(used as i64);
+            self.cache_capacity
+                .with_label_values(&[tier])
+                .set(cap as i64);
+            self.cache_objects
+                .with_label_values(&[tier])
+                .set(objects as i64);
+            self.add_delta(
+                key,
+                evictions,
+                &self.cache_evictions.with_label_values(&[tier]),
+            );
+        }
+        self.fills_in_flight.set(s.fills_in_flight as i64);
+        for (reason, n) in &s.fill_failures {
+            self.add_delta(reason, *n, &self.fill_failures.with_label_values(&[reason]));
+        }
+        self.add_delta(
+            "write_failures",
+            s.write_failures,
+            &self.cache_write_failures,
+        );
+        self.add_delta("passthrough", s.passthrough, &self.cache_passthrough);
+        for (name, n) in &s.fill_digest_mismatches {
+            let counter = self.digest_mismatches.with_label_values(&[name]);
+            self.add_delta(&format!("fill_mismatch/{name}"), *n, &counter);
+        }
+        for (name, bytes, ratelimit) in &s.upstreams {
+            let counter = self.upstream_bytes.with_label_values(&[name]);
+            self.add_delta(&format!("upstream_bytes/{name}"), *bytes, &counter);
+            if let Some(r) = ratelimit {
+                self.upstream_ratelimit.with_label_values(&[name]).set(*r);
+            }
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -114,6 +114,8 @@ pub struct Fill {
 /// Counters the metrics layer reads.
 #[derive(Default)]
 pub struct FillStats {
+    /// Failed fills by (reason, upstream).
+    pub failures: Mutex<HashMap<(&'static str, String), u64>>,
     /// Fills that could not store their blob (budget, disk full, write error).
     pub pass_through: AtomicU64,
     /// Disk write or commit failures.
@@ -123,6 +125,37 @@ pub struct FillStats {
 }
 
 // === impl Fill ===
+
+impl FillError {
+    /// Label value for `berth_fill_failures_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FillError::Upstream(UpstreamError::DigestMismatch { .. }) => "digest_mismatch",
+            FillError::Upstream(UpstreamError::Timeout { .. }) => "timeout",
+            FillError::Upstream(UpstreamError::Unreachable { .. }) => "unreachable",
+            FillError::Upstream(UpstreamError::Status { .. }) => "status",
+            FillError::Upstream(UpstreamError::Token { .. }) => "auth",
+            FillError::Upstream(UpstreamError::Invalid { .. }) => "invalid",
+            FillError::Upstream(UpstreamError::Offline { .. }) => "offline",
+            FillError::Internal(_) => "internal",
+        }
+    }
+
+    fn upstream(&self) -> String {
+        match self {
+            FillError::Upstream(
+                UpstreamError::DigestMismatch { upstream, .. }
+                | UpstreamError::Timeout { upstream, .. }
+                | UpstreamError::Unreachable { upstream, .. }
+                | UpstreamError::Status { upstream, .. }
+                | UpstreamError::Token { upstream, .. }
+                | UpstreamError::Invalid { upstream, .. }
+                | UpstreamError::Offline { upstream },
+            ) => upstream.clone(),
+            FillError::Internal(_) => String::new(),
+        }
+    }
+}
 
 impl Fill {
     fn new(digest: Digest, fetcher: Arc<dyn BlobFetcher>) -> Arc<Fill> {
@@ -533,6 +566,13 @@ impl Fills {
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(digest = %f.digest, error = %e, "fill failed");
+                    *this
+                        .stats
+                        .failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry((e.reason(), e.upstream()))
+                        .or_default() += 1;
                     f.state.send_replace(FillState::Failed(e));
                 }
             }

@@ -1,9 +1,11 @@
 //! The memory tier: manifests and small blobs in one moka cache weighed in bytes (moka's
 //! TinyLFU admission keeps one-off objects from displacing hot ones).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use moka::notification::RemovalCause;
 use moka::sync::Cache;
 
 use super::store::StoredManifest;
@@ -35,18 +37,29 @@ enum MemKey {
 pub struct MemoryTier {
     objects: Cache<MemKey, Object>,
     max_object: u64,
+    budget: u64,
+    evictions: Arc<AtomicU64>,
 }
 
 impl MemoryTier {
     /// A tier holding at most `budget` bytes, objects of at most `max_object` bytes.
     pub fn new(budget: u64, max_object: u64) -> MemoryTier {
+        let evictions = Arc::new(AtomicU64::new(0));
+        let counter = evictions.clone();
         let objects = Cache::builder()
             .max_capacity(budget)
             .weigher(|_k: &MemKey, v: &Object| v.weight())
+            .eviction_listener(move |_k, _v, cause| {
+                if cause == RemovalCause::Size {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            })
             .build();
         MemoryTier {
             objects,
             max_object,
+            budget,
+            evictions,
         }
     }
 
@@ -86,8 +99,13 @@ impl MemoryTier {
         }
     }
 
-    /// Bytes held (moka's estimate) and object count, for metrics.
-    pub fn usage(&self) -> (u64, u64) {
-        (self.objects.weighted_size(), self.objects.entry_count())
+    /// Bytes held (moka's estimate), budget, object count and evictions, for metrics.
+    pub fn usage(&self) -> (u64, u64, u64, u64) {
+        (
+            self.objects.weighted_size(),
+            self.budget,
+            self.objects.entry_count(),
+            self.evictions.load(Ordering::Relaxed),
+        )
     }
 }

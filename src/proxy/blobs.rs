@@ -10,7 +10,7 @@ use http::{header, HeaderMap, Method, Response, StatusCode};
 
 use super::manifests::{io_err, not_found_as, DIGEST_HEADER};
 use super::range::{self, RangeRequest};
-use super::{App, CacheResult};
+use super::{sourced, App, CacheResult, Source};
 use crate::body::{self, Body};
 use crate::cache::fill::{read_file_range, BlobFetcher, BlobSource, Fetched, FillError};
 use crate::cache::{Key, Kind};
@@ -58,7 +58,7 @@ impl App {
                             blob_response(&digest, start, end, size, body::full(part), true)
                         }
                     };
-                    return Ok((resp, CacheResult::Hit));
+                    return Ok((sourced(resp, Source::Memory), CacheResult::Hit));
                 }
                 self.count_lookup("blob", "disk", true);
                 let file = Arc::new(file);
@@ -73,7 +73,7 @@ impl App {
                         blob_response(&digest, start, end, size, body::stream(s), true)
                     }
                 };
-                Ok((resp, CacheResult::Hit))
+                Ok((sourced(resp, Source::Disk), CacheResult::Hit))
             }
             BlobSource::Filling { fill, leader } => {
                 self.count_lookup("blob", "disk", false);
@@ -109,7 +109,7 @@ impl App {
                         }
                     },
                 };
-                Ok((resp, CacheResult::Miss))
+                Ok((sourced(resp, Source::Upstream), CacheResult::Miss))
             }
         }
     }

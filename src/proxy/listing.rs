@@ -9,7 +9,7 @@ use moka::sync::Cache;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 use super::manifests::not_found_as;
-use super::{App, CacheResult};
+use super::{sourced, App, CacheResult, Source};
 use crate::body::{self, Body};
 use crate::error::Error;
 use crate::upstream::{Selected, UpstreamRequest};
@@ -73,7 +73,10 @@ impl App {
         let kept = self.listings.0.get(&key);
         if let Some(l) = &kept {
             if l.fetched.elapsed() < self.tag_ttl() {
-                return Ok((listing_response(l, sel, head), CacheResult::Hit));
+                return Ok((
+                    sourced(listing_response(l, sel, head), Source::Memory),
+                    CacheResult::Hit,
+                ));
             }
         }
         let mut headers = HeaderMap::new();
@@ -123,7 +126,10 @@ impl App {
         match fetched {
             Ok(l) => {
                 self.listings.0.insert(key, l.clone());
-                Ok((listing_response(&l, sel, head), CacheResult::Miss))
+                Ok((
+                    sourced(listing_response(&l, sel, head), Source::Upstream),
+                    CacheResult::Miss,
+                ))
             }
             Err(e) if e.is_origin_failure() && kept.is_some() => {
                 self.metrics
@@ -134,7 +140,10 @@ impl App {
                     }])
                     .inc();
                 let l = kept.expect("checked above");
-                Ok((listing_response(&l, sel, head), CacheResult::Stale))
+                Ok((
+                    sourced(listing_response(&l, sel, head), Source::Memory),
+                    CacheResult::Stale,
+                ))
             }
             Err(e) if e.is_not_found() => Err(match kind {
                 Kind::Tags => Error::NameUnknown("repository unknown to the origin".into()),

@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
-use super::{App, CacheResult};
+use super::{sourced, App, CacheResult, Source};
 use crate::body::{self, Body};
-use crate::cache::{accept_key, StoredManifest, TagKey};
+use crate::cache::{accept_key, StoredManifest, TagKey, Tier};
 use crate::error::Error;
 use crate::oci::{media, Digest, Hasher, Reference, Tag};
 use crate::upstream::{Selected, UpstreamError, UpstreamRequest};
@@ -28,7 +28,10 @@ impl App {
             Reference::Digest(d) => {
                 if let Some((m, tier)) = self.cache().manifest(&d).map_err(io_err)? {
                     self.count_lookup("manifest", tier.as_str(), true);
-                    return Ok((manifest_response(&d, &m, head), CacheResult::Hit));
+                    return Ok((
+                        sourced(manifest_response(&d, &m, head), tier.into()),
+                        CacheResult::Hit,
+                    ));
                 }
                 self.count_lookup("manifest", "disk", false);
                 let (got, m) = self
@@ -36,7 +39,10 @@ impl App {
                     .await
                     .map_err(|e| not_found_as(e, "manifest"))?;
                 let m = self.cache().put_manifest(&got, m).await.map_err(io_err)?;
-                Ok((manifest_response(&got, &m, head), CacheResult::Miss))
+                Ok((
+                    sourced(manifest_response(&got, &m, head), Source::Upstream),
+                    CacheResult::Miss,
+                ))
             }
             Reference::Tag(tag) => self.manifest_by_tag(sel, tag, accept, head).await,
         }
@@ -65,9 +71,13 @@ impl App {
             "memory",
             known.as_ref().is_some_and(|e| e.is_fresh(self.tag_ttl())),
         );
-        if let (Some(e), Some((m, _))) = (&known, &cached) {
+        if let (Some(e), Some((m, tier))) = (&known, &cached) {
+            let tier = *tier;
             if e.is_fresh(self.tag_ttl()) {
-                return Ok((manifest_response(&e.digest, m, head), CacheResult::Hit));
+                return Ok((
+                    sourced(manifest_response(&e.digest, m, head), tier.into()),
+                    CacheResult::Hit,
+                ));
             }
             // Stale mapping: revalidate with a HEAD (does not count against Docker Hub's limit).
             match self.head_manifest(sel, tag.as_str(), &accept).await {
@@ -75,11 +85,14 @@ impl App {
                     self.cache()
                         .tags()
                         .put(&key, d.clone(), m.media_type.clone());
-                    return Ok((manifest_response(&d, m, head), CacheResult::Hit));
+                    return Ok((
+                        sourced(manifest_response(&d, m, head), tier.into()),
+                        CacheResult::Hit,
+                    ));
                 }
                 Ok(_) => {}
                 Err(err) if err.is_origin_failure() => {
-                    return Ok(self.stale(&e.digest, m, head, &err));
+                    return Ok(self.stale(&e.digest, m, tier, head, &err));
                 }
                 Err(err) if err.is_not_found() => {
                     self.cache().tags().remove(&key);
@@ -93,10 +106,13 @@ impl App {
                 let media_type = m.media_type.clone();
                 let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
                 self.cache().tags().put(&key, d.clone(), media_type);
-                Ok((manifest_response(&d, &m, head), CacheResult::Miss))
+                Ok((
+                    sourced(manifest_response(&d, &m, head), Source::Upstream),
+                    CacheResult::Miss,
+                ))
             }
             Err(err) if err.is_origin_failure() => match (&known, &cached) {
-                (Some(e), Some((m, _))) => Ok(self.stale(&e.digest, m, head, &err)),
+                (Some(e), Some((m, tier))) => Ok(self.stale(&e.digest, m, *tier, head, &err)),
                 _ => Err(not_found_as(err, "manifest")),
             },
             Err(err) => {
@@ -112,6 +128,7 @@ impl App {
         &self,
         d: &Digest,
         m: &StoredManifest,
+        tier: Tier,
         head: bool,
         why: &UpstreamError,
     ) -> (Response<Body>, CacheResult) {
@@ -120,7 +137,10 @@ impl App {
             .stale_served
             .with_label_values(&["manifest"])
             .inc();
-        (manifest_response(d, m, head), CacheResult::Stale)
+        (
+            sourced(manifest_response(d, m, head), tier.into()),
+            CacheResult::Stale,
+        )
     }
 
     /// HEAD of a manifest at the origin: the digest it reports now, if it reports one.

@@ -53,6 +53,44 @@ impl CacheResult {
     }
 }
 
+/// Where a response body's bytes come from, for `berth_served_bytes_total{source}`. Handlers
+/// attach it to the response with [`sourced`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The memory tier.
+    Memory,
+    /// The disk tier.
+    Disk,
+    /// The origin (a miss).
+    Upstream,
+}
+
+impl Source {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Memory => "memory",
+            Source::Disk => "disk",
+            Source::Upstream => "upstream",
+        }
+    }
+}
+
+impl From<crate::cache::Tier> for Source {
+    fn from(t: crate::cache::Tier) -> Source {
+        match t {
+            crate::cache::Tier::Memory => Source::Memory,
+            crate::cache::Tier::Disk => Source::Disk,
+        }
+    }
+}
+
+/// Marks where a response's body comes from.
+pub(crate) fn sourced(mut resp: Response<Body>, source: Source) -> Response<Body> {
+    resp.extensions_mut().insert(source);
+    resp
+}
+
 /// Everything a request handler needs, shared by all connections.
 pub struct App {
     config: Arc<Config>,
@@ -91,6 +129,57 @@ impl App {
     /// The cache.
     pub fn cache(&self) -> &Cache {
         &self.cache
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Figures kept by the cache and upstream clients, for [`Metrics::refresh`].
+    pub fn snapshot(&self) -> crate::metrics::Snapshot {
+        let disk = self.cache.index().usage();
+        let stats = self.cache.fills().stats();
+        let failures = stats
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut by_reason: std::collections::BTreeMap<&'static str, u64> = Default::default();
+        let mut mismatches: std::collections::BTreeMap<String, u64> = Default::default();
+        for ((reason, upstream), n) in failures {
+            *by_reason.entry(reason).or_default() += n;
+            if reason == "digest_mismatch" && self.upstreams.by_name(&upstream).is_some() {
+                *mismatches.entry(upstream).or_default() += n;
+            }
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::metrics::Snapshot {
+            disk: (
+                disk.used + disk.reserved,
+                self.cache.index().budget(),
+                disk.objects,
+                disk.evictions,
+            ),
+            memory: self.cache.memory().usage(),
+            fills_in_flight: self.cache.fills().in_flight() as u64,
+            fill_failures: by_reason.into_iter().collect(),
+            fill_digest_mismatches: mismatches.into_iter().collect(),
+            write_failures: stats.write_failures.load(Relaxed),
+            passthrough: stats.pass_through.load(Relaxed),
+            upstreams: self
+                .upstreams
+                .all()
+                .iter()
+                .map(|u| {
+                    (
+                        u.name().to_owned(),
+                        u.bytes_received(),
+                        u.ratelimit_remaining(),
+                    )
+                })
+                .collect(),
+        }
     }
 
     /// Answers one client request. Never fails: errors become OCI error responses.
@@ -133,6 +222,14 @@ impl App {
                 header::WARNING,
                 HeaderValue::from_static("110 - \"Response is Stale\""),
             );
+        }
+        if let Some(source) = resp.extensions().get::<Source>().copied() {
+            let counter = self
+                .metrics
+                .served_bytes
+                .with_label_values(&[source.as_str()]);
+            let (parts, b) = resp.into_parts();
+            resp = Response::from_parts(parts, body::counted(b, counter));
         }
         let status = resp.status();
         let elapsed = start.elapsed();

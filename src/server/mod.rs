@@ -149,7 +149,7 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
         ready.clone(),
     ))];
     if let Some(l) = admin_listener {
-        tasks.push(tokio::spawn(serve_admin(l, metrics, ready, rx.clone())));
+        tasks.push(tokio::spawn(serve_admin(l, app.clone(), ready, rx.clone())));
     }
     tasks.push(tokio::spawn(save_recency(app.clone(), rx)));
     tracing::info!(%addr, admin = ?admin_addr, tls = config.server.tls.is_some(), "berth listening");
@@ -255,7 +255,7 @@ async fn save_recency(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
 
 async fn serve_admin(
     listener: TcpListener,
-    metrics: Arc<Metrics>,
+    app: Arc<App>,
     ready: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -268,17 +268,15 @@ async fn serve_admin(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let metrics = metrics.clone();
-        let ready = ready.clone();
-        tokio::spawn(serve_admin_conn(stream, metrics, ready));
+        tokio::spawn(serve_admin_conn(stream, app.clone(), ready.clone()));
     }
 }
 
-async fn serve_admin_conn(stream: TcpStream, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+async fn serve_admin_conn(stream: TcpStream, app: Arc<App>, ready: Arc<AtomicBool>) {
     let svc = service_fn(move |req: Request<Incoming>| {
-        let metrics = metrics.clone();
+        let app = app.clone();
         let ready = ready.clone();
-        async move { Ok::<_, Infallible>(admin_response(req.uri().path(), &metrics, &ready)) }
+        async move { Ok::<_, Infallible>(admin_response(req.uri().path(), &app, &ready)) }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -287,13 +285,16 @@ async fn serve_admin_conn(stream: TcpStream, metrics: Arc<Metrics>, ready: Arc<A
         .await;
 }
 
-fn admin_response(path: &str, metrics: &Metrics, ready: &AtomicBool) -> Response<Body> {
+fn admin_response(path: &str, app: &App, ready: &AtomicBool) -> Response<Body> {
     let (status, ctype, text) = match path {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render(),
-        ),
+        "/metrics" => {
+            app.metrics().refresh(&app.snapshot());
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                app.metrics().render(),
+            )
+        }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" if ready.load(Ordering::SeqCst) => {
             (StatusCode::OK, "text/plain", "ready\n".to_owned())

@@ -1,6 +1,7 @@
 //! One origin registry: a pooled hyper client over rustls, the token dance, redirects without
 //! credentials, and the connect / first-byte / idle timeouts of DESIGN §6.
 
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +42,12 @@ pub struct Upstream {
     config: UpstreamConfig,
     client: HttpClient,
     tokens: TokenCache,
+    received: AtomicU64,
+    ratelimit: AtomicI64,
 }
+
+/// `ratelimit` before the origin ever sent a `ratelimit-remaining` header.
+const RATELIMIT_UNKNOWN: i64 = i64::MIN;
 
 /// What [`Upstream::send`] should ask for.
 #[derive(Debug, Clone)]
@@ -104,6 +110,8 @@ impl Upstream {
             config,
             client,
             tokens: TokenCache::default(),
+            received: AtomicU64::new(0),
+            ratelimit: AtomicI64::new(RATELIMIT_UNKNOWN),
         }))
     }
 
@@ -115,6 +123,27 @@ impl Upstream {
     /// Its configuration.
     pub fn config(&self) -> &UpstreamConfig {
         &self.config
+    }
+
+    /// Body bytes received from this origin so far.
+    pub fn bytes_received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// The last `ratelimit-remaining` the origin reported (Docker Hub: `"76;w=21600"`).
+    pub fn ratelimit_remaining(&self) -> Option<i64> {
+        Some(self.ratelimit.load(Ordering::Relaxed)).filter(|&v| v != RATELIMIT_UNKNOWN)
+    }
+
+    fn note_ratelimit(&self, headers: &http::HeaderMap) {
+        let remaining = headers
+            .get("ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .and_then(|v| v.trim().parse::<i64>().ok());
+        if let Some(r) = remaining {
+            self.ratelimit.store(r, Ordering::Relaxed);
+        }
     }
 
     /// Sends a request to the origin. Handles the auth challenge (one retry with a token or
@@ -249,6 +278,9 @@ impl Upstream {
                     | StatusCode::TEMPORARY_REDIRECT
                     | StatusCode::PERMANENT_REDIRECT
             );
+            if same_host {
+                self.note_ratelimit(resp.headers());
+            }
             if !redirect || !(req.method == Method::GET || req.method == Method::HEAD) {
                 return Ok(resp);
             }
@@ -288,6 +320,8 @@ impl Upstream {
                 Some(Ok(f)) => {
                     if let Ok(data) = f.into_data() {
                         if !data.is_empty() {
+                            self.received
+                                .fetch_add(data.len() as u64, Ordering::Relaxed);
                             return Ok(Some(data));
                         }
                     }
