@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
 
 use super::index::{DiskIndex, Key, Kind, ReserveError};
@@ -205,6 +205,7 @@ impl Fill {
             phase: Phase::File,
             verify: None,
             stats,
+            upstream: String::new(),
         };
         futures_util::stream::unfold(init, |mut r| async move {
             match r.next().await {
@@ -243,6 +244,7 @@ struct Reader {
     phase: Phase,
     verify: Option<Verify>,
     stats: Arc<FillStats>,
+    upstream: String,
 }
 
 impl Reader {
@@ -357,6 +359,7 @@ impl Reader {
                 .await
                 .map_err(|e| io::Error::other(e.to_string()))?,
         };
+        self.upstream = fetched.upstream;
         self.phase = Phase::Upstream(fetched.body);
         Ok(())
     }
@@ -410,6 +413,13 @@ impl Reader {
                     self.phase = Phase::Finished;
                     let actual = v.hasher.finish();
                     if actual != self.fill.digest {
+                        *self
+                            .stats
+                            .failures
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .entry(("digest_mismatch", self.upstream.clone()))
+                            .or_default() += 1;
                         return Err(io::Error::other(format!(
                             "origin content does not match {} (got {actual})",
                             self.fill.digest
@@ -666,8 +676,14 @@ impl Fills {
                 Some(chunk) => buf.extend_from_slice(&chunk?),
                 None => ended = true,
             }
-            if buf.len() < CHUNK && !ended {
-                continue;
+            // Take whatever else has already arrived, without waiting: bytes that reached
+            // berth are published to readers now, not when a full chunk has gathered.
+            while !ended && buf.len() < CHUNK {
+                match body.next().now_or_never() {
+                    Some(Some(chunk)) => buf.extend_from_slice(&chunk?),
+                    Some(None) => ended = true,
+                    None => break,
+                }
             }
             if buf.is_empty() {
                 break;

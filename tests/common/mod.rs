@@ -9,6 +9,7 @@
 
 pub mod berth;
 pub mod content;
+pub mod fault;
 pub mod issuer;
 pub mod registry;
 pub mod tap;
