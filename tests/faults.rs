@@ -735,3 +735,82 @@ async fn the_fault_upstream_does_what_it_says() {
     assert_eq!(last.listener, Listener::Redirect);
     assert!(!last.authorization);
 }
+
+/// The cache engine's headline: 32 clients ask for one missing blob at once; the origin sees one
+/// GET, and every client is streamed the bytes that arrived while the origin still holds the rest.
+#[tokio::test]
+async fn thirty_two_concurrent_misses_make_one_upstream_get_and_all_stream() {
+    let (fault, berth) = setup().await;
+    let bytes = pseudo_random(60, 4 * MIB);
+    let digest = fault.add_blob(bytes.clone());
+    fault.set_blob_fault(&digest, Fault::Hold(2 * MIB));
+    let url = blob_url(&berth, &digest);
+    let client = Client::new();
+    let mut responses = Vec::new();
+    for _ in 0..32 {
+        let r = within(10, "client", client.get(&url).send())
+            .await
+            .expect("GET");
+        assert_eq!(r.status(), StatusCode::OK);
+        responses.push(r);
+    }
+    let mut partial = Vec::new();
+    for r in responses.iter_mut() {
+        partial.push(read_at_least(r, 2 * MIB, "client").await);
+    }
+    assert_eq!(fault.blob_gets(&digest), 1, "{:?}", fault.requests());
+    fault.release();
+    let rests = responses
+        .into_iter()
+        .zip(partial)
+        .map(|(r, got)| tokio::spawn(read_rest(r, got, "client")));
+    for t in rests {
+        assert_eq!(sha256_digest(&t.await.unwrap()), digest);
+    }
+    assert_eq!(fault.blob_gets(&digest), 1);
+    expect_blob(&url, &bytes, "hit").await;
+}
+
+/// A Range on a blob that is not cached is answered from the single fill as soon as its bytes
+/// have arrived, not after the whole blob and not by a second upstream fetch.
+#[tokio::test]
+async fn a_range_on_a_missing_blob_is_served_as_its_bytes_arrive() {
+    let (fault, berth) = setup().await;
+    let bytes = pseudo_random(61, 2 * MIB);
+    let digest = fault.add_blob(bytes.clone());
+    fault.set_blob_fault(&digest, Fault::Hold(MIB));
+    let url = blob_url(&berth, &digest);
+    let client = Client::new();
+    // Inside the part the origin sent: complete while it still holds the rest.
+    let early = within(
+        10,
+        "early range",
+        client.get(&url).header("range", "bytes=1000-1999").send(),
+    )
+    .await
+    .expect("GET");
+    assert_eq!(early.status(), StatusCode::PARTIAL_CONTENT);
+    let body = within(10, "early range body", early.bytes())
+        .await
+        .expect("body");
+    assert_eq!(&body[..], &bytes[1000..2000]);
+    // Past it: the head comes now, the bytes when the origin sends them.
+    let late = within(
+        10,
+        "late range",
+        client.get(&url).header("range", "bytes=1500000-").send(),
+    )
+    .await
+    .expect("GET");
+    assert_eq!(late.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        late.headers()["content-range"],
+        format!("bytes 1500000-{}/{}", bytes.len() - 1, bytes.len()).as_str()
+    );
+    fault.release();
+    let body = within(30, "late range body", late.bytes())
+        .await
+        .expect("body");
+    assert_eq!(&body[..], &bytes[1_500_000..]);
+    assert_eq!(fault.blob_gets(&digest), 1, "{:?}", fault.requests());
+}
