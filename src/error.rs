@@ -33,6 +33,14 @@ pub enum Error {
     /// The origin wants credentials berth does not have.
     #[error("{0}")]
     Unauthorized(String),
+    /// The client must authenticate (again): 401 with berth's own Bearer challenge.
+    #[error("{message}")]
+    AuthRequired {
+        /// The `WWW-Authenticate` value.
+        challenge: String,
+        /// Why.
+        message: String,
+    },
     /// The origin refused access.
     #[error("{0}")]
     Denied(String),
@@ -74,7 +82,7 @@ impl Error {
             | Error::ManifestUnknown(_)
             | Error::BlobUnknown(_)
             | Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::Unauthorized(_) | Error::AuthRequired { .. } => StatusCode::UNAUTHORIZED,
             Error::Denied(_) => StatusCode::FORBIDDEN,
             Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -94,7 +102,7 @@ impl Error {
             Error::NameUnknown(_) => "NAME_UNKNOWN",
             Error::ManifestUnknown(_) => "MANIFEST_UNKNOWN",
             Error::BlobUnknown(_) => "BLOB_UNKNOWN",
-            Error::Unauthorized(_) => "UNAUTHORIZED",
+            Error::Unauthorized(_) | Error::AuthRequired { .. } => "UNAUTHORIZED",
             Error::Denied(_) => "DENIED",
             Error::TooManyRequests(_) => "TOOMANYREQUESTS",
             Error::Unsupported(_) | Error::NotFound(_) => "UNSUPPORTED",
@@ -124,6 +132,9 @@ impl Error {
             }
             Error::Unsupported(_) => {
                 resp = resp.header(header::ALLOW, "GET, HEAD");
+            }
+            Error::AuthRequired { challenge, .. } => {
+                resp = resp.header(header::WWW_AUTHENTICATE, challenge.as_str());
             }
             Error::Upstream(e) => {
                 if let Some(ra) = e.retry_after() {

@@ -219,7 +219,7 @@ async fn containerd_pulls_through_berth_as_a_mirror_with_ns() {
     // pull can only succeed if containerd's `?ns=` reaches berth and is honoured.
     let origin_host = registry.host();
     let berth = Berth::with_upstreams(&format!(
-        "[[upstream]]\nname = \"origin\"\nurl = \"{}\"\naliases = [\"{origin_host}\"]\n",
+        "[[upstream]]\nname = \"origin\"\nurl = \"{}\"\naliases = [\"{origin_host}\"]\nauth = \"public\"\n",
         tap.url()
     ))
     .start()

@@ -423,7 +423,7 @@ async fn a_fill_outlives_the_client_that_started_it() {
 async fn first_byte_and_idle_timeouts() {
     let fault = FaultUpstream::start().await;
     let berth = Berth::with_upstreams(&format!(
-        "[[upstream]]\nname = \"origin\"\nurl = \"{}\"\ndefault = true\nconnect_timeout = \"2s\"\nfirst_byte_timeout = \"1s\"\nidle_timeout = \"1s\"\n",
+        "[[upstream]]\nname = \"origin\"\nurl = \"{}\"\ndefault = true\nauth = \"public\"\nconnect_timeout = \"2s\"\nfirst_byte_timeout = \"1s\"\nidle_timeout = \"1s\"\n",
         fault.url()
     ))
     .start()
@@ -558,7 +558,7 @@ async fn stale_manifests_on_origin_failure_but_not_after_a_404() {
 async fn start_with_tiny_disk(origin: &str) -> (berth::Running, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\ndisk_bytes = \"100KiB\"\n[[upstream]]\nname = \"origin\"\nurl = \"{origin}\"\ndefault = true\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\ndisk_bytes = \"100KiB\"\n[[upstream]]\nname = \"origin\"\nurl = \"{origin}\"\ndefault = true\nauth = \"public\"\n",
         dir.path().join("cache").display()
     );
     let config = berth::Config::from_toml(&text)

@@ -389,7 +389,7 @@ async fn upstream_selection_by_ns_prefix_and_default() {
     // No default: only ns or a prefix can reach the registry. "docker.io"-style naming on
     // (one-word names get library/), through the alias list.
     let berth = Berth::with_upstreams(&format!(
-        "[[upstream]]\nname = \"mirror\"\nurl = \"{}\"\naliases = [\"{host}\", \"docker.io\"]\n",
+        "[[upstream]]\nname = \"mirror\"\nurl = \"{}\"\naliases = [\"{host}\", \"docker.io\"]\nauth = \"public\"\n",
         registry.url()
     ))
     .start()

@@ -60,7 +60,7 @@ async fn berth_for(origin: &Origin, credentials: Option<(&str, &str)>) -> Proxy 
         .tempdir()
         .expect("create secrets dir");
     let mut table = format!(
-        "[[upstream]]\nname = \"origin\"\nurl = \"{}\"\ndefault = true\n\
+        "[[upstream]]\nname = \"origin\"\nurl = \"{}\"\ndefault = true\nauth = \"public\"\n\
          connect_timeout = \"2s\"\nfirst_byte_timeout = \"10s\"\nidle_timeout = \"10s\"\n",
         origin.registry.url()
     );

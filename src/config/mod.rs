@@ -45,6 +45,27 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Origins berth pulls from, in config order.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Client authentication and authorization settings.
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: how berth authenticates its own clients and caches authorization decisions
+/// (DESIGN §5).
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// htpasswd file (bcrypt hashes) of local users, for upstreams in `service` mode.
+    pub htpasswd_file: Option<PathBuf>,
+    /// File of static bearer tokens (one `name:token` or `token` per line), for `service` mode.
+    pub tokens_file: Option<PathBuf>,
+    /// Lifetime of the tokens berth issues to locally authenticated clients.
+    pub token_ttl: Duration,
+    /// Longest an allow decision of the origin is reused (never past the client token's expiry).
+    pub decision_ttl: Duration,
+    /// How long a denial of the origin is remembered.
+    pub deny_ttl: Duration,
+    /// How long past its expiry a cached allow decision may still be used when the origin cannot
+    /// be reached (zero: fail closed).
+    pub offline_grace: Duration,
 }
 
 /// `[server]`: where clients connect.
@@ -126,6 +147,8 @@ pub struct UpstreamConfig {
     pub default: bool,
     /// Client authorization mode.
     pub auth: AuthMode,
+    /// In `service` mode, whether clients without credentials may pull.
+    pub anonymous: bool,
     /// berth's own credentials at the origin.
     pub credentials: Option<Credentials>,
     /// Extra CA certificates (PEM) trusted for this origin, beside the webpki roots.
@@ -263,6 +286,35 @@ impl Config {
         }
         e.unknown(&cache_t, "cache");
 
+        let mut auth_t = e.table(&mut table, "auth");
+        let auth = AuthConfig {
+            htpasswd_file: e.path(&mut auth_t, "auth.htpasswd_file", base),
+            tokens_file: e.path(&mut auth_t, "auth.tokens_file", base),
+            token_ttl: e
+                .duration(&mut auth_t, "auth.token_ttl")
+                .unwrap_or(Duration::from_secs(3600)),
+            decision_ttl: e
+                .duration(&mut auth_t, "auth.decision_ttl")
+                .unwrap_or(Duration::from_secs(300)),
+            deny_ttl: e
+                .duration(&mut auth_t, "auth.deny_ttl")
+                .unwrap_or(Duration::from_secs(10)),
+            offline_grace: e
+                .duration(&mut auth_t, "auth.offline_grace")
+                .unwrap_or(Duration::ZERO),
+        };
+        for (k, p) in [
+            ("htpasswd_file", &auth.htpasswd_file),
+            ("tokens_file", &auth.tokens_file),
+        ] {
+            if let Some(p) = p {
+                if !p.is_file() {
+                    e.push(format!("auth.{k}: {} is not a readable file", p.display()));
+                }
+            }
+        }
+        e.unknown(&auth_t, "auth");
+
         let mut upstreams = Vec::new();
         match table.remove("upstream") {
             None => e.push("upstream: at least one [[upstream]] is required".into()),
@@ -297,6 +349,18 @@ impl Config {
                 }
             }
         }
+        for u in &upstreams {
+            if u.auth == AuthMode::Service
+                && !u.anonymous
+                && auth.htpasswd_file.is_none()
+                && auth.tokens_file.is_none()
+            {
+                e.push(format!(
+                    "upstream {:?}: auth = \"service\" needs auth.htpasswd_file or auth.tokens_file (or anonymous = true)",
+                    u.name
+                ));
+            }
+        }
         let defaults = upstreams.iter().filter(|u| u.default).count();
         if defaults > 1 {
             e.push("upstream: more than one upstream has default = true".into());
@@ -313,6 +377,7 @@ impl Config {
                 admin,
                 cache,
                 upstreams,
+                auth,
             })
         } else {
             Err(ConfigErrors(e.0))
@@ -485,22 +550,19 @@ impl Errors {
             .collect();
         let default = self.bool(&mut t, &at("default")).unwrap_or(false);
         let auth = match self.string(&mut t, &at("auth")).as_deref() {
-            None | Some("public") => AuthMode::Public,
-            Some(m @ ("passthrough" | "service")) => {
-                self.push(format!(
-                    "{}: {m:?} is not supported yet; use \"public\" (per-client authorization is being built)",
-                    at("auth")
-                ));
-                AuthMode::Public
-            }
+            None => None,
+            Some("public") => Some(AuthMode::Public),
+            Some("passthrough") => Some(AuthMode::Passthrough),
+            Some("service") => Some(AuthMode::Service),
             Some(other) => {
                 self.push(format!(
                     "{}: {other:?} is not one of public, passthrough, service",
                     at("auth")
                 ));
-                AuthMode::Public
+                None
             }
         };
+        let anonymous = self.bool(&mut t, &at("anonymous")).unwrap_or(false);
         let username = self.string(&mut t, &at("username"));
         let password_file = self.path(&mut t, &at("password_file"), base);
         if t.contains_key("password") {
@@ -560,6 +622,12 @@ impl Errors {
         if self.0.len() > before {
             return None;
         }
+        // Without credentials of its own, berth can only pass the clients' through.
+        let auth = auth.unwrap_or(if credentials.is_some() {
+            AuthMode::Service
+        } else {
+            AuthMode::Passthrough
+        });
         let host = url
             .authority()
             .map(|a| a.as_str().to_ascii_lowercase())
@@ -577,6 +645,7 @@ impl Errors {
             aliases,
             default,
             auth,
+            anonymous,
             credentials,
             ca_file,
             offline,

@@ -247,6 +247,7 @@ fn blob_request(sel: &Selected, method: Method, digest: &Digest) -> UpstreamRequ
         path_and_query: format!("/v2/{}/blobs/{}", sel.name, digest),
         headers: HeaderMap::new(),
         scope: format!("repository:{}:pull", sel.name),
+        auth: sel.auth.clone(),
     }
 }
 

@@ -90,6 +90,7 @@ impl App {
             path_and_query: pq,
             headers,
             scope: format!("repository:{}:pull", sel.name),
+            auth: sel.auth.clone(),
         };
         let started = Instant::now();
         let fetched = async {

@@ -29,7 +29,7 @@ impl App {
                 if let Some((m, tier)) = self.cache().manifest(&d).map_err(io_err)? {
                     self.count_lookup("manifest", tier.as_str(), true);
                     return Ok((
-                        sourced(manifest_response(&d, &m, head), tier.into()),
+                        sourced(self.respond(sel, &d, &m, head), tier.into()),
                         CacheResult::Hit,
                     ));
                 }
@@ -40,7 +40,7 @@ impl App {
                     .map_err(|e| not_found_as(e, "manifest"))?;
                 let m = self.cache().put_manifest(&got, m).await.map_err(io_err)?;
                 Ok((
-                    sourced(manifest_response(&got, &m, head), Source::Upstream),
+                    sourced(self.respond(sel, &got, &m, head), Source::Upstream),
                     CacheResult::Miss,
                 ))
             }
@@ -75,7 +75,7 @@ impl App {
             let tier = *tier;
             if e.is_fresh(self.tag_ttl()) {
                 return Ok((
-                    sourced(manifest_response(&e.digest, m, head), tier.into()),
+                    sourced(self.respond(sel, &e.digest, m, head), tier.into()),
                     CacheResult::Hit,
                 ));
             }
@@ -86,13 +86,13 @@ impl App {
                         .tags()
                         .put(&key, d.clone(), m.media_type.clone());
                     return Ok((
-                        sourced(manifest_response(&d, m, head), tier.into()),
+                        sourced(self.respond(sel, &d, m, head), tier.into()),
                         CacheResult::Hit,
                     ));
                 }
                 Ok(_) => {}
                 Err(err) if err.is_origin_failure() => {
-                    return Ok(self.stale(&e.digest, m, tier, head, &err));
+                    return Ok(self.stale(sel, &e.digest, m, tier, head, &err));
                 }
                 Err(err) if err.is_not_found() => {
                     self.cache().tags().remove(&key);
@@ -107,12 +107,12 @@ impl App {
                 let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
                 self.cache().tags().put(&key, d.clone(), media_type);
                 Ok((
-                    sourced(manifest_response(&d, &m, head), Source::Upstream),
+                    sourced(self.respond(sel, &d, &m, head), Source::Upstream),
                     CacheResult::Miss,
                 ))
             }
             Err(err) if err.is_origin_failure() => match (&known, &cached) {
-                (Some(e), Some((m, tier))) => Ok(self.stale(&e.digest, m, *tier, head, &err)),
+                (Some(e), Some((m, tier))) => Ok(self.stale(sel, &e.digest, m, *tier, head, &err)),
                 _ => Err(not_found_as(err, "manifest")),
             },
             Err(err) => {
@@ -126,6 +126,7 @@ impl App {
 
     fn stale(
         &self,
+        sel: &Selected,
         d: &Digest,
         m: &StoredManifest,
         tier: Tier,
@@ -138,9 +139,21 @@ impl App {
             .with_label_values(&["manifest"])
             .inc();
         (
-            sourced(manifest_response(d, m, head), tier.into()),
+            sourced(self.respond(sel, d, m, head), tier.into()),
             CacheResult::Stale,
         )
+    }
+
+    /// A manifest answer; what it references is recorded as belonging to the repository.
+    fn respond(
+        &self,
+        sel: &Selected,
+        d: &Digest,
+        m: &StoredManifest,
+        head: bool,
+    ) -> Response<Body> {
+        self.auth.learn(sel, d, &m.bytes);
+        manifest_response(d, m, head)
     }
 
     /// HEAD of a manifest at the origin: the digest it reports now, if it reports one.
@@ -252,6 +265,7 @@ fn manifest_request(
         path_and_query: format!("/v2/{}/manifests/{}", sel.name, reference),
         headers,
         scope: format!("repository:{}:pull", sel.name),
+        auth: sel.auth.clone(),
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 
+use crate::auth::{Authorizer, Principal, Realm, Target};
 use crate::body::{self, Body};
 use crate::cache::Cache;
 use crate::config::Config;
@@ -20,6 +21,13 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::router::{self, Route};
 use crate::upstream::{SelectError, Selected, Upstreams};
+
+/// Facts about the client connection the server attaches to each request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnInfo {
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
 
 /// Header name of the distribution API version.
 pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
@@ -94,6 +102,7 @@ pub(crate) fn sourced(mut resp: Response<Body>, source: Source) -> Response<Body
 /// Everything a request handler needs, shared by all connections.
 pub struct App {
     config: Arc<Config>,
+    auth: Authorizer,
     cache: Cache,
     upstreams: Upstreams,
     metrics: Arc<Metrics>,
@@ -116,9 +125,11 @@ impl App {
         cache: Cache,
         upstreams: Upstreams,
         metrics: Arc<Metrics>,
+        auth: Authorizer,
     ) -> Arc<App> {
         Arc::new(App {
             config,
+            auth,
             cache,
             upstreams,
             metrics,
@@ -183,16 +194,29 @@ impl App {
     }
 
     /// Answers one client request. Never fails: errors become OCI error responses.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body> {
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let start = Instant::now();
         let method = req.method().clone();
+        let path = req.uri().path().to_owned();
         let head = method == Method::HEAD;
         let mut outcome = Outcome {
             route: "unknown",
             upstream: None,
             cache: CacheResult::None,
         };
-        let result = self.dispatch(&req, &mut outcome).await;
+        let result = if path == "/token" {
+            outcome.route = "token";
+            match crate::auth::realm::TokenRequest::read(req).await {
+                Ok(tr) => self.auth.token(tr, &self.upstreams).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            self.dispatch(&req, &mut outcome).await
+        };
         let mut resp = match result {
             Ok(r) => r,
             Err(e) => {
@@ -243,7 +267,7 @@ impl App {
             .observe(elapsed.as_secs_f64());
         tracing::info!(
             method = %method,
-            path = %req.uri().path(),
+            path = %path,
             route = outcome.route,
             upstream = outcome.upstream.as_deref().unwrap_or("-"),
             status = status.as_u16(),
@@ -271,27 +295,33 @@ impl App {
         let head = method == Method::HEAD;
         let query = req.uri().query();
         let ns = router::query_param(query, "ns");
-        let select = |name| {
-            self.upstreams
-                .select(ns.as_deref(), name)
-                .map_err(|e| match e {
-                    SelectError::UnknownNamespace(_) | SelectError::NoDefault(_) => {
-                        Error::NameUnknown(e.to_string())
-                    }
-                })
-        };
+        let principal =
+            Principal::from_headers(req.headers()).map_err(|e| Error::BadRequest(e.to_string()))?;
+        let tls = req.extensions().get::<ConnInfo>().is_some_and(|c| c.tls);
+        let realm = Realm::from_request(
+            self.config.server.external_url.as_deref(),
+            tls,
+            req.headers(),
+            req.uri().authority().map(|a| a.as_str()),
+        );
+        let who = (&principal, &realm, ns.as_deref());
         match route {
-            Route::Base => Ok(json_response(
-                StatusCode::OK,
-                Bytes::from_static(b"{}"),
-                head,
-            )),
+            Route::Base => {
+                if let Some(u) = self.upstreams.for_base(ns.as_deref()) {
+                    self.auth.admit_base(u, &principal, &realm).await?;
+                }
+                Ok(json_response(
+                    StatusCode::OK,
+                    Bytes::from_static(b"{}"),
+                    head,
+                ))
+            }
             Route::Catalog => Err(Error::NotFound(
                 "the catalog is not offered by a pull-through cache".into(),
             )),
             Route::Upload => unreachable!("refused above"),
             Route::Manifest { name, reference } => {
-                let sel = select(name)?;
+                let sel = self.admit(who, name, Target::Manifest(&reference)).await?;
                 outcome.upstream = Some(sel.upstream.name().to_owned());
                 let accept = accept_values(req.headers());
                 let (resp, cache) = self.manifest(&sel, reference, accept, head).await?;
@@ -299,7 +329,7 @@ impl App {
                 Ok(resp)
             }
             Route::Blob { name, digest } => {
-                let sel = select(name)?;
+                let sel = self.admit(who, name, Target::Blob(&digest)).await?;
                 outcome.upstream = Some(sel.upstream.name().to_owned());
                 let range = req
                     .headers()
@@ -311,7 +341,7 @@ impl App {
                 Ok(resp)
             }
             Route::Tags { name } => {
-                let sel = select(name)?;
+                let sel = self.admit(who, name, Target::Listing).await?;
                 outcome.upstream = Some(sel.upstream.name().to_owned());
                 let mut q = Vec::new();
                 for k in ["n", "last"] {
@@ -327,7 +357,7 @@ impl App {
                 Ok(resp)
             }
             Route::Referrers { name, digest } => {
-                let sel = select(name)?;
+                let sel = self.admit(who, name, Target::Listing).await?;
                 outcome.upstream = Some(sel.upstream.name().to_owned());
                 let mut q = Vec::new();
                 if let Some(v) = router::query_param(query, "artifactType") {
@@ -341,6 +371,26 @@ impl App {
                 Ok(resp)
             }
         }
+    }
+
+    /// Picks the upstream for `name` and asks the authorizer whether this client may read
+    /// `target` there.
+    async fn admit(
+        &self,
+        (principal, realm, ns): (&Principal, &Realm, Option<&str>),
+        name: crate::oci::RepoName,
+        target: Target<'_>,
+    ) -> Result<Selected, Error> {
+        let visible = name.to_string();
+        let mut sel = self.upstreams.select(ns, name).map_err(|e| match e {
+            SelectError::UnknownNamespace(_) | SelectError::NoDefault(_) => {
+                Error::NameUnknown(e.to_string())
+            }
+        })?;
+        self.auth
+            .admit(&mut sel, principal, target, realm, Some(&visible))
+            .await?;
+        Ok(sel)
     }
 
     fn tag_ttl(&self) -> Duration {

@@ -24,7 +24,7 @@ use crate::body::{self, Body};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::App;
+use crate::proxy::{App, ConnInfo};
 use crate::upstream::Upstreams;
 
 /// How often the cache's recency order is saved.
@@ -58,6 +58,9 @@ pub enum StartError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// Local credential files could not be loaded.
+    #[error("auth: {0}")]
+    Auth(#[from] crate::auth::local::LocalAuthError),
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -114,6 +117,7 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
         source,
     })?;
     let upstreams = Upstreams::new(&config.upstreams)?;
+    let auth = crate::auth::Authorizer::new(config.auth.clone(), metrics.clone())?;
     let acceptor = match &config.server.tls {
         Some(t) => Some(tls::acceptor(t)?),
         None => None,
@@ -137,7 +141,7 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
         None => None,
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let app = App::new(config.clone(), cache, upstreams, metrics.clone());
+    let app = App::new(config.clone(), cache, upstreams, metrics.clone(), auth);
     let (shutdown, rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));
     let mut tasks = vec![tokio::spawn(serve_clients(
@@ -187,9 +191,13 @@ async fn serve_clients(
         let app = app.clone();
         let acceptor = acceptor.clone();
         let watcher = graceful.watcher();
+        let info = ConnInfo {
+            tls: acceptor.is_some(),
+        };
         tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
+            let svc = service_fn(move |mut req: Request<Incoming>| {
                 let app = app.clone();
+                req.extensions_mut().insert(info);
                 async move { Ok::<_, Infallible>(app.handle(req).await) }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());

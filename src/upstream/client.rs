@@ -17,7 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use super::challenge;
 use super::token::{self, TokenCache};
 use super::{error_chain, HttpClient, UpstreamError, USER_AGENT};
-use crate::config::UpstreamConfig;
+use crate::config::{Credentials, UpstreamConfig};
 
 /// Most redirects followed for one request.
 const MAX_REDIRECTS: usize = 5;
@@ -60,6 +60,27 @@ pub struct UpstreamRequest {
     pub headers: HeaderMap,
     /// Token scope, such as `repository:library/alpine:pull`.
     pub scope: String,
+    /// Whose credentials the request is made with.
+    pub auth: UpstreamAuth,
+}
+
+/// Whose credentials a request to the origin carries (DESIGN §5).
+#[derive(Debug, Clone)]
+pub enum UpstreamAuth {
+    /// berth's own configured credentials (anonymous without them).
+    Own,
+    /// No credentials, even if berth has some (a `passthrough` client without credentials).
+    Anonymous,
+    /// The client's bearer token for the origin, sent as is.
+    Bearer(crate::secret::Secret),
+    /// The client's username and password: berth does the token dance with them; tokens are
+    /// cached under `key` (a hash of the credential).
+    Basic {
+        /// Hash of the credential.
+        key: String,
+        /// The client's credentials.
+        credentials: Credentials,
+    },
 }
 
 // === impl Upstream ===
@@ -156,7 +177,23 @@ impl Upstream {
             });
         }
         let origin = self.origin_uri(&req.path_and_query)?;
-        let auth = self.cached_auth(&req.scope);
+        let (token_key, credentials) = match &req.auth {
+            UpstreamAuth::Own => (req.scope.clone(), self.config.credentials.as_ref()),
+            UpstreamAuth::Anonymous => (format!("anonymous\0{}", req.scope), None),
+            UpstreamAuth::Basic { key, credentials } => {
+                (format!("{key}\0{}", req.scope), Some(credentials))
+            }
+            UpstreamAuth::Bearer(token) => {
+                // The client's own token: sent as is, never swapped for another credential.
+                return self
+                    .follow(req, origin, Some(format!("Bearer {}", token.expose())))
+                    .await;
+            }
+        };
+        let auth = self
+            .tokens
+            .get(&token_key)
+            .map(|t| format!("Bearer {}", t.expose()));
         let resp = self.follow(req, origin.clone(), auth.clone()).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
@@ -173,20 +210,20 @@ impl Upstream {
             let failed = auth.as_deref().and_then(|a| a.strip_prefix("Bearer "));
             let tok = self
                 .tokens
-                .get_or_fetch(&req.scope, failed, || {
+                .get_or_fetch(&token_key, failed, || {
                     token::fetch(
                         &self.client,
                         &self.config.name,
                         bearer,
                         &scope,
-                        self.config.credentials.as_ref(),
+                        credentials,
                         self.config.first_byte_timeout,
                     )
                 })
                 .await?;
             Some(format!("Bearer {}", tok.expose()))
         } else if challenges.iter().any(|c| c.scheme == "basic") {
-            self.basic_auth()
+            credentials.map(basic_auth)
         } else {
             None
         };
@@ -199,21 +236,30 @@ impl Upstream {
         }
     }
 
-    fn basic_auth(&self) -> Option<String> {
-        self.config.credentials.as_ref().map(|c| {
-            let b = base64::engine::general_purpose::STANDARD.encode(format!(
-                "{}:{}",
-                c.username,
-                c.password.expose()
-            ));
-            format!("Basic {b}")
-        })
+    /// The origin's Bearer challenge (realm and service of its token service), from an
+    /// anonymous `GET /v2/`. `None` when the origin asks for no authentication.
+    pub async fn discover_challenge(&self) -> Result<Option<challenge::Challenge>, UpstreamError> {
+        let req = UpstreamRequest {
+            method: Method::GET,
+            path_and_query: "/v2/".into(),
+            headers: http::HeaderMap::new(),
+            scope: String::new(),
+            auth: UpstreamAuth::Bearer(crate::secret::Secret::new(String::new())),
+        };
+        let origin = self.origin_uri(&req.path_and_query)?;
+        let resp = self.follow(&req, origin, None).await?;
+        Ok(resp
+            .headers()
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(challenge::parse)
+            .find(|c| c.scheme == "bearer"))
     }
 
-    fn cached_auth(&self, scope: &str) -> Option<String> {
-        self.tokens
-            .get(scope)
-            .map(|t| format!("Bearer {}", t.expose()))
+    /// The pooled client, for the token endpoint's forwarding.
+    pub fn http(&self) -> &HttpClient {
+        &self.client
     }
 
     fn origin_uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
@@ -357,6 +403,15 @@ impl Upstream {
                 .map(str::to_owned),
         }
     }
+}
+
+fn basic_auth(c: &Credentials) -> String {
+    let b = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        c.username,
+        c.password.expose()
+    ));
+    format!("Basic {b}")
 }
 
 /// Resolves a `Location` header against the URI it came from.

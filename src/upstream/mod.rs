@@ -1,7 +1,7 @@
 //! The origins berth pulls from (DESIGN §3, §6): one [`Upstream`] client per configured origin,
 //! and [`Upstreams::select`], which picks the origin for a request.
 
-mod challenge;
+pub mod challenge;
 mod client;
 mod error;
 mod token;
@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-pub use client::{BuildError, Upstream, UpstreamRequest};
+pub use client::{BuildError, Upstream, UpstreamAuth, UpstreamRequest};
 pub use error::UpstreamError;
 
 use crate::config::UpstreamConfig;
@@ -66,6 +66,8 @@ pub struct Selected {
     pub name: RepoName,
     /// The path prefix the client used, if it routed by prefix.
     pub prefix: Option<String>,
+    /// Whose credentials requests to the origin carry; set by the authorizer.
+    pub auth: UpstreamAuth,
 }
 
 impl Upstreams {
@@ -83,6 +85,22 @@ impl Upstreams {
     /// Every upstream, in config order.
     pub fn all(&self) -> &[Arc<Upstream>] {
         &self.list
+    }
+
+    /// The default upstream, if one is configured.
+    pub fn default_upstream(&self) -> Option<&Arc<Upstream>> {
+        self.default.map(|i| &self.list[i])
+    }
+
+    /// The upstream a `/v2/` request concerns: the one `ns` names, else the default.
+    pub fn for_base(&self, ns: Option<&str>) -> Option<&Arc<Upstream>> {
+        match ns {
+            Some(ns) => {
+                let ns = ns.to_ascii_lowercase();
+                self.list.iter().find(|u| u.config().aliases.contains(&ns))
+            }
+            None => self.default_upstream(),
+        }
     }
 
     /// Upstream by name.
@@ -119,6 +137,7 @@ impl Upstreams {
             upstream,
             name,
             prefix,
+            auth: UpstreamAuth::Own,
         })
     }
 

@@ -40,7 +40,7 @@ impl Berth {
             .to_owned();
         BerthBuilder {
             upstreams: vec![format!(
-                "[[upstream]]\nname = \"origin\"\nurl = \"{url}\"\naliases = [\"{host}\"]\ndefault = true\nconnect_timeout = \"2s\"\nfirst_byte_timeout = \"10s\"\nidle_timeout = \"10s\"\n"
+                "[[upstream]]\nname = \"origin\"\nurl = \"{url}\"\naliases = [\"{host}\"]\ndefault = true\nauth = \"public\"\nconnect_timeout = \"2s\"\nfirst_byte_timeout = \"10s\"\nidle_timeout = \"10s\"\n"
             )],
             tls: None,
             tag_ttl: "5m".into(),

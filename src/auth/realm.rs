@@ -1,0 +1,394 @@
+//! `/token`: berth as the token realm its clients see (DESIGN §5).
+//!
+//! For `passthrough` upstreams the request is forwarded to the origin's own token service (realm
+//! and service discovered from the origin's challenge), with scopes translated to the origin's
+//! repository names, and the origin's answer returned. For `service` and `public` upstreams berth
+//! authenticates the client locally and issues a token of its own.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
+
+use super::{Authorizer, Credential, Principal};
+use crate::body::{self, Body};
+use crate::config::AuthMode;
+use crate::error::Error;
+use crate::oci::RepoName;
+use crate::upstream::{Upstream, Upstreams};
+
+/// Largest token request or response body accepted.
+const MAX_TOKEN_BODY: usize = 64 << 10;
+
+/// A token request as a client sent it, method and parameters.
+pub struct TokenRequest {
+    /// GET or POST.
+    pub method: Method,
+    /// Query (GET) or form (POST) parameters, decoded, in order.
+    pub params: Vec<(String, String)>,
+    /// The client's `Authorization` header.
+    pub principal: Principal,
+    /// The raw `Authorization` header, forwarded as is to an origin's token service.
+    pub authorization: Option<HeaderValue>,
+}
+
+fn decode_pairs(s: &str) -> Vec<(String, String)> {
+    s.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let d = |x: &str| {
+                percent_decode_str(&x.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (d(k), d(v))
+        })
+        .collect()
+}
+
+fn encode_pairs(pairs: &[(String, String)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{}={}",
+                utf8_percent_encode(k, NON_ALPHANUMERIC),
+                utf8_percent_encode(v, NON_ALPHANUMERIC)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+impl TokenRequest {
+    /// Reads a `/token` request (the form body of a POST, at most 64 KiB).
+    pub async fn read<B>(req: Request<B>) -> Result<TokenRequest, Error>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (parts, b) = req.into_parts();
+        let principal = Principal::from_headers(&parts.headers)
+            .map_err(|e| Error::BadRequest(e.to_string()))?;
+        let mut params = decode_pairs(parts.uri.query().unwrap_or(""));
+        if parts.method == Method::POST {
+            let raw = Limited::new(b, MAX_TOKEN_BODY)
+                .collect()
+                .await
+                .map_err(|e| Error::BadRequest(format!("unreadable token request body: {e}")))?
+                .to_bytes();
+            params.extend(decode_pairs(&String::from_utf8_lossy(&raw)));
+        } else if parts.method != Method::GET {
+            return Err(Error::Unsupported(
+                "the token endpoint takes GET or POST".into(),
+            ));
+        }
+        Ok(TokenRequest {
+            method: parts.method,
+            params,
+            principal,
+            authorization: parts.headers.get(header::AUTHORIZATION).cloned(),
+        })
+    }
+
+    fn param(&self, k: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every requested scope (repeated `scope` parameters, or space-separated in one).
+    fn scopes(&self) -> Vec<String> {
+        self.params
+            .iter()
+            .filter(|(k, _)| k == "scope")
+            .flat_map(|(_, v)| v.split(' ').map(str::to_owned).collect::<Vec<_>>())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+}
+
+/// Translates `repository:NAME:ACTIONS` from the name a client uses at berth to the origin's.
+fn translate_scope(scope: &str, upstream: &Upstream) -> String {
+    let mut parts = scope.splitn(3, ':');
+    let (Some(kind), Some(name), Some(actions)) = (parts.next(), parts.next(), parts.next()) else {
+        return scope.to_owned();
+    };
+    if kind != "repository" {
+        return scope.to_owned();
+    }
+    let name = name
+        .strip_prefix(&format!("{}/", upstream.name()))
+        .unwrap_or(name);
+    let name = match name.parse::<RepoName>() {
+        Ok(n) if upstream.config().docker_hub && n.components() == 1 => {
+            n.with_library_prefix().to_string()
+        }
+        _ => name.to_owned(),
+    };
+    format!("{kind}:{name}:{actions}")
+}
+
+/// RFC 3339 UTC time, as token services write `issued_at`.
+fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn token_json(token: &str, expires_in: Duration) -> Response<Body> {
+    let v = serde_json::json!({
+        "token": token,
+        "access_token": token,
+        "expires_in": expires_in.as_secs(),
+        "issued_at": rfc3339(SystemTime::now()),
+    });
+    json(StatusCode::OK, v)
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    let bytes = Bytes::from(v.to_string());
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, bytes.len())
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(body::full(bytes))
+        .expect("static headers are valid")
+}
+
+impl Authorizer {
+    /// GET|POST: /token
+    pub async fn token(
+        &self,
+        req: TokenRequest,
+        upstreams: &Upstreams,
+    ) -> Result<Response<Body>, Error> {
+        let upstream = match req.param("service") {
+            Some(s) => upstreams.by_name(s).or_else(|| {
+                upstreams
+                    .all()
+                    .iter()
+                    .find(|u| u.config().aliases.iter().any(|a| a == s))
+            }),
+            None => upstreams.default_upstream(),
+        }
+        .cloned()
+        .ok_or_else(|| {
+            Error::BadRequest("unknown or missing service: name a configured upstream".into())
+        })?;
+        match upstream.config().auth {
+            AuthMode::Passthrough => self.forward(&upstream, req).await,
+            mode => self.issue_local(mode, &upstream, req).await,
+        }
+    }
+
+    async fn issue_local(
+        &self,
+        mode: AuthMode,
+        upstream: &Upstream,
+        req: TokenRequest,
+    ) -> Result<Response<Body>, Error> {
+        let (user, password) = match (&req.principal.credential, req.param("grant_type")) {
+            (_, Some("password")) => (
+                req.param("username").unwrap_or("").to_owned(),
+                Some(crate::secret::Secret::new(
+                    req.param("password").unwrap_or("").to_owned(),
+                )),
+            ),
+            (_, Some(g)) if g != "password" => {
+                return Ok(json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "unsupported_grant_type"}),
+                ));
+            }
+            (Credential::Basic { user, password }, _) => (user.clone(), Some(password.clone())),
+            _ => (String::new(), None),
+        };
+        let ok = match (&password, mode) {
+            (None, AuthMode::Public) => true,
+            (None, _) => upstream.config().anonymous,
+            (Some(p), _) => {
+                self.local.verify_password(&user, p).await
+                    || self.local.verify_token(p.expose()).is_some()
+            }
+        };
+        self.count(if ok { "allow" } else { "deny" }, "local");
+        if !ok {
+            return Ok(json(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({"errors": [{"code": "UNAUTHORIZED", "message": "invalid credentials", "detail": null}]}),
+            ));
+        }
+        let (token, ttl) = self.local.issue(&user);
+        Ok(token_json(token.expose(), ttl))
+    }
+
+    async fn forward(
+        &self,
+        upstream: &Upstream,
+        req: TokenRequest,
+    ) -> Result<Response<Body>, Error> {
+        let challenge = self
+            .origin_challenge(upstream)
+            .await
+            .map_err(Error::Upstream)?;
+        let Some(challenge) = challenge else {
+            // The origin asks for no authentication: any token will do.
+            let (token, ttl) = self.local.issue("");
+            return Ok(token_json(token.expose(), ttl));
+        };
+        let realm = challenge
+            .param("realm")
+            .ok_or_else(|| Error::Internal("the origin's challenge names no realm".into()))?
+            .to_owned();
+        let service = challenge.param("service").map(str::to_owned);
+        let scopes: Vec<String> = req
+            .scopes()
+            .iter()
+            .map(|s| translate_scope(s, upstream))
+            .collect();
+        let mut params: Vec<(String, String)> = req
+            .params
+            .iter()
+            .filter(|(k, _)| k != "scope" && k != "service")
+            .cloned()
+            .collect();
+        if let Some(s) = &service {
+            params.push(("service".into(), s.clone()));
+        }
+        let mut headers = HeaderMap::new();
+        if let Some(a) = &req.authorization {
+            let mut a = a.clone();
+            a.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, a);
+        }
+        let (uri, body) = if req.method == Method::POST {
+            if !scopes.is_empty() {
+                params.push(("scope".into(), scopes.join(" ")));
+            }
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/x-www-form-urlencoded"),
+            );
+            (realm.clone(), Bytes::from(encode_pairs(&params)))
+        } else {
+            for s in &scopes {
+                params.push(("scope".into(), s.clone()));
+            }
+            let sep = if realm.contains('?') { '&' } else { '?' };
+            (
+                format!("{realm}{sep}{}", encode_pairs(&params)),
+                Bytes::new(),
+            )
+        };
+        let mut b = Request::builder().method(req.method.clone()).uri(&uri);
+        for (k, v) in &headers {
+            b = b.header(k, v);
+        }
+        let request = b
+            .header(header::USER_AGENT, crate::upstream::USER_AGENT)
+            .body(Full::new(body))
+            .map_err(|_| Error::Internal("the origin's token realm is not a valid URL".into()))?;
+        let timeout = upstream.config().first_byte_timeout;
+        let name = upstream.name().to_owned();
+        let unreachable = |reason: String| {
+            Error::Upstream(crate::upstream::UpstreamError::Token {
+                upstream: name.clone(),
+                reason,
+            })
+        };
+        let resp = tokio::time::timeout(timeout, upstream.http().request(request))
+            .await
+            .map_err(|_| unreachable("timed out".into()))?
+            .map_err(|e| unreachable(crate::upstream::error_chain(&e)))?;
+        let status = resp.status();
+        let raw = tokio::time::timeout(
+            timeout,
+            Limited::new(resp.into_body(), MAX_TOKEN_BODY).collect(),
+        )
+        .await
+        .map_err(|_| unreachable("timed out".into()))?
+        .map_err(|e| unreachable(format!("reading the answer: {e}")))?
+        .to_bytes();
+        if !status.is_success() {
+            self.count("deny", "origin");
+            let status = if matches!(
+                status,
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::BAD_REQUEST
+            ) {
+                status
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            return Ok(json(
+                status,
+                serde_json::json!({"errors": [{"code": if status == StatusCode::BAD_GATEWAY { "UNAVAILABLE" } else { "UNAUTHORIZED" }, "message": format!("the origin's token service answered {}", status.as_u16()), "detail": null}]}),
+            ));
+        }
+        let mut v: serde_json::Value = serde_json::from_slice(&raw)
+            .map_err(|_| unreachable("the origin's token answer is not JSON".into()))?;
+        let token = v
+            .get("token")
+            .or_else(|| v.get("access_token"))
+            .and_then(|t| t.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| unreachable("the origin's token answer has no token".into()))?;
+        if let Some(o) = v.as_object_mut() {
+            o.entry("token").or_insert_with(|| token.clone().into());
+            o.entry("access_token").or_insert_with(|| token.into());
+            o.entry("expires_in").or_insert_with(|| 60.into());
+            o.entry("issued_at")
+                .or_insert_with(|| rfc3339(SystemTime::now()).into());
+        }
+        self.count("allow", "origin");
+        Ok(json(StatusCode::OK, v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            "2023-11-14T22:13:20Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn pairs_round_trip() {
+        let p = decode_pairs(
+            "grant_type=password&scope=repository%3Aa%2Fb%3Apull+repository%3Ac%3Apull&x",
+        );
+        assert_eq!(p[0], ("grant_type".into(), "password".into()));
+        assert_eq!(p[1].1, "repository:a/b:pull repository:c:pull");
+        assert_eq!(decode_pairs(&encode_pairs(&p)), p);
+    }
+}
