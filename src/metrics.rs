@@ -22,7 +22,9 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// `berth_http_request_duration_seconds{route,cache}`: time to the response head.
     pub http_duration: HistogramVec,
-    /// `berth_cache_lookups_total{kind,tier,result}`.
+    /// `berth_cache_lookups_total{kind,tier,result}`: one per tier consulted. A manifest or
+    /// small blob is looked up in memory, then (on a miss) on disk; a large blob on disk only;
+    /// a tag mapping in memory (its disk copy is only a restart aid).
     pub cache_lookups: IntCounterVec,
     /// `berth_cache_size_bytes{tier}`.
     pub cache_size: IntGaugeVec,
@@ -228,11 +230,32 @@ impl Metrics {
         for source in ["memory", "disk", "upstream"] {
             m.served_bytes.with_label_values(&[source]);
         }
-        for kind in ["manifest", "blob", "tag"] {
-            for tier in ["memory", "disk"] {
-                for result in ["hit", "miss"] {
-                    m.cache_lookups.with_label_values(&[kind, tier, result]);
-                }
+        for (kind, tier) in [
+            ("manifest", "memory"),
+            ("manifest", "disk"),
+            ("blob", "memory"),
+            ("blob", "disk"),
+            ("tag", "memory"),
+        ] {
+            for result in ["hit", "miss"] {
+                m.cache_lookups.with_label_values(&[kind, tier, result]);
+            }
+        }
+        for reason in [
+            "digest_mismatch",
+            "timeout",
+            "unreachable",
+            "status",
+            "auth",
+            "invalid",
+            "offline",
+            "internal",
+        ] {
+            m.fill_failures.with_label_values(&[reason]);
+        }
+        for result in ["allow", "deny", "error"] {
+            for source in ["public", "local", "cache", "origin", "grace"] {
+                m.auth_decisions.with_label_values(&[result, source]);
             }
         }
         for kind in ["manifest", "tags", "referrers"] {
@@ -282,6 +305,7 @@ impl Metrics {
             self.add_delta(&format!("fill_mismatch/{name}"), *n, &counter);
         }
         for (name, bytes, ratelimit) in &s.upstreams {
+            self.digest_mismatches.with_label_values(&[name]);
             let counter = self.upstream_bytes.with_label_values(&[name]);
             self.add_delta(&format!("upstream_bytes/{name}"), *bytes, &counter);
             if let Some(r) = ratelimit {

@@ -105,6 +105,25 @@ pub fn parse(path: &str) -> Result<Route, Error> {
     Err(not_found())
 }
 
+/// The route a path would take, for labelling requests the parser refused.
+pub fn classify(path: &str) -> &'static str {
+    if !path.starts_with("/v2") {
+        "unknown"
+    } else if path.contains("/blobs/uploads") {
+        "upload"
+    } else if path.contains("/blobs/") {
+        "blob"
+    } else if path.contains("/manifests/") {
+        "manifest"
+    } else if path.ends_with("/tags/list") {
+        "tags"
+    } else if path.contains("/referrers/") {
+        "referrers"
+    } else {
+        "unknown"
+    }
+}
+
 /// Query parameters by name, percent-decoded.
 pub fn query_param(query: Option<&str>, key: &str) -> Option<String> {
     query?.split('&').find_map(|kv| {

@@ -30,6 +30,8 @@ use crate::upstream::UpstreamError;
 
 /// Size of the reads and writes a fill and its readers make.
 pub const CHUNK: usize = 256 * 1024;
+/// Chunks queued between a fill and its disk writer.
+const WRITE_QUEUE: usize = 16;
 /// How often a storage failure is logged at most.
 const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -660,77 +662,119 @@ impl Fills {
         let Fetched {
             upstream, mut body, ..
         } = fetched;
-        let mut hasher = Some(Hasher::new(fill.digest.algorithm()));
-        let mut written: u64 = 0;
+        // The disk side runs on its own blocking thread, fed through a bounded queue, so that
+        // reading from the origin, writing, hashing and serving readers overlap.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let writer = {
+            let (file, fill, algorithm) = (file.clone(), fill.clone(), fill.digest.algorithm());
+            tokio::task::spawn_blocking(move || {
+                let mut hasher = Hasher::new(algorithm);
+                let mut written: u64 = 0;
+                while let Some(data) = rx.blocking_recv() {
+                    if let Err(e) = file.write_all_at(&data, written) {
+                        return Err((e, written));
+                    }
+                    hasher.update(&data);
+                    written += data.len() as u64;
+                    // Hold back the final bytes until the digest is verified.
+                    if total.is_none_or(|t| written < t) {
+                        fill.state.send_replace(FillState::Running {
+                            total,
+                            available: written,
+                        });
+                    }
+                }
+                Ok((hasher, written))
+            })
+        };
+        let mut queued: u64 = 0;
         let mut buf = BytesMut::with_capacity(CHUNK);
         let mut ended = false;
         // Once storage fails the fill stops; readers continue from the origin.
-        let storage_failure = |written: u64| {
-            Ok(Some(FillState::PassThrough {
-                total,
-                available: written,
-            }))
-        };
+        let mut storage_failed = false;
+        // An origin failure ends the fill, but only after the writer stopped: it must not
+        // publish progress after the failure is announced.
+        let mut failure: Option<FillError> = None;
         while !ended {
             match body.next().await {
-                Some(chunk) => buf.extend_from_slice(&chunk?),
+                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                Some(Err(e)) => {
+                    failure = Some(e.into());
+                    break;
+                }
                 None => ended = true,
             }
             // Take whatever else has already arrived, without waiting: bytes that reached
             // berth are published to readers now, not when a full chunk has gathered.
             while !ended && buf.len() < CHUNK {
                 match body.next().now_or_never() {
-                    Some(Some(chunk)) => buf.extend_from_slice(&chunk?),
+                    Some(Some(Ok(chunk))) => buf.extend_from_slice(&chunk),
+                    Some(Some(Err(e))) => {
+                        failure = Some(e.into());
+                        break;
+                    }
                     Some(None) => ended = true,
                     None => break,
                 }
             }
-            if buf.is_empty() {
+            if failure.is_some() || buf.is_empty() {
                 break;
             }
             let data = buf.split().freeze();
-            let new_written = written + data.len() as u64;
-            if total.is_some_and(|t| new_written > t) {
-                return Err(UpstreamError::Invalid {
-                    upstream,
-                    reason: "body longer than its Content-Length".into(),
-                }
-                .into());
+            let new_queued = queued + data.len() as u64;
+            if total.is_some_and(|t| new_queued > t) {
+                failure = Some(
+                    UpstreamError::Invalid {
+                        upstream: upstream.clone(),
+                        reason: "body longer than its Content-Length".into(),
+                    }
+                    .into(),
+                );
+                break;
             }
-            if new_written > reservation.bytes() {
-                match reservation.grow(new_written - reservation.bytes()) {
+            if new_queued > reservation.bytes() {
+                match reservation.grow(new_queued - reservation.bytes()) {
                     Ok(evicted) => self.delete(evicted).await,
                     Err(e) => {
                         self.storage_failed(&fill.digest, "disk budget exhausted mid-fill", &e);
-                        self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
-                        return storage_failure(written);
+                        storage_failed = true;
+                        break;
                     }
                 }
             }
-            let f = file.clone();
-            let mut h = hasher.take().expect("hasher is returned after each write");
-            let at = written;
-            let wrote = tokio::task::spawn_blocking(move || {
-                h.update(&data);
-                (f.write_all_at(&data, at), h)
-            })
+            if tx.send(data).await.is_err() {
+                // The writer stopped: a write failed.
+                storage_failed = true;
+                break;
+            }
+            queued = new_queued;
+        }
+        drop(tx);
+        let written_out = writer
             .await
             .map_err(|e| FillError::Internal(e.to_string()))?;
-            hasher = Some(wrote.1);
-            if let Err(e) = wrote.0 {
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let (hasher, written) = match written_out {
+            Ok(_) if storage_failed => {
+                self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
+                // Everything queued was written: readers may read it from the file.
+                return Ok(Some(FillState::PassThrough {
+                    total,
+                    available: queued.min(total.unwrap_or(u64::MAX).saturating_sub(1)),
+                }));
+            }
+            Ok(x) => x,
+            Err((e, written)) => {
                 self.storage_failed(&fill.digest, "cache write failed", &e);
                 self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
-                return storage_failure(written);
-            }
-            written = new_written;
-            // Hold back the final bytes until the digest is verified.
-            if total.is_none_or(|t| written < t) {
-                fill.state.send_replace(FillState::Running {
+                return Ok(Some(FillState::PassThrough {
                     total,
                     available: written,
-                });
+                }));
             }
-        }
+        };
         if let Some(t) = total {
             if written != t {
                 return Err(UpstreamError::Invalid {
@@ -740,7 +784,7 @@ impl Fills {
                 .into());
             }
         }
-        let actual = hasher.take().expect("hasher present").finish();
+        let actual = hasher.finish();
         if actual != fill.digest {
             return Err(UpstreamError::DigestMismatch {
                 upstream,

@@ -214,10 +214,11 @@ impl Cache {
         Ok(m)
     }
 
-    /// A small blob from the memory tier, or loaded into it from disk when it fits there.
-    pub async fn small_blob(&self, d: &Digest, size: u64) -> Option<Bytes> {
+    /// A small blob from the memory tier, or loaded into it from disk when it fits there, with
+    /// the tier that had it.
+    pub async fn small_blob(&self, d: &Digest, size: u64) -> Option<(Bytes, Tier)> {
         if let Some(b) = self.memory.blob(d) {
-            return Some(b);
+            return Some((b, Tier::Memory));
         }
         if !self.memory.fits(size) {
             return None;
@@ -232,6 +233,6 @@ impl Cache {
             return None;
         }
         self.memory.put_blob(d.clone(), bytes.clone());
-        Some(bytes)
+        Some((bytes, Tier::Disk))
     }
 }

@@ -13,7 +13,7 @@ use super::range::{self, RangeRequest};
 use super::{sourced, App, CacheResult, Source};
 use crate::body::{self, Body};
 use crate::cache::fill::{read_file_range, BlobFetcher, BlobSource, Fetched, FillError};
-use crate::cache::{Key, Kind};
+use crate::cache::{Key, Kind, Tier};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
@@ -44,8 +44,12 @@ impl App {
             .map_err(io_err)?;
         match source {
             BlobSource::Cached(file, size) => {
-                if let Some(bytes) = self.cache().small_blob(&digest, size).await {
-                    self.count_lookup("blob", "memory", true);
+                let eligible = self.cache().memory().fits(size);
+                if let Some((bytes, tier)) = self.cache().small_blob(&digest, size).await {
+                    self.count_lookup("blob", "memory", tier == Tier::Memory);
+                    if tier == Tier::Disk {
+                        self.count_lookup("blob", "disk", true);
+                    }
                     let resp = match range::parse(range_header, size) {
                         RangeRequest::Unsatisfiable => {
                             return Err(Error::RangeNotSatisfiable { size })
@@ -58,7 +62,10 @@ impl App {
                             blob_response(&digest, start, end, size, body::full(part), true)
                         }
                     };
-                    return Ok((sourced(resp, Source::Memory), CacheResult::Hit));
+                    return Ok((sourced(resp, tier.into()), CacheResult::Hit));
+                }
+                if eligible {
+                    self.count_lookup("blob", "memory", false);
                 }
                 self.count_lookup("blob", "disk", true);
                 let file = Arc::new(file);

@@ -26,14 +26,21 @@ impl App {
     ) -> Result<(Response<Body>, CacheResult), Error> {
         match reference {
             Reference::Digest(d) => {
-                if let Some((m, tier)) = self.cache().manifest(&d).map_err(io_err)? {
-                    self.count_lookup("manifest", tier.as_str(), true);
+                let found = self.cache().manifest(&d).map_err(io_err)?;
+                self.count_lookup(
+                    "manifest",
+                    "memory",
+                    matches!(found, Some((_, Tier::Memory))),
+                );
+                if !matches!(found, Some((_, Tier::Memory))) {
+                    self.count_lookup("manifest", "disk", found.is_some());
+                }
+                if let Some((m, tier)) = found {
                     return Ok((
                         sourced(self.respond(sel, &d, &m, head), tier.into()),
                         CacheResult::Hit,
                     ));
                 }
-                self.count_lookup("manifest", "disk", false);
                 let (got, m) = self
                     .fetch_manifest(sel, &d.to_string(), &accept, Some(&d))
                     .await

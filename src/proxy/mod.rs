@@ -283,6 +283,7 @@ impl App {
         req: &Request<B>,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, Error> {
+        outcome.route = router::classify(req.uri().path());
         let route = router::parse(req.uri().path())?;
         outcome.route = route.as_str();
         let method = req.method();
