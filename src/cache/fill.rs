@@ -665,16 +665,27 @@ impl Fills {
         // The disk side runs on its own blocking thread, fed through a bounded queue, so that
         // reading from the origin, writing, hashing and serving readers overlap.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
-        let writer = {
-            let (file, fill, algorithm) = (file.clone(), fill.clone(), fill.digest.algorithm());
+        // Hashing runs on a second thread beside the writer: on a busy origin link the two
+        // together cost about as much as the transfer itself, so they must not take turns.
+        let (hash_tx, mut hash_rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let hasher_task = {
+            let algorithm = fill.digest.algorithm();
             tokio::task::spawn_blocking(move || {
                 let mut hasher = Hasher::new(algorithm);
+                while let Some(data) = hash_rx.blocking_recv() {
+                    hasher.update(&data);
+                }
+                hasher
+            })
+        };
+        let writer = {
+            let (file, fill) = (file.clone(), fill.clone());
+            tokio::task::spawn_blocking(move || {
                 let mut written: u64 = 0;
                 while let Some(data) = rx.blocking_recv() {
                     if let Err(e) = file.write_all_at(&data, written) {
                         return Err((e, written));
                     }
-                    hasher.update(&data);
                     written += data.len() as u64;
                     // Hold back the final bytes until the digest is verified.
                     if total.is_none_or(|t| written < t) {
@@ -684,7 +695,7 @@ impl Fills {
                         });
                     }
                 }
-                Ok((hasher, written))
+                Ok(written)
             })
         };
         let mut queued: u64 = 0;
@@ -742,7 +753,7 @@ impl Fills {
                     }
                 }
             }
-            if tx.send(data).await.is_err() {
+            if hash_tx.send(data.clone()).await.is_err() || tx.send(data).await.is_err() {
                 // The writer stopped: a write failed.
                 storage_failed = true;
                 break;
@@ -750,13 +761,17 @@ impl Fills {
             queued = new_queued;
         }
         drop(tx);
+        drop(hash_tx);
         let written_out = writer
+            .await
+            .map_err(|e| FillError::Internal(e.to_string()))?;
+        let hasher = hasher_task
             .await
             .map_err(|e| FillError::Internal(e.to_string()))?;
         if let Some(e) = failure {
             return Err(e);
         }
-        let (hasher, written) = match written_out {
+        let written = match written_out {
             Ok(_) if storage_failed => {
                 self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
                 // Everything queued was written: readers may read it from the file.
@@ -793,6 +808,8 @@ impl Fills {
             }
             .into());
         }
+        // Verified: readers get the last bytes now, not after the fsync below.
+        fill.state.send_replace(FillState::Done { total: written });
         let store = self.store.clone();
         let digest = fill.digest.clone();
         let temp_path = guard.0.clone().expect("temp path present");
