@@ -39,6 +39,18 @@ fn blob_file(cache: &Path, digest: &str) -> std::path::PathBuf {
     cache.join("blobs/sha256").join(&hex[..2]).join(hex)
 }
 
+/// Waits (bounded) until a blob's commit landed: the last bytes reach clients before the fsync
+/// and rename that store them.
+async fn wait_stored(path: &Path) {
+    for _ in 0..500 {
+        if path.is_file() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{} was never stored", path.display());
+}
+
 async fn get_blob(berth: &Berth, repo: &str, digest: &str) -> reqwest::Response {
     Client::new()
         .get(format!("{}/v2/{repo}/blobs/{digest}", berth.url()))
@@ -133,7 +145,7 @@ async fn eviction_spares_a_read_in_progress() {
         .bytes()
         .await
         .unwrap();
-    assert!(blob_file(&cache, &a).is_file());
+    wait_stored(&blob_file(&cache, &a)).await;
     let mut reading = get_blob(&berth, "evict/app", &a).await;
     assert_eq!(reading.headers()["x-berth-cache"], "hit");
     let mut got = reading.chunk().await.unwrap().unwrap().to_vec();
@@ -324,7 +336,7 @@ async fn a_full_disk_still_serves_and_damages_nothing() {
             .unwrap()[..],
         &small_bytes[..]
     );
-    assert!(blob_file(&cache, &small).is_file());
+    wait_stored(&blob_file(&cache, &small)).await;
     for (d, bytes) in &img.layers[1..] {
         // Twice each: the first runs into the full disk mid-fill, the second starts without
         // space at all. Both are served in full from the origin.

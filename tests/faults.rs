@@ -136,7 +136,16 @@ fn assert_not_stored(cache_dir: &Path, digest: &str) {
         !blobs.iter().any(|p| p.ends_with(hex)),
         "{digest} was stored: {blobs:?}"
     );
-    let temps = files_under(&cache_dir.join("tmp"));
+    // A fill that succeeded just before may still be renaming its temp file into place (clients
+    // get the verified last bytes before the fsync): give it a moment.
+    let mut temps = files_under(&cache_dir.join("tmp"));
+    for _ in 0..500 {
+        if temps.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        temps = files_under(&cache_dir.join("tmp"));
+    }
     assert!(temps.is_empty(), "temp files left behind: {temps:?}");
 }
 

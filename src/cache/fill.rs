@@ -111,6 +111,9 @@ pub struct Fill {
     /// The fill's own upstream body when it decided not to store before reading any of it: the
     /// first reader takes it instead of opening another request.
     handoff: Mutex<Option<Fetched>>,
+    /// Requests served from this fill after it was verified but before it was committed: hits
+    /// that count for recency once the blob is indexed.
+    late_hits: AtomicU64,
 }
 
 /// Counters the metrics layer reads.
@@ -167,7 +170,18 @@ impl Fill {
             file: OnceLock::new(),
             fetcher,
             handoff: Mutex::new(None),
+            late_hits: AtomicU64::new(0),
         })
+    }
+
+    /// Whether the blob is complete and verified (it may still be being committed). A request
+    /// that joins such a fill is a hit; it is counted for recency.
+    pub fn verified(&self) -> bool {
+        let done = matches!(&*self.state.borrow(), FillState::Done { .. });
+        if done {
+            self.late_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        done
     }
 
     /// Waits for the origin's answer: the blob's length (if known) once bytes flow, or the
@@ -821,13 +835,14 @@ impl Fills {
         match committed {
             Ok(()) => {
                 guard.0 = None;
-                let evicted = reservation.commit(
-                    Key {
-                        kind: Kind::Blob,
-                        digest: fill.digest.clone(),
-                    },
-                    written,
-                );
+                let key = Key {
+                    kind: Kind::Blob,
+                    digest: fill.digest.clone(),
+                };
+                let evicted = reservation.commit(key.clone(), written);
+                if fill.late_hits.load(Ordering::Relaxed) > 0 {
+                    self.index.touch(&key);
+                }
                 self.delete(evicted).await;
             }
             // The bytes are verified and readable through the open file: serve them all, keep

@@ -83,8 +83,10 @@ impl App {
                 Ok((sourced(resp, Source::Disk), CacheResult::Hit))
             }
             BlobSource::Filling { fill, leader } => {
-                self.count_lookup("blob", "disk", false);
-                if !leader {
+                // A fill that is verified and only being committed is as good as cached.
+                let verified = !leader && fill.verified();
+                self.count_lookup("blob", "disk", verified);
+                if !leader && !verified {
                     self.metrics.fill_waiters.inc();
                 }
                 let stats = self.cache().fills().stats().clone();
@@ -116,7 +118,11 @@ impl App {
                         }
                     },
                 };
-                Ok((sourced(resp, Source::Upstream), CacheResult::Miss))
+                Ok(if verified {
+                    (sourced(resp, Source::Disk), CacheResult::Hit)
+                } else {
+                    (sourced(resp, Source::Upstream), CacheResult::Miss)
+                })
             }
         }
     }
