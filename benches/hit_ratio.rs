@@ -97,7 +97,7 @@ impl Policy for Moka {
         // Weigh in KiB: moka's weights are u32.
         let _ = size;
         self.cache.insert(id, ());
-        if self.n % 64 == 0 {
+        if self.n.is_multiple_of(64) {
             self.cache.run_pending_tasks();
         }
         false

@@ -50,12 +50,47 @@ pub enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value = "text", env = "BERTH_LOG_FORMAT")]
         log_format: LogFormat,
+        /// Never contact any origin: serve only what is cached (air-gapped sites).
+        #[arg(long)]
+        offline: bool,
     },
     /// Validate the config and exit (0 when valid, 64 with every problem listed when not).
     CheckConfig {
         /// Config options.
         #[command(flatten)]
         config: ConfigArgs,
+    },
+    /// Fill the cache ahead of time from a list of images (tags or digests).
+    Warm {
+        /// Config options.
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Images, e.g. `docker.io/library/nginx:1.27` or `ghcr.io/org/app@sha256:...`; a
+        /// reference without a registry host goes to the default upstream.
+        images: Vec<String>,
+        /// File with one image per line (`#` comments allowed).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Platforms to keep from multi-platform images, e.g. `linux/amd64,linux/arm64`
+        /// (default: all).
+        #[arg(long, value_delimiter = ',')]
+        platform: Vec<String>,
+        /// Also fetch referrers (signatures, SBOMs) of every manifest.
+        #[arg(long)]
+        with_referrers: bool,
+        /// Blob downloads at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Pin the images: never evicted by the disk budget (refused if they would not fit).
+        #[arg(long)]
+        pin: bool,
+        /// Pull through a running berth at this URL instead of opening the cache directory
+        /// (which a running berth holds).
+        #[arg(long, value_name = "URL")]
+        via: Option<String>,
+        /// `user:password` for upstreams that need client credentials.
+        #[arg(long, env = "BERTH_WARM_CREDENTIALS", hide_env_values = true)]
+        creds: Option<String>,
     },
 }
 
@@ -99,18 +134,128 @@ pub fn main() -> i32 {
             }
             Err(code) => code,
         },
-        Command::Serve { config, log_format } => {
+        Command::Serve {
+            config,
+            log_format,
+            offline,
+        } => {
+            let mut cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if offline {
+                if let Err(e) = cfg.set_offline() {
+                    eprintln!("berth: --offline: {e}");
+                    return EXIT_CONFIG;
+                }
+            }
+            init_logging(log_format);
+            runtime().block_on(serve(cfg))
+        }
+        Command::Warm {
+            config,
+            images,
+            file,
+            platform,
+            with_referrers,
+            concurrency,
+            pin,
+            via,
+            creds,
+        } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            init_logging(log_format);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            rt.block_on(serve(cfg))
+            let mut images = images;
+            if let Some(f) = file {
+                match std::fs::read_to_string(&f) {
+                    Ok(text) => images.extend(
+                        text.lines()
+                            .map(|l| l.split('#').next().unwrap_or("").trim().to_owned())
+                            .filter(|l| !l.is_empty()),
+                    ),
+                    Err(e) => {
+                        eprintln!("berth: {}: {e}", f.display());
+                        return EXIT_CONFIG;
+                    }
+                }
+            }
+            if images.is_empty() {
+                eprintln!("berth: warm: no images given (arguments or --file)");
+                return EXIT_CONFIG;
+            }
+            if pin && via.is_some() {
+                eprintln!("berth: warm: --pin needs the cache directory itself (run without --via, with berth stopped)");
+                return EXIT_CONFIG;
+            }
+            init_logging_quiet();
+            let opts = crate::warm::WarmOptions {
+                images,
+                platforms: platform,
+                with_referrers,
+                concurrency,
+                pin,
+                via,
+                credentials: creds,
+            };
+            runtime().block_on(warm(cfg, opts))
         }
+    }
+}
+
+/// Warnings only: warm's own output is its progress and summary.
+fn init_logging_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn warm(mut cfg: Config, opts: crate::warm::WarmOptions) -> i32 {
+    let (base, running) = match &opts.via {
+        Some(url) => (url.clone(), None),
+        None => {
+            cfg.server.listen = "127.0.0.1:0".parse().expect("valid address");
+            cfg.server.tls = None;
+            cfg.admin.listen = None;
+            match crate::server::start(cfg, prometheus::Registry::new()).await {
+                Ok(r) => (format!("http://{}", r.addr), Some(r)),
+                Err(e) => {
+                    eprintln!("berth: warm: {e}");
+                    return 1;
+                }
+            }
+        }
+    };
+    let app = running.as_ref().map(|r| r.app.clone());
+    let results = crate::warm::warm(base, app, &opts).await;
+    if let Some(r) = running {
+        r.shutdown().await;
+    }
+    let failed: Vec<_> = results.iter().filter(|r| r.error.is_some()).collect();
+    let fetched: u64 = results.iter().map(|r| r.fetched).sum();
+    let skipped: u64 = results.iter().map(|r| r.skipped).sum();
+    println!(
+        "warmed {} of {} image(s): {} bytes fetched, {} bytes already cached",
+        results.len() - failed.len(),
+        results.len(),
+        fetched,
+        skipped
+    );
+    for f in &failed {
+        println!(
+            "FAILED {}: {}",
+            f.reference,
+            f.error.as_deref().unwrap_or("")
+        );
+    }
+    if failed.is_empty() {
+        0
+    } else {
+        1
     }
 }
 
@@ -140,4 +285,11 @@ async fn wait_for_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }

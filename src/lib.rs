@@ -20,6 +20,7 @@ pub mod router;
 pub mod secret;
 pub mod server;
 pub mod upstream;
+pub mod warm;
 
 pub use config::Config;
 pub use server::{start, Running};

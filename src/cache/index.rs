@@ -52,6 +52,8 @@ pub struct Key {
 enum Segment {
     Probation,
     Protected,
+    /// Never evicted (warmed with `--pin`); counted in the budget.
+    Pinned,
 }
 
 #[derive(Debug)]
@@ -69,6 +71,7 @@ struct Inner {
     tick: u64,
     used: u64,
     protected_bytes: u64,
+    pinned_bytes: u64,
     reserved: u64,
     evictions: u64,
     dirty: bool,
@@ -85,9 +88,27 @@ pub enum ReserveError {
         /// The budget.
         budget: u64,
     },
-    /// In-flight reservations hold the space (nothing left to evict).
-    #[error("disk budget is taken by fills in progress")]
+    /// In-flight reservations and pinned objects hold the space (nothing left to evict).
+    #[error("disk budget is taken by pinned objects and fills in progress")]
     Busy,
+}
+
+/// Why objects could not be pinned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PinError {
+    /// An object to pin is not on disk.
+    #[error("{0} is not in the cache")]
+    NotCached(String),
+    /// Pinning would leave less than nothing of the budget for everything else.
+    #[error("pinning {wanted} more bytes would exceed the disk budget ({pinned} of {budget} bytes already pinned); raise cache.disk_bytes")]
+    WouldNotFit {
+        /// Bytes the new pins add.
+        wanted: u64,
+        /// Bytes already pinned.
+        pinned: u64,
+        /// The budget.
+        budget: u64,
+    },
 }
 
 /// The index and its budget.
@@ -113,6 +134,8 @@ pub struct Usage {
     pub objects: u64,
     /// Evictions since start.
     pub evictions: u64,
+    /// Bytes of pinned objects.
+    pub pinned: u64,
 }
 
 // === impl DiskIndex ===
@@ -143,6 +166,7 @@ impl DiskIndex {
             reserved: i.reserved,
             objects: i.entries.len() as u64,
             evictions: i.evictions,
+            pinned: i.pinned_bytes,
         }
     }
 
@@ -156,6 +180,13 @@ impl DiskIndex {
         let mut i = self.lock();
         let budget = self.budget;
         i.touch(key, budget)
+    }
+
+    /// Adds a pinned object found on disk at startup.
+    pub fn load_pinned(&self, key: Key, size: u64) {
+        let mut i = self.lock();
+        i.insert(key, size, Segment::Pinned);
+        i.dirty = false;
     }
 
     /// Adds an object found on disk at startup, as most recent of `protected` or probation.
@@ -186,6 +217,39 @@ impl DiskIndex {
             },
             evicted,
         ))
+    }
+
+    /// Pins objects so that eviction never takes them: all or none. Refused when they are not
+    /// all on disk, or when pinned bytes would exceed the budget.
+    pub fn pin(&self, keys: &[Key]) -> Result<(), PinError> {
+        let mut i = self.lock();
+        let mut wanted = 0;
+        for k in keys {
+            match i.entries.get(k) {
+                None => return Err(PinError::NotCached(k.digest.to_string())),
+                Some(e) if e.segment != Segment::Pinned => wanted += e.size,
+                Some(_) => {}
+            }
+        }
+        if i.pinned_bytes + wanted > self.budget {
+            return Err(PinError::WouldNotFit {
+                wanted,
+                pinned: i.pinned_bytes,
+                budget: self.budget,
+            });
+        }
+        for k in keys {
+            i.pin(k);
+        }
+        Ok(())
+    }
+
+    /// Whether an object is pinned.
+    pub fn is_pinned(&self, key: &Key) -> bool {
+        self.lock()
+            .entries
+            .get(key)
+            .is_some_and(|e| e.segment == Segment::Pinned)
     }
 
     /// Drops an object from the index (its file is gone or being deleted).
@@ -274,12 +338,15 @@ impl Inner {
         }
         let tick = self.next_tick();
         match segment {
-            Segment::Probation => self.probation.insert(tick, key.clone()),
+            Segment::Probation => {
+                self.probation.insert(tick, key.clone());
+            }
             Segment::Protected => {
                 self.protected_bytes += size;
-                self.protected.insert(tick, key.clone())
+                self.protected.insert(tick, key.clone());
             }
-        };
+            Segment::Pinned => self.pinned_bytes += size,
+        }
         self.used += size;
         self.entries.insert(
             key,
@@ -301,6 +368,7 @@ impl Inner {
                 self.protected.remove(&e.tick);
                 self.protected_bytes -= e.size;
             }
+            Segment::Pinned => self.pinned_bytes -= e.size,
         }
         self.used -= e.size;
         self.dirty = true;
@@ -312,6 +380,9 @@ impl Inner {
         let Some(e) = self.entries.get_mut(key) else {
             return false;
         };
+        if e.segment == Segment::Pinned {
+            return true;
+        }
         let (old_tick, old_segment, size) = (e.tick, e.segment, e.size);
         e.tick = tick;
         e.segment = Segment::Protected;
@@ -323,6 +394,7 @@ impl Inner {
             Segment::Protected => {
                 self.protected.remove(&old_tick);
             }
+            Segment::Pinned => unreachable!("returned above"),
         }
         self.protected.insert(tick, key.clone());
         // Keep protected within its share: demote its least recent to probation's recent end.
@@ -340,15 +412,35 @@ impl Inner {
         true
     }
 
-    /// Evicts until `bytes` more fit beside what is used and reserved.
+    fn pin(&mut self, key: &Key) {
+        let Some(e) = self.entries.get_mut(key) else {
+            return;
+        };
+        match e.segment {
+            Segment::Pinned => return,
+            Segment::Probation => {
+                self.probation.remove(&e.tick);
+            }
+            Segment::Protected => {
+                self.protected.remove(&e.tick);
+                self.protected_bytes -= e.size;
+            }
+        }
+        e.segment = Segment::Pinned;
+        self.pinned_bytes += e.size;
+        self.dirty = true;
+    }
+
+    /// Evicts until `bytes` more fit beside what is used and reserved. Evicts nothing when
+    /// they cannot fit even after evicting everything evictable.
     fn make_room(&mut self, bytes: u64, budget: u64) -> Result<Vec<Key>, ReserveError> {
-        if bytes > budget {
+        if bytes > budget.saturating_sub(self.pinned_bytes) {
             return Err(ReserveError::TooLarge {
                 size: bytes,
-                budget,
+                budget: budget.saturating_sub(self.pinned_bytes),
             });
         }
-        if self.reserved + bytes > budget {
+        if self.pinned_bytes + self.reserved + bytes > budget {
             return Err(ReserveError::Busy);
         }
         let mut evicted = Vec::new();
@@ -442,6 +534,40 @@ mod tests {
         let i = idx.lock();
         assert!(i.protected_bytes <= 80, "{}", i.protected_bytes);
         assert_eq!(i.used, 100);
+    }
+
+    #[test]
+    fn pinned_objects_are_never_evicted_and_count_in_the_budget() {
+        let idx = DiskIndex::new(100);
+        fill(&idx, 1, 40);
+        fill(&idx, 2, 40);
+        idx.pin(&[key(1)]).unwrap();
+        // Only 60 bytes are evictable space now; 2 goes, 1 stays.
+        assert_eq!(fill(&idx, 3, 60), vec![key(2)]);
+        assert!(idx.is_pinned(&key(1)));
+        assert!(matches!(
+            idx.reserve(61),
+            Err(ReserveError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            idx.pin(&[key(3), key(9)]),
+            Err(PinError::NotCached(_))
+        ));
+        assert!(matches!(
+            DiskIndex::new(50).pin(&[key(1)]),
+            Err(PinError::NotCached(_))
+        ));
+        idx.pin(&[key(3)]).unwrap();
+        assert_eq!(idx.usage().pinned, 100);
+        assert!(
+            idx.reserve(1).is_err(),
+            "a fully pinned budget admits nothing"
+        );
+        let big = DiskIndex::new(100);
+        fill(&big, 1, 60);
+        fill(&big, 2, 40);
+        big.pin(&[key(1)]).unwrap();
+        assert!(matches!(big.pin(&[key(2)]), Ok(())));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod fill;
 pub mod index;
 pub mod memory;
+pub mod pins;
 pub mod store;
 pub mod tags;
 
@@ -16,7 +17,8 @@ use std::time::Instant;
 use bytes::Bytes;
 
 pub use fill::{BlobFetcher, BlobSource, BlobStream, Fetched, Fill, FillError, FillStats, Fills};
-pub use index::{DiskIndex, Key, Kind, Usage};
+pub use index::{DiskIndex, Key, Kind, PinError, Usage};
+pub use pins::PinnedImage;
 pub use store::{DiskStore, StoredManifest};
 pub use tags::{accept_key, TagEntry, TagKey, TagStore};
 
@@ -44,6 +46,9 @@ impl Tier {
 
 /// Both tiers, the tag mappings and the fills.
 pub struct Cache {
+    /// Held for the cache's lifetime: one process per cache directory.
+    _lock: std::fs::File,
+    pins: std::sync::Mutex<Vec<PinnedImage>>,
     store: Arc<DiskStore>,
     index: Arc<DiskIndex>,
     memory: memory::MemoryTier,
@@ -58,7 +63,10 @@ impl Cache {
     /// holds more than the budget (it shrank), the least recent objects are evicted now.
     pub fn open(cfg: &CacheConfig) -> io::Result<Cache> {
         let started = Instant::now();
+        std::fs::create_dir_all(&cfg.dir)?;
+        let lock = lock_dir(&cfg.dir)?;
         let store = Arc::new(DiskStore::open(&cfg.dir)?);
+        let pinned = pins::read(&cfg.dir)?;
         let index = DiskIndex::new(cfg.disk_bytes);
         let mut found: HashMap<Key, (u64, std::time::SystemTime)> = store
             .scan()?
@@ -66,6 +74,13 @@ impl Cache {
             .map(|(k, size, mtime)| (k, (size, mtime)))
             .collect();
         let mut unknown: Vec<(Key, u64, std::time::SystemTime)> = Vec::new();
+        for p in &pinned {
+            for k in p.keys() {
+                if let Some((size, _)) = found.remove(&k) {
+                    index.load_pinned(k, size);
+                }
+            }
+        }
         let recency = store.read_recency();
         let mut ordered = Vec::with_capacity(recency.len());
         for (k, protected) in recency {
@@ -100,6 +115,8 @@ impl Cache {
             "cache index rebuilt"
         );
         Ok(Cache {
+            _lock: lock,
+            pins: std::sync::Mutex::new(pinned),
             memory: memory::MemoryTier::new(cfg.memory_bytes, cfg.memory_max_object_bytes),
             tags: TagStore::new(store.clone()),
             fills: Fills::new(store.clone(), index.clone()),
@@ -131,6 +148,29 @@ impl Cache {
     /// The memory tier.
     pub fn memory(&self) -> &memory::MemoryTier {
         &self.memory
+    }
+
+    /// Pins an image: all its objects must be on disk and fit the budget beside what is pinned
+    /// already. The record is saved so that pins survive restarts (and `berth export` can list
+    /// pinned images).
+    pub fn pin_image(&self, image: PinnedImage) -> Result<(), PinError> {
+        self.index.pin(&image.keys())?;
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        pins.retain(|p| p.reference != image.reference);
+        pins.push(image);
+        let text = serde_json::to_vec_pretty(&*pins).expect("plain records serialize");
+        if let Err(e) = self
+            .store
+            .write_small(&self.store.root().join(pins::PINS_FILE), &text)
+        {
+            tracing::warn!(error = %e, "could not save pins");
+        }
+        Ok(())
+    }
+
+    /// The pinned images.
+    pub fn pinned_images(&self) -> Vec<PinnedImage> {
+        self.pins.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Saves the disk index's recency order if it changed (so a restart keeps the hot set).
@@ -235,4 +275,30 @@ impl Cache {
         self.memory.put_blob(d.clone(), bytes.clone());
         Some((bytes, Tier::Disk))
     }
+}
+
+/// Takes the cache directory's lock: one berth process (serve, warm, export, import) per cache
+/// directory. Waits briefly for a process that is shutting down.
+fn lock_dir(dir: &std::path::Path) -> io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    for _ in 0..50 {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::WouldBlock,
+        format!(
+            "{} is in use by another berth process (warm a running berth with --via URL)",
+            dir.display()
+        ),
+    ))
 }

@@ -115,6 +115,42 @@ impl TagStore {
         Some(e)
     }
 
+    /// Any known mapping of `tag` whose manifest a client with `accept` can take, whatever Accept
+    /// it was recorded under: for a mirror that cannot ask the origin (offline, or the origin is
+    /// down), a tag warmed with one Accept must still serve clients sending another.
+    pub fn any_acceptable(&self, k: &TagKey, accept: &[String]) -> Option<TagEntry> {
+        let dir = self.path(k).parent()?.to_owned();
+        let mut found: Vec<(std::time::SystemTime, TagEntry)> = Vec::new();
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let Ok(raw) = std::fs::read(e.path()) else {
+                continue;
+            };
+            let Ok(d) = serde_json::from_slice::<OnDisk>(&raw) else {
+                continue;
+            };
+            let Ok(digest) = d.digest.parse() else {
+                continue;
+            };
+            if !crate::oci::media::accepts(accept, &d.media_type) {
+                continue;
+            }
+            let mtime = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            found.push((
+                mtime,
+                TagEntry {
+                    digest,
+                    media_type: d.media_type,
+                    confirmed: None,
+                },
+            ));
+        }
+        // The most recently recorded mapping wins.
+        found.into_iter().max_by_key(|(m, _)| *m).map(|(_, e)| e)
+    }
+
     /// Records a mapping the origin just confirmed.
     pub fn put(&self, k: &TagKey, digest: Digest, media_type: String) {
         let changed = self

@@ -177,6 +177,25 @@ pub struct Credentials {
 const DOCKER_HUB_HOSTS: &[&str] = &["docker.io", "index.docker.io", "registry-1.docker.io"];
 
 impl Config {
+    /// Marks every upstream offline (`berth serve --offline`). Refused for `passthrough`
+    /// upstreams: with no origin to ask, nothing could be authorized.
+    pub fn set_offline(&mut self) -> Result<(), String> {
+        if let Some(u) = self
+            .upstreams
+            .iter()
+            .find(|u| u.auth == AuthMode::Passthrough)
+        {
+            return Err(format!(
+                "upstream {:?} uses auth = \"passthrough\", which needs the origin; use \"service\" or \"public\" for an offline mirror",
+                u.name
+            ));
+        }
+        for u in &mut self.upstreams {
+            u.offline = true;
+        }
+        Ok(())
+    }
+
     /// Reads `path`, applies `--set` overrides and `BERTH_*` environment variables, validates.
     pub fn load(path: &Path, sets: &[String]) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path)
@@ -350,6 +369,12 @@ impl Config {
             }
         }
         for u in &upstreams {
+            if u.offline && u.auth == AuthMode::Passthrough {
+                e.push(format!(
+                    "upstream {:?}: offline = true cannot go with auth = \"passthrough\" (no origin to ask); use \"service\" or \"public\"",
+                    u.name
+                ));
+            }
             if u.auth == AuthMode::Service
                 && !u.anonymous
                 && auth.htpasswd_file.is_none()

@@ -68,7 +68,11 @@ impl App {
             tag: tag.clone(),
             accept: accept_key(&accept),
         };
-        let known = self.cache().tags().get(&key);
+        let offline = sel.upstream.config().offline;
+        let mut known = self.cache().tags().get(&key);
+        if known.is_none() && offline {
+            known = self.cache().tags().any_acceptable(&key, &accept);
+        }
         let cached = match &known {
             Some(e) => self.cache().manifest(&e.digest).map_err(io_err)?,
             None => None,
@@ -80,7 +84,8 @@ impl App {
         );
         if let (Some(e), Some((m, tier))) = (&known, &cached) {
             let tier = *tier;
-            if e.is_fresh(self.tag_ttl()) {
+            // An offline mirror has nothing to revalidate against: what it holds is current.
+            if offline || e.is_fresh(self.tag_ttl()) {
                 return Ok((
                     sourced(self.respond(sel, &e.digest, m, head), tier.into()),
                     CacheResult::Hit,
@@ -118,10 +123,19 @@ impl App {
                     CacheResult::Miss,
                 ))
             }
-            Err(err) if err.is_origin_failure() => match (&known, &cached) {
-                (Some(e), Some((m, tier))) => Ok(self.stale(sel, &e.digest, m, *tier, head, &err)),
-                _ => Err(not_found_as(err, "manifest")),
-            },
+            Err(err) if err.is_origin_failure() => {
+                if let (Some(e), Some((m, tier))) = (&known, &cached) {
+                    return Ok(self.stale(sel, &e.digest, m, *tier, head, &err));
+                }
+                // The origin is down and this exact Accept was never seen: any mapping of the
+                // tag the client can take still beats an error.
+                if let Some(e) = self.cache().tags().any_acceptable(&key, &accept) {
+                    if let Some((m, tier)) = self.cache().manifest(&e.digest).map_err(io_err)? {
+                        return Ok(self.stale(sel, &e.digest, &m, tier, head, &err));
+                    }
+                }
+                Err(not_found_as(err, "manifest"))
+            }
             Err(err) => {
                 if err.is_not_found() {
                     self.cache().tags().remove(&key);

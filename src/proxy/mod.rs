@@ -142,6 +142,25 @@ impl App {
         &self.cache
     }
 
+    /// The upstream name and repository there that an image reference's host and repository
+    /// map to (as a request with `?ns=<host>` would be routed).
+    pub fn resolve(
+        &self,
+        host: Option<&str>,
+        name: crate::oci::RepoName,
+    ) -> Result<(String, String), Error> {
+        let sel = self
+            .upstreams
+            .select(host, name)
+            .map_err(|e| Error::NameUnknown(e.to_string()))?;
+        Ok((sel.upstream.name().to_owned(), sel.name.to_string()))
+    }
+
+    /// The upstreams.
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
