@@ -347,6 +347,27 @@ impl Authorizer {
                     })
                 })
             }
+            // The origin's token service refused the client's credentials: a "no", never graced.
+            Err(UpstreamError::Status { status, .. })
+                if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN =>
+            {
+                self.decisions.deny(key, self.config.deny_ttl);
+                self.count("deny", "origin");
+                if status == StatusCode::FORBIDDEN {
+                    Err(Error::Denied(
+                        "the origin denies access to this repository".into(),
+                    ))
+                } else {
+                    Err(required(
+                        "the origin's token service refused these credentials",
+                    ))
+                }
+            }
+            // No anonymous token to be had: the client must log in.
+            Err(UpstreamError::Token { .. }) if principal.is_anonymous() => {
+                self.count("deny", "origin");
+                Err(required("authentication required"))
+            }
             Err(e) => {
                 self.count("error", "origin");
                 self.grace_or(&key, needs_member.is_none_or(member), || {

@@ -243,6 +243,35 @@ impl Authorizer {
         Ok(token_json(token.expose(), ttl))
     }
 
+    /// Sends one request to an origin's token service: its status and (bounded) body.
+    async fn exchange(
+        &self,
+        upstream: &Upstream,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, Bytes), Error> {
+        let timeout = upstream.config().first_byte_timeout;
+        let failed = |reason: String| {
+            Error::Upstream(crate::upstream::UpstreamError::Token {
+                upstream: upstream.name().to_owned(),
+                reason,
+            })
+        };
+        let resp = tokio::time::timeout(timeout, upstream.http().request(request))
+            .await
+            .map_err(|_| failed("timed out".into()))?
+            .map_err(|e| failed(crate::upstream::error_chain(&e)))?;
+        let status = resp.status();
+        let raw = tokio::time::timeout(
+            timeout,
+            Limited::new(resp.into_body(), MAX_TOKEN_BODY).collect(),
+        )
+        .await
+        .map_err(|_| failed("timed out".into()))?
+        .map_err(|e| failed(format!("reading the answer: {e}")))?
+        .to_bytes();
+        Ok((status, raw))
+    }
+
     async fn forward(
         &self,
         upstream: &Upstream,
@@ -309,42 +338,73 @@ impl Authorizer {
             .header(header::USER_AGENT, crate::upstream::USER_AGENT)
             .body(Full::new(body))
             .map_err(|_| Error::Internal("the origin's token realm is not a valid URL".into()))?;
-        let timeout = upstream.config().first_byte_timeout;
-        let name = upstream.name().to_owned();
+        let (status, raw) = self.exchange(upstream, request).await?;
+        // A token service that does not take this method: Docker clients GET with Basic,
+        // containerd POSTs OAuth2 forms. Translate a password GET into the POST form.
+        let (status, raw) = match (&req.method, &req.principal.credential, status) {
+            (
+                &Method::GET,
+                Credential::Basic { user, password },
+                StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED,
+            ) => {
+                let mut form: Vec<(String, String)> = vec![
+                    ("grant_type".into(), "password".into()),
+                    ("username".into(), user.clone()),
+                    ("password".into(), password.expose().to_owned()),
+                    ("client_id".into(), "berth".into()),
+                ];
+                if let Some(s) = &service {
+                    form.push(("service".into(), s.clone()));
+                }
+                if !scopes.is_empty() {
+                    form.push(("scope".into(), scopes.join(" ")));
+                }
+                let request = Request::builder()
+                    .method(Method::POST)
+                    .uri(&realm)
+                    .header(header::USER_AGENT, crate::upstream::USER_AGENT)
+                    .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .body(Full::new(Bytes::from(encode_pairs(&form))))
+                    .map_err(|_| {
+                        Error::Internal("the origin's token realm is not a valid URL".into())
+                    })?;
+                self.exchange(upstream, request).await?
+            }
+            (_, _, s) => (s, raw),
+        };
+        if !status.is_success() {
+            self.count("deny", "origin");
+            // Statuses a client acts on pass through (containerd falls back from POST to GET on
+            // 400/401/404/405); anything else is the origin failing.
+            let passed = matches!(
+                status,
+                StatusCode::BAD_REQUEST
+                    | StatusCode::UNAUTHORIZED
+                    | StatusCode::FORBIDDEN
+                    | StatusCode::NOT_FOUND
+                    | StatusCode::METHOD_NOT_ALLOWED
+            );
+            let code = if passed {
+                "UNAUTHORIZED"
+            } else {
+                "UNAVAILABLE"
+            };
+            let message = format!("the origin's token service answered {}", status.as_u16());
+            return Ok(json(
+                if passed {
+                    status
+                } else {
+                    StatusCode::BAD_GATEWAY
+                },
+                serde_json::json!({"errors": [{"code": code, "message": message, "detail": null}]}),
+            ));
+        }
         let unreachable = |reason: String| {
             Error::Upstream(crate::upstream::UpstreamError::Token {
-                upstream: name.clone(),
+                upstream: upstream.name().to_owned(),
                 reason,
             })
         };
-        let resp = tokio::time::timeout(timeout, upstream.http().request(request))
-            .await
-            .map_err(|_| unreachable("timed out".into()))?
-            .map_err(|e| unreachable(crate::upstream::error_chain(&e)))?;
-        let status = resp.status();
-        let raw = tokio::time::timeout(
-            timeout,
-            Limited::new(resp.into_body(), MAX_TOKEN_BODY).collect(),
-        )
-        .await
-        .map_err(|_| unreachable("timed out".into()))?
-        .map_err(|e| unreachable(format!("reading the answer: {e}")))?
-        .to_bytes();
-        if !status.is_success() {
-            self.count("deny", "origin");
-            let status = if matches!(
-                status,
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::BAD_REQUEST
-            ) {
-                status
-            } else {
-                StatusCode::BAD_GATEWAY
-            };
-            return Ok(json(
-                status,
-                serde_json::json!({"errors": [{"code": if status == StatusCode::BAD_GATEWAY { "UNAVAILABLE" } else { "UNAUTHORIZED" }, "message": format!("the origin's token service answered {}", status.as_u16()), "detail": null}]}),
-            ));
-        }
         let mut v: serde_json::Value = serde_json::from_slice(&raw)
             .map_err(|_| unreachable("the origin's token answer is not JSON".into()))?;
         let token = v

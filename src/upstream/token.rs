@@ -204,16 +204,16 @@ pub async fn fetch(
         }
         _ => (status, body),
     };
-    if !status.is_success() {
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        // The credentials were refused: an answer about the client, not a failure.
         return Err(UpstreamError::Status {
             upstream: upstream.to_owned(),
-            status: if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                status
-            } else {
-                StatusCode::BAD_GATEWAY
-            },
+            status,
             retry_after: None,
         });
+    }
+    if !status.is_success() {
+        return Err(err(format!("answered {}", status.as_u16())));
     }
     let parsed: TokenResponse = serde_json::from_slice(&body)
         .map_err(|e| err(format!("unreadable token response: {e}")))?;

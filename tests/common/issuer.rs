@@ -13,8 +13,15 @@
 //! - Bad credentials or an unknown refresh token → 401. Requested actions the policy does not
 //!   allow are left out of the token's `access` claim, so the registry itself answers 401.
 //!
-//! Tokens are ES256 JWTs signed with a fresh P-256 key whose self-signed certificate travels in
-//! the `x5c` header and is the registry's `rootcertbundle` ([`TokenIssuer::start_registry`]).
+//! - Azure Container Registry's flavour: the endpoint can live at another path
+//!   ([`IssuerBuilder::realm_path`], e.g. `/oauth2/token`), and the all-zero GUID user name
+//!   [`REFRESH_TOKEN_USER`] with a refresh token as password (HTTP Basic or a password grant)
+//!   authenticates as that refresh token's owner.
+//!
+//! Tokens are ES256 JWTs signed with a fresh P-256 key, or RS256 JWTs signed with a fresh
+//! 2048-bit RSA key ([`IssuerBuilder::rs256`]; generated with the `openssl` CLI), whose
+//! self-signed certificate travels in the `x5c` header and is the registry's `rootcertbundle`
+//! ([`TokenIssuer::start_registry`]).
 //! Pushing into the token-protected registry goes through a [`PushGate`], which adds an admin
 //! token to each request, so every push helper of [`super::content`] works unchanged.
 
@@ -38,7 +45,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use reqwest::Url;
 use ring::rand::{SecureRandom, SystemRandom};
-use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use ring::signature::{
+    EcdsaKeyPair, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, RSA_PKCS1_SHA256,
+};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -60,10 +69,21 @@ pub const ADMIN_PASSWORD: &str = "admin-password";
 /// the registry `lifetime` after it was issued, which is what `expires_in` announces; without
 /// this a 2-second token would stay valid for 62 seconds.
 pub const REGISTRY_LEEWAY: Duration = Duration::from_secs(60);
+/// The user name Azure Container Registry clients send with a refresh token as password.
+pub const REFRESH_TOKEN_USER: &str = "00000000-0000-0000-0000-000000000000";
 /// Token lifetime unless the test sets one.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 /// Largest POST form accepted.
 const MAX_FORM_BYTES: usize = 64 * 1024;
+
+/// The JWS algorithm tokens are signed with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// ECDSA P-256 with SHA-256 (the default).
+    Es256,
+    /// RSASSA-PKCS1-v1_5 with SHA-256 over a 2048-bit key.
+    Rs256,
+}
 
 /// Who a token request authenticated as.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -171,11 +191,19 @@ struct Settings {
     advertised: Option<Duration>,
     get_status: Option<StatusCode>,
     post_enabled: bool,
+    algorithm: Algorithm,
+    realm_path: String,
+}
+
+/// The signing key.
+enum Signer {
+    Es256(EcdsaKeyPair),
+    Rs256(RsaKeyPair),
 }
 
 /// State shared by the handle and the server task.
 struct Inner {
-    key: EcdsaKeyPair,
+    key: Signer,
     x5c: String,
     rng: SystemRandom,
     settings: Mutex<Settings>,
@@ -288,23 +316,59 @@ impl IssuerBuilder {
         self
     }
 
+    /// Signs tokens with `algorithm` ([`Algorithm::Es256`] unless set).
+    pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
+        self.settings.algorithm = algorithm;
+        self
+    }
+
+    /// Signs tokens RS256, as distribution's reference token servers and Docker Hub do.
+    pub fn rs256(self) -> Self {
+        self.algorithm(Algorithm::Rs256)
+    }
+
+    /// Serves the token endpoint at `path` instead of `/token` (Azure Container Registry:
+    /// `/oauth2/token`); [`TokenIssuer::realm`] follows.
+    pub fn realm_path(mut self, path: &str) -> Self {
+        assert!(path.starts_with('/'), "realm path must start with '/'");
+        self.settings.realm_path = path.to_owned();
+        self
+    }
+
     /// Generates the signing key and certificate and starts serving on 127.0.0.1.
     pub async fn start(self) -> TokenIssuer {
-        let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .expect("generate P-256 key");
+        let rng = SystemRandom::new();
+        let (key_pair, key) = match self.settings.algorithm {
+            Algorithm::Es256 => {
+                let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                    .expect("generate P-256 key");
+                let key = EcdsaKeyPair::from_pkcs8(
+                    &ECDSA_P256_SHA256_FIXED_SIGNING,
+                    &key_pair.serialize_der(),
+                    &rng,
+                )
+                .expect("ring accepts rcgen's PKCS#8 key");
+                (key_pair, Signer::Es256(key))
+            }
+            Algorithm::Rs256 => {
+                // Neither ring nor rcgen generates RSA keys; the openssl CLI does.
+                let pem = tokio::task::spawn_blocking(generate_rsa_pkcs8_pem)
+                    .await
+                    .expect("RSA key generation task");
+                let key_pair =
+                    rcgen::KeyPair::from_pkcs8_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256)
+                        .expect("rcgen accepts openssl's PKCS#8 RSA key");
+                let key = RsaKeyPair::from_pkcs8(&key_pair.serialize_der())
+                    .expect("ring accepts openssl's PKCS#8 RSA key");
+                (key_pair, Signer::Rs256(key))
+            }
+        };
         let mut params =
             rcgen::CertificateParams::new(vec![ISSUER.to_owned()]).expect("certificate params");
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, ISSUER);
         let cert = params.self_signed(&key_pair).expect("self-sign token cert");
-        let rng = SystemRandom::new();
-        let key = EcdsaKeyPair::from_pkcs8(
-            &ECDSA_P256_SHA256_FIXED_SIGNING,
-            &key_pair.serialize_der(),
-            &rng,
-        )
-        .expect("ring accepts rcgen's PKCS#8 key");
         let dir = tempfile::Builder::new()
             .prefix("berth-issuer-")
             .tempdir()
@@ -352,6 +416,8 @@ impl TokenIssuer {
                 advertised: None,
                 get_status: None,
                 post_enabled: true,
+                algorithm: Algorithm::Es256,
+                realm_path: "/token".to_owned(),
             },
         }
     }
@@ -361,9 +427,30 @@ impl TokenIssuer {
         format!("http://{}", self.addr)
     }
 
-    /// The token endpoint, the registry's `auth.token.realm`.
+    /// The token endpoint, the registry's `auth.token.realm` (`/token` unless
+    /// [`IssuerBuilder::realm_path`] says otherwise).
     pub fn realm(&self) -> String {
-        format!("{}/token", self.url())
+        let path = self.inner.settings.lock().unwrap().realm_path.clone();
+        format!("{}{path}", self.url())
+    }
+
+    /// The JWS algorithm of this issuer's tokens.
+    pub fn algorithm(&self) -> Algorithm {
+        match self.inner.key {
+            Signer::Es256(_) => Algorithm::Es256,
+            Signer::Rs256(_) => Algorithm::Rs256,
+        }
+    }
+
+    /// Every refresh token issued so far (to assert none leaks).
+    pub fn refresh_tokens(&self) -> Vec<String> {
+        self.inner
+            .refresh_tokens
+            .lock()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// PEM file of the signing certificate, the registry's `auth.token.rootcertbundle`.
@@ -426,6 +513,16 @@ impl TokenIssuer {
         self.inner.settings.lock().unwrap().lifetime = lifetime;
     }
 
+    /// Changes `user`'s password from now on, or (`None`) removes the user: a revoked or
+    /// rotated credential. Tokens already issued stay valid until they expire.
+    pub fn set_password(&self, user: &str, password: Option<&str>) {
+        let mut settings = self.inner.settings.lock().unwrap();
+        match password {
+            Some(p) => settings.users.insert(user.to_owned(), p.to_owned()),
+            None => settings.users.remove(user),
+        };
+    }
+
     /// Changes how GETs are answered from now on (`None`: serve them).
     pub fn set_get_answers(&self, status: Option<StatusCode>) {
         self.inner.settings.lock().unwrap().get_status = status;
@@ -462,11 +559,11 @@ impl Drop for TokenIssuer {
 impl Inner {
     /// Answers one request to the issuer and records it.
     async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
-        if request.uri().path() != "/token" {
+        let settings = self.settings.lock().unwrap().clone();
+        if request.uri().path() != settings.realm_path {
             return json_response(StatusCode::NOT_FOUND, &json!({"details": "not found"}));
         }
         let method = request.method().clone();
-        let settings = self.settings.lock().unwrap().clone();
         let mut params = form_pairs(request.uri().query().unwrap_or(""));
         let basic = request
             .headers()
@@ -600,6 +697,9 @@ impl Inner {
     }
 
     /// Checks a user's password, then issues a token (401 on a bad user or password).
+    ///
+    /// [`REFRESH_TOKEN_USER`] with a known refresh token as password logs in as the refresh
+    /// token's owner (Azure Container Registry's `docker login` with a token).
     fn login(
         &self,
         settings: &Settings,
@@ -609,6 +709,19 @@ impl Inner {
         scopes: &[String],
         offline: bool,
     ) -> Answer {
+        if user == REFRESH_TOKEN_USER {
+            let owner = self.refresh_tokens.lock().unwrap().get(password).cloned();
+            return match owner {
+                Some(owner) => self.grant(settings, auth, Principal::User(owner), scopes, offline),
+                None => Answer {
+                    auth,
+                    principal: Principal::user(user),
+                    status: StatusCode::UNAUTHORIZED,
+                    body: json!({"details": "invalid refresh token"}),
+                    granted: Vec::new(),
+                },
+            };
+        }
         if settings.users.get(user).map(String::as_str) != Some(password) {
             return Answer {
                 auth,
@@ -664,14 +777,19 @@ impl Inner {
         self.mint_for(principal, access, lifetime)
     }
 
-    /// The compact JWS: ES256 over `base64url(header).base64url(claims)`, signature r‖s.
+    /// The compact JWS over `base64url(header).base64url(claims)`: ES256 (signature r‖s) or
+    /// RS256 (PKCS#1 v1.5).
     fn mint_for(&self, principal: &Principal, access: &[Access], lifetime: Duration) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .expect("clock after 1970")
             .as_secs() as i64;
         let exp = now + lifetime.as_secs() as i64 - REGISTRY_LEEWAY.as_secs() as i64;
-        let header = json!({"typ": "JWT", "alg": "ES256", "x5c": [self.x5c]});
+        let alg = match self.key {
+            Signer::Es256(_) => "ES256",
+            Signer::Rs256(_) => "RS256",
+        };
+        let header = json!({"typ": "JWT", "alg": alg, "x5c": [self.x5c]});
         let claims = json!({
             "iss": ISSUER,
             "sub": principal.subject(),
@@ -691,14 +809,25 @@ impl Inner {
             URL_SAFE_NO_PAD.encode(header.to_string()),
             URL_SAFE_NO_PAD.encode(claims.to_string())
         );
-        let signature = self
-            .key
-            .sign(&self.rng, signing_input.as_bytes())
-            .expect("ES256 signing");
-        format!(
-            "{signing_input}.{}",
-            URL_SAFE_NO_PAD.encode(signature.as_ref())
-        )
+        let signature = match &self.key {
+            Signer::Es256(key) => key
+                .sign(&self.rng, signing_input.as_bytes())
+                .expect("ES256 signing")
+                .as_ref()
+                .to_vec(),
+            Signer::Rs256(key) => {
+                let mut signature = vec![0u8; key.public().modulus_len()];
+                key.sign(
+                    &RSA_PKCS1_SHA256,
+                    &self.rng,
+                    signing_input.as_bytes(),
+                    &mut signature,
+                )
+                .expect("RS256 signing");
+                signature
+            }
+        };
+        format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
     }
 
     fn random_hex(&self) -> String {
@@ -706,6 +835,28 @@ impl Inner {
         self.rng.fill(&mut bytes).expect("random bytes");
         hex::encode(bytes)
     }
+}
+
+/// A fresh 2048-bit RSA key as PKCS#8 PEM, from `openssl genpkey`.
+fn generate_rsa_pkcs8_pem() -> String {
+    let openssl = super::require_binary("openssl");
+    let output = std::process::Command::new(&openssl)
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", openssl.display()));
+    assert!(
+        output.status.success(),
+        "openssl genpkey failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("PEM is ASCII")
 }
 
 /// The granted part of one requested `type:name:actions` scope, if any action is granted.
