@@ -60,6 +60,30 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Write cached images (or, with none named, every pinned image) to an OCI image layout
+    /// archive, to carry into an air-gapped site.
+    Export {
+        /// Config options.
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The archive to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Images to export (as given to `warm`).
+        images: Vec<String>,
+    },
+    /// Load an archive written by `berth export` into the cache, verifying every digest; a
+    /// corrupt or truncated archive is refused and changes nothing.
+    Import {
+        /// Config options.
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The archive.
+        bundle: PathBuf,
+        /// Pin the imported images.
+        #[arg(long)]
+        pin: bool,
+    },
     /// Fill the cache ahead of time from a list of images (tags or digests).
     Warm {
         /// Config options.
@@ -152,6 +176,85 @@ pub fn main() -> i32 {
             init_logging(log_format);
             runtime().block_on(serve(cfg))
         }
+        Command::Export {
+            config,
+            out,
+            images,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging_quiet();
+            runtime().block_on(async move {
+                let (cache, upstreams) = match open_offline(&cfg) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        eprintln!("berth: export: {e}");
+                        return 1;
+                    }
+                };
+                match tokio::task::block_in_place(|| {
+                    crate::bundle::export(&cache, &upstreams, &images, &out)
+                }) {
+                    Ok(r) => {
+                        println!(
+                            "exported {} image(s) to {}: {} manifest(s), {} blob(s), {} bytes",
+                            r.images,
+                            out.display(),
+                            r.manifests,
+                            r.blobs,
+                            r.bytes
+                        );
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("berth: export: {e}");
+                        1
+                    }
+                }
+            })
+        }
+        Command::Import {
+            config,
+            bundle,
+            pin,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging_quiet();
+            runtime().block_on(async move {
+                let (cache, upstreams) = match open_offline(&cfg) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        eprintln!("berth: import: {e}");
+                        return 1;
+                    }
+                };
+                let result = crate::bundle::import(&cache, &upstreams, &bundle, pin).await;
+                let _ = cache.save_recency();
+                match result {
+                    Ok(r) => {
+                        println!(
+                            "imported {} image(s) from {}: {} manifest(s), {} blob(s), {} bytes{}",
+                            r.images,
+                            bundle.display(),
+                            r.manifests,
+                            r.blobs,
+                            r.bytes,
+                            if pin { ", pinned" } else { "" }
+                        );
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("berth: import: {e}");
+                        1
+                    }
+                }
+            })
+        }
         Command::Warm {
             config,
             images,
@@ -202,6 +305,14 @@ pub fn main() -> i32 {
             runtime().block_on(warm(cfg, opts))
         }
     }
+}
+
+/// The cache and upstream table of a config, without listeners (export, import).
+fn open_offline(cfg: &Config) -> Result<(crate::cache::Cache, crate::upstream::Upstreams), String> {
+    let cache = crate::cache::Cache::open(&cfg.cache)
+        .map_err(|e| format!("cache {}: {e}", cfg.cache.dir.display()))?;
+    let upstreams = crate::upstream::Upstreams::new(&cfg.upstreams).map_err(|e| e.to_string())?;
+    Ok((cache, upstreams))
 }
 
 /// Warnings only: warm's own output is its progress and summary.

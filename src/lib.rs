@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod bundle;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -254,6 +254,31 @@ impl Cache {
         Ok(m)
     }
 
+    /// Moves a verified file (a staged import) into the disk tier as blob `d`, within the
+    /// budget. A blob already cached is left as it is.
+    pub fn adopt_blob(&self, temp: &std::path::Path, d: &Digest, size: u64) -> io::Result<()> {
+        let key = Key {
+            kind: Kind::Blob,
+            digest: d.clone(),
+        };
+        if self.index.contains(&key) {
+            return Ok(());
+        }
+        let (reservation, evicted) = self
+            .index
+            .reserve(size)
+            .map_err(|e| io::Error::new(io::ErrorKind::StorageFull, e.to_string()))?;
+        for k in &evicted {
+            self.store.delete(k);
+        }
+        let file = std::fs::File::open(temp)?;
+        self.store.commit_blob(&file, temp, d)?;
+        for k in reservation.commit(key, size) {
+            self.store.delete(&k);
+        }
+        Ok(())
+    }
+
     /// A small blob from the memory tier, or loaded into it from disk when it fits there, with
     /// the tier that had it.
     pub async fn small_blob(&self, d: &Digest, size: u64) -> Option<(Bytes, Tier)> {
