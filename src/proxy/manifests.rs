@@ -173,7 +173,11 @@ impl App {
         m: &StoredManifest,
         head: bool,
     ) -> Response<Body> {
-        self.auth.learn(sel, d, &m.bytes);
+        // Membership is enforced for passthrough upstreams only; elsewhere it would be work on
+        // the hot path for nothing.
+        if sel.upstream.config().auth == crate::config::AuthMode::Passthrough {
+            self.auth.learn(sel, d, &m.bytes);
+        }
         manifest_response(d, m, head)
     }
 
