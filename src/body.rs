@@ -37,14 +37,35 @@ where
 }
 
 /// Counts the data bytes of a body as they are sent (a client that disconnects early is counted
-/// for what it received). Size hint and end of stream pass through, so lengths survive.
-pub fn counted(inner: Body, counter: IntCounter) -> Body {
-    Counted { inner, counter }.boxed_unsync()
+/// for what it received) into `counter` if given, and calls `done` with the total when the body
+/// ends or is dropped. Size hint and end of stream pass through, so lengths survive.
+pub fn counted(
+    inner: Body,
+    counter: Option<IntCounter>,
+    done: impl FnOnce(u64) + Send + 'static,
+) -> Body {
+    Counted {
+        inner,
+        counter,
+        sent: 0,
+        done: Some(Box::new(done)),
+    }
+    .boxed_unsync()
 }
 
 struct Counted {
     inner: Body,
-    counter: IntCounter,
+    counter: Option<IntCounter>,
+    sent: u64,
+    done: Option<Box<dyn FnOnce(u64) + Send>>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.sent);
+        }
+    }
 }
 
 impl http_body::Body for Counted {
@@ -58,7 +79,11 @@ impl http_body::Body for Counted {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
-                self.counter.inc_by(data.len() as u64);
+                let n = data.len() as u64;
+                self.sent += n;
+                if let Some(c) = &self.counter {
+                    c.inc_by(n);
+                }
             }
         }
         polled

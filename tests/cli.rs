@@ -94,6 +94,7 @@ async fn serve_runs_the_example_config_and_stops_on_sigterm() {
         .arg(example_config())
         .args(["--set", &format!("server.listen=127.0.0.1:{port}")])
         .args(["--set", &format!("admin.listen=127.0.0.1:{admin}")])
+        .args(["--log-format", "json"])
         .env("BERTH_CACHE__DIR", dir.path().join("cache"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -113,6 +113,8 @@ pub struct App {
 struct Outcome {
     route: &'static str,
     upstream: Option<String>,
+    repository: Option<String>,
+    reference: Option<String>,
     cache: CacheResult,
 }
 
@@ -225,6 +227,8 @@ impl App {
         let mut outcome = Outcome {
             route: "unknown",
             upstream: None,
+            repository: None,
+            reference: None,
             cache: CacheResult::None,
         };
         let result = if path == "/token" {
@@ -266,14 +270,11 @@ impl App {
                 HeaderValue::from_static("110 - \"Response is Stale\""),
             );
         }
-        if let Some(source) = resp.extensions().get::<Source>().copied() {
-            let counter = self
-                .metrics
+        let counter = resp.extensions().get::<Source>().map(|source| {
+            self.metrics
                 .served_bytes
-                .with_label_values(&[source.as_str()]);
-            let (parts, b) = resp.into_parts();
-            resp = Response::from_parts(parts, body::counted(b, counter));
-        }
+                .with_label_values(&[source.as_str()])
+        });
         let status = resp.status();
         let elapsed = start.elapsed();
         self.metrics
@@ -284,17 +285,26 @@ impl App {
             .http_duration
             .with_label_values(&[outcome.route, outcome.cache.as_str()])
             .observe(elapsed.as_secs_f64());
-        tracing::info!(
-            method = %method,
-            path = %path,
-            route = outcome.route,
-            upstream = outcome.upstream.as_deref().unwrap_or("-"),
-            status = status.as_u16(),
-            cache = outcome.cache.as_str(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            "request"
-        );
-        resp
+        // The request log: one event per request, when its body is done (or abandoned), with
+        // the bytes actually sent. Never a header value: no credential can reach the log.
+        let (parts, b) = resp.into_parts();
+        let done = move |bytes: u64| {
+            tracing::info!(
+                method = %method,
+                path = %path,
+                route = outcome.route,
+                upstream = outcome.upstream.as_deref().unwrap_or("-"),
+                repository = outcome.repository.as_deref().unwrap_or("-"),
+                reference = outcome.reference.as_deref().unwrap_or("-"),
+                status = status.as_u16(),
+                cache = outcome.cache.as_str(),
+                bytes,
+                head_ms = elapsed.as_secs_f64() * 1000.0,
+                duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+        };
+        Response::from_parts(parts, body::counted(b, counter, done))
     }
 
     async fn dispatch<B>(
@@ -341,6 +351,8 @@ impl App {
             )),
             Route::Upload => unreachable!("refused above"),
             Route::Manifest { name, reference } => {
+                outcome.repository = Some(name.to_string());
+                outcome.reference = Some(reference.to_string());
                 let sel = self.admit(who, name, Target::Manifest(&reference)).await?;
                 outcome.upstream = Some(sel.upstream.name().to_owned());
                 let accept = accept_values(req.headers());
@@ -349,6 +361,8 @@ impl App {
                 Ok(resp)
             }
             Route::Blob { name, digest } => {
+                outcome.repository = Some(name.to_string());
+                outcome.reference = Some(digest.to_string());
                 let sel = self.admit(who, name, Target::Blob(&digest)).await?;
                 outcome.upstream = Some(sel.upstream.name().to_owned());
                 let range = req
@@ -361,6 +375,7 @@ impl App {
                 Ok(resp)
             }
             Route::Tags { name } => {
+                outcome.repository = Some(name.to_string());
                 let sel = self.admit(who, name, Target::Listing).await?;
                 outcome.upstream = Some(sel.upstream.name().to_owned());
                 let mut q = Vec::new();
@@ -377,6 +392,8 @@ impl App {
                 Ok(resp)
             }
             Route::Referrers { name, digest } => {
+                outcome.repository = Some(name.to_string());
+                outcome.reference = Some(digest.to_string());
                 let sel = self.admit(who, name, Target::Listing).await?;
                 outcome.upstream = Some(sel.upstream.name().to_owned());
                 let mut q = Vec::new();
