@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::{header, HeaderMap, Method, Response, StatusCode};
 
@@ -151,18 +150,10 @@ impl App {
         }
         self.count_lookup("blob", "disk", false);
         let req = blob_request(sel, Method::HEAD, digest);
-        let started = Instant::now();
-        let resp = sel.upstream.send(&req).await;
-        self.count_upstream(
-            sel,
-            &Method::HEAD,
-            resp.as_ref().ok().map(|r| r.status()),
-            started,
-        );
-        let resp = resp.map_err(|e| not_found_as(e, "blob"))?;
-        if resp.status() != StatusCode::OK {
-            return Err(not_found_as(sel.upstream.status_error(&resp), "blob"));
-        }
+        let resp = self
+            .fetch_ok(sel, &req)
+            .await
+            .map_err(|e| not_found_as(e, "blob"))?;
         let size = content_length(resp.headers()).ok_or_else(|| {
             Error::Upstream(UpstreamError::Invalid {
                 upstream: sel.upstream.name().to_owned(),
@@ -200,20 +191,7 @@ impl BlobFetcher for UpstreamBlob {
                     request.headers.insert(header::RANGE, v);
                 }
             }
-            let started = Instant::now();
-            let resp = upstream.send(&request).await;
-            let status = resp
-                .as_ref()
-                .map(|r| r.status().as_str().to_owned())
-                .unwrap_or_else(|_| "error".into());
-            metrics
-                .upstream_requests
-                .with_label_values(&[upstream.name(), "GET", &status])
-                .inc();
-            metrics
-                .upstream_duration
-                .with_label_values(&[upstream.name()])
-                .observe(started.elapsed().as_secs_f64());
+            let resp = super::send_counted(&upstream, &metrics, &request).await;
             let resp = resp?;
             // An origin that ignores Range answers 200 with the whole blob: skip to `start`.
             let skip = match resp.status() {

@@ -92,19 +92,8 @@ impl App {
             scope: format!("repository:{}:pull", sel.name),
             auth: sel.auth.clone(),
         };
-        let started = Instant::now();
         let fetched = async {
-            let resp = sel.upstream.send(&req).await;
-            self.count_upstream(
-                sel,
-                &Method::GET,
-                resp.as_ref().ok().map(|r| r.status()),
-                started,
-            );
-            let resp = resp?;
-            if resp.status() != StatusCode::OK {
-                return Err(sel.upstream.status_error(&resp));
-            }
+            let resp = self.fetch_ok(sel, &req).await?;
             let h = resp.headers();
             let content_type = h
                 .get(header::CONTENT_TYPE)
@@ -116,7 +105,7 @@ impl App {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
             let bytes = sel.upstream.collect(resp.into_body(), MAX_LISTING).await?;
-            Ok(Listing {
+            Ok::<_, crate::upstream::UpstreamError>(Listing {
                 content_type,
                 link,
                 bytes,

@@ -1,8 +1,6 @@
 //! GET|HEAD /v2/<name>/manifests/<reference>: by digest from the content-addressed cache, by tag
 //! through the tag mapping (fresh → cache; stale → HEAD revalidation; origin down → stale).
 
-use std::time::Instant;
-
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::{sourced, App, CacheResult, Source};
@@ -189,18 +187,7 @@ impl App {
         accept: &[String],
     ) -> Result<Option<Digest>, UpstreamError> {
         let req = manifest_request(sel, Method::HEAD, reference, accept);
-        let started = Instant::now();
-        let resp = sel.upstream.send(&req).await;
-        self.count_upstream(
-            sel,
-            &Method::HEAD,
-            resp.as_ref().ok().map(|r| r.status()),
-            started,
-        );
-        let resp = resp?;
-        if resp.status() != StatusCode::OK {
-            return Err(sel.upstream.status_error(&resp));
-        }
+        let resp = self.fetch_ok(sel, &req).await?;
         Ok(resp
             .headers()
             .get(DIGEST_HEADER)
@@ -218,18 +205,7 @@ impl App {
         expected: Option<&Digest>,
     ) -> Result<(Digest, StoredManifest), UpstreamError> {
         let req = manifest_request(sel, Method::GET, reference, accept);
-        let started = Instant::now();
-        let resp = sel.upstream.send(&req).await;
-        self.count_upstream(
-            sel,
-            &Method::GET,
-            resp.as_ref().ok().map(|r| r.status()),
-            started,
-        );
-        let resp = resp?;
-        if resp.status() != StatusCode::OK {
-            return Err(sel.upstream.status_error(&resp));
-        }
+        let resp = self.fetch_ok(sel, &req).await?;
         let claimed: Option<Digest> = resp
             .headers()
             .get(DIGEST_HEADER)

@@ -441,26 +441,42 @@ impl App {
             .inc();
     }
 
-    fn count_upstream(
+    /// Sends a request to the origin (counted) and requires a 200.
+    async fn fetch_ok(
         &self,
         sel: &Selected,
-        method: &Method,
-        status: Option<StatusCode>,
-        started: Instant,
-    ) {
-        let name = sel.upstream.name();
-        let status = status
-            .map(|s| s.as_str().to_owned())
-            .unwrap_or_else(|| "error".into());
-        self.metrics
-            .upstream_requests
-            .with_label_values(&[name, method_label(method), &status])
-            .inc();
-        self.metrics
-            .upstream_duration
-            .with_label_values(&[name])
-            .observe(started.elapsed().as_secs_f64());
+        req: &crate::upstream::UpstreamRequest,
+    ) -> Result<Response<hyper::body::Incoming>, crate::upstream::UpstreamError> {
+        let resp = send_counted(&sel.upstream, &self.metrics, req).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(sel.upstream.status_error(&resp));
+        }
+        Ok(resp)
     }
+}
+
+/// Sends a request to an origin, counting it in `berth_upstream_requests_total` and
+/// `berth_upstream_request_duration_seconds`.
+pub(crate) async fn send_counted(
+    upstream: &crate::upstream::Upstream,
+    metrics: &Metrics,
+    req: &crate::upstream::UpstreamRequest,
+) -> Result<Response<hyper::body::Incoming>, crate::upstream::UpstreamError> {
+    let started = Instant::now();
+    let resp = upstream.send(req).await;
+    let status = resp
+        .as_ref()
+        .map(|r| r.status().as_str().to_owned())
+        .unwrap_or_else(|_| "error".into());
+    metrics
+        .upstream_requests
+        .with_label_values(&[upstream.name(), method_label(&req.method), &status])
+        .inc();
+    metrics
+        .upstream_duration
+        .with_label_values(&[upstream.name()])
+        .observe(started.elapsed().as_secs_f64());
+    resp
 }
 
 fn method_label(m: &Method) -> &'static str {
