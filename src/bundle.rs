@@ -26,6 +26,9 @@ const ANN_UPSTREAM: &str = "io.berth.upstream";
 const ANN_REPOSITORY: &str = "io.berth.repository";
 /// Annotation: the reference as given to export.
 const ANN_REFERENCE: &str = "io.berth.reference";
+/// Annotation: every manifest of the image the archive holds (an index may list platforms that
+/// were never warmed; these are the ones that must be present).
+const ANN_MANIFESTS: &str = "io.berth.manifests";
 /// The OCI ref name annotation (the tag).
 const ANN_REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -235,6 +238,15 @@ fn write_archive(
         annotations.insert(ANN_REFERENCE.into(), s.reference.clone().into());
         annotations.insert(ANN_UPSTREAM.into(), s.upstream.clone().into());
         annotations.insert(ANN_REPOSITORY.into(), s.repository.clone().into());
+        annotations.insert(
+            ANN_MANIFESTS.into(),
+            s.manifests
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+                .into(),
+        );
         entries.push(json!({
             "mediaType": m.media_type,
             "digest": s.top.to_string(),
@@ -305,10 +317,30 @@ impl Drop for Staged {
     }
 }
 
+/// Whether a file ends the way a tar archive must: whole 512-byte blocks, the last two of them
+/// zero. An archive cut at an entry boundary reads as a shorter valid archive otherwise.
+fn ends_like_tar(file: &mut File) -> io::Result<bool> {
+    use std::io::{Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    if len < 1024 || len % 512 != 0 {
+        return Ok(false);
+    }
+    let mut tail = [0u8; 1024];
+    file.seek(SeekFrom::Start(len - 1024))?;
+    file.read_exact(&mut tail)?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(tail.iter().all(|&b| b == 0))
+}
+
 /// Reads and verifies every object of the bundle into temp files.
 fn stage(cache: &Cache, bundle: &Path) -> Result<Staged, BundleError> {
     let corrupt = |m: String| BundleError::Corrupt(m);
-    let file = File::open(bundle)?;
+    let mut file = File::open(bundle)?;
+    if !ends_like_tar(&mut file)? {
+        return Err(corrupt(
+            "the archive is truncated (it does not end with tar's end-of-archive blocks)".into(),
+        ));
+    }
     let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, file));
     let mut staged = Staged {
         files: BTreeMap::new(),
@@ -438,7 +470,23 @@ pub async fn import(
         let mut image_manifests = vec![top.clone()];
         let mut image_blobs = Vec::new();
         let mut to_walk = vec![top_json];
-        for child in digests_of(&to_walk[0], "manifests") {
+        let listed: Option<Vec<Digest>> = e
+            .get("annotations")
+            .and_then(|a| a.get(ANN_MANIFESTS))
+            .and_then(|v| v.as_str())
+            .map(|v| v.split(',').filter_map(|d| d.parse().ok()).collect());
+        if let Some(listed) = &listed {
+            if let Some(missing) = listed.iter().find(|d| !staged.files.contains_key(*d)) {
+                return Err(corrupt(format!("manifest {missing} of {top} is missing")));
+            }
+        }
+        let children = digests_of(&to_walk[0], "manifests");
+        if !children.is_empty() && !children.iter().any(|c| staged.files.contains_key(c)) {
+            return Err(corrupt(format!(
+                "the index {top} has none of its platforms in the archive"
+            )));
+        }
+        for child in children {
             // Platforms not exported are legitimately absent.
             if staged.files.contains_key(&child) {
                 let j: Value = serde_json::from_slice(&read(&child)?)

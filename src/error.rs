@@ -59,6 +59,9 @@ pub enum Error {
         /// The object's length, sent back in `Content-Range: bytes */size`.
         size: u64,
     },
+    /// `Cache-Control: only-if-cached` and the object is not cached (RFC 9111: 504).
+    #[error("not in the cache (only-if-cached)")]
+    NotCached,
     /// A bad query parameter or header.
     #[error("{0}")]
     BadRequest(String),
@@ -88,6 +91,7 @@ impl Error {
             Error::Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Error::Upstream(e) => e.status(),
+            Error::NotCached => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -109,6 +113,7 @@ impl Error {
             Error::RangeNotSatisfiable { .. } => "RANGE_INVALID",
             Error::BadRequest(_) => "UNSUPPORTED",
             Error::Upstream(e) => e.code(),
+            Error::NotCached => "BLOB_UNKNOWN",
             Error::Internal(_) => "UNKNOWN",
         }
     }

@@ -165,6 +165,26 @@ impl Puller {
             .map_err(|e| format!("{url}: {}", crate::upstream::error_chain(&e)))
     }
 
+    /// HEAD with `Cache-Control: only-if-cached`: berth answers from its cache or 504, without
+    /// asking the origin.
+    async fn request_cached_only(
+        &self,
+        url: &str,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        let mut b = Request::builder()
+            .method(Method::HEAD)
+            .uri(url)
+            .header(header::CACHE_CONTROL, "only-if-cached");
+        if let Some(a) = &self.authorization {
+            b = b.header(header::AUTHORIZATION, a.clone());
+        }
+        let req = b.body(Empty::new()).map_err(|e| e.to_string())?;
+        tokio::time::timeout(Duration::from_secs(120), self.client.request(req))
+            .await
+            .map_err(|_| format!("{url}: no answer within 120 s"))?
+            .map_err(|e| format!("{url}: {}", crate::upstream::error_chain(&e)))
+    }
+
     async fn manifest(
         &self,
         image: &ImageRef,
@@ -213,7 +233,7 @@ impl Puller {
     ) -> Result<(u64, u64), String> {
         let _permit = self.semaphore.acquire().await.map_err(|e| e.to_string())?;
         let url = self.url(image, &format!("blobs/{}", d.digest));
-        let head = self.request(Method::HEAD, &url, &[]).await?;
+        let head = self.request_cached_only(&url).await?;
         if head.status() == StatusCode::OK
             && head
                 .headers()

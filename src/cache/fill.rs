@@ -591,7 +591,11 @@ impl Fills {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(digest = %f.digest, error = %e, "fill failed");
+                    if matches!(e, FillError::Upstream(UpstreamError::Offline { .. })) {
+                        tracing::debug!(digest = %f.digest, "not in this mirror");
+                    } else {
+                        tracing::warn!(digest = %f.digest, error = %e, "fill failed");
+                    }
                     *this
                         .stats
                         .failures

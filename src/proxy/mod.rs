@@ -370,6 +370,20 @@ impl App {
                     .get(header::RANGE)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
+                // RFC 9111 `only-if-cached`: answer from the cache or 504, never ask the origin
+                // (`berth warm` checks what it can skip this way).
+                let only_if_cached = req
+                    .headers()
+                    .get_all(header::CACHE_CONTROL)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| {
+                        v.split(',')
+                            .any(|d| d.trim().eq_ignore_ascii_case("only-if-cached"))
+                    });
+                if only_if_cached && head && !self.cache.store().has_blob(&digest) {
+                    return Err(Error::NotCached);
+                }
                 let (resp, cache) = self.blob(&sel, digest, range.as_deref(), head).await?;
                 outcome.cache = cache;
                 Ok(resp)

@@ -76,6 +76,7 @@ pub struct Running {
     pub app: Arc<App>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    grace: Duration,
 }
 
 impl Running {
@@ -83,16 +84,29 @@ impl Running {
     /// and returns when every listener has stopped.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.wait().await;
     }
 
-    /// Waits until the listeners stop (after [`Running::trigger_shutdown`] or a signal).
+    /// Waits until the listeners stop (after a shutdown was triggered or a signal), then for
+    /// fills still landing (bounded by `server.shutdown_grace`): a blob whose bytes all arrived
+    /// is committed, not abandoned.
     pub async fn wait(self) {
         for t in self.tasks {
             let _ = t.await;
         }
+        let fills = self.app.cache().fills().clone();
+        let deadline = tokio::time::Instant::now() + self.grace;
+        while fills.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if fills.in_flight() > 0 {
+            tracing::warn!(
+                fills = fills.in_flight(),
+                "exiting with fills in progress; they are discarded"
+            );
+        }
+        let app = self.app.clone();
+        let _ = tokio::task::spawn_blocking(move || app.cache().save_recency()).await;
     }
 
     /// A handle that starts a graceful shutdown when sent `true`.
@@ -163,6 +177,7 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
         app,
         shutdown,
         tasks,
+        grace: config.server.shutdown_grace,
     })
 }
 

@@ -7,6 +7,7 @@
 //! `dead_code` / `unused_imports` allowance.
 #![allow(dead_code, unused_imports)]
 
+pub mod airgap;
 pub mod berth;
 pub mod content;
 pub mod fault;

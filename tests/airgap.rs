@@ -1,0 +1,902 @@
+//! Air-gapped sites (issue 6): `berth warm` from a real docker-registry, serving offline,
+//! `berth export` / `berth import` of OCI layout bundles (refusing corrupt ones without touching
+//! the cache), pinning under a small disk budget, resumable warms, and warming a cache that a
+//! running berth holds (`--via`).
+//!
+//! warm / export / import / serve run as the real `berth` binary on a config file, as an
+//! operator runs them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::airgap::{
+    args, berth, blob_file, cache_listing, get_error, manifest_file, skopeo, skopeo_pull,
+    tar_members, tmp_files, upstream_table, warm_summary, write_config, BerthProcess, OciError,
+};
+use common::berth::Berth;
+use common::content::{pseudo_random, sha256_digest};
+use common::{push_blob, push_oci_image, push_oci_index, Registry, Tap, TestImage, TestIndex};
+use reqwest::Method;
+use tempfile::TempDir;
+
+/// An origin with content, a tap counting what reaches it, and a config for the binary.
+struct Site {
+    registry: Registry,
+    tap: Tap,
+    /// `airgap/multi:1.0`: an OCI index for linux/amd64 and linux/arm64; warmed for amd64 only.
+    multi: TestIndex,
+    /// `airgap/single:2.0`: a single-platform image; warmed.
+    single: TestImage,
+    /// `airgap/single:2.1`: another tag of a warmed repository; never warmed.
+    single_other: TestImage,
+    /// `airgap/never:3.0`: never warmed.
+    never: TestImage,
+    work: TempDir,
+    config: PathBuf,
+    cache: PathBuf,
+    list: PathBuf,
+}
+
+impl Site {
+    async fn new(disk_bytes: &str) -> Site {
+        let registry = Registry::start().await;
+        let tap = Tap::start(registry.addr()).await;
+        let base = registry.url();
+        let multi = push_oci_index(
+            &base,
+            "airgap/multi",
+            "1.0",
+            &[("linux", "amd64"), ("linux", "arm64")],
+            61,
+        )
+        .await;
+        let single = push_oci_image(&base, "airgap/single", "2.0", &[300_000, 700_000], 62).await;
+        let single_other = push_oci_image(&base, "airgap/single", "2.1", &[50_000], 63).await;
+        let never = push_oci_image(&base, "airgap/never", "3.0", &[40_000], 64).await;
+        let work = tempfile::tempdir().expect("tempdir");
+        let cache = work.path().join("cache");
+        let config = write_config(
+            &work.path().join("berth.toml"),
+            &cache,
+            disk_bytes,
+            &tap.url(),
+            &registry.host(),
+        );
+        // The single image comes from a list file (comments allowed), without a registry host
+        // (default upstream); the index is named on the command line with the origin's host.
+        let list = work.path().join("images.txt");
+        std::fs::write(&list, "# images for the site\nairgap/single:2.0  # app\n\n").unwrap();
+        Site {
+            registry,
+            tap,
+            multi,
+            single,
+            single_other,
+            never,
+            work,
+            config,
+            cache,
+            list,
+        }
+    }
+
+    fn multi_ref(&self) -> String {
+        format!("{}/airgap/multi:1.0", self.registry.host())
+    }
+
+    fn amd64(&self) -> &TestImage {
+        self.multi.image_for("linux", "amd64").expect("amd64")
+    }
+
+    fn arm64(&self) -> &TestImage {
+        self.multi.image_for("linux", "arm64").expect("arm64")
+    }
+
+    /// `berth warm` of both images, the index for linux/amd64 only.
+    fn warm_args(&self) -> Vec<String> {
+        vec![
+            "warm".into(),
+            "--config".into(),
+            self.config.display().to_string(),
+            "--platform".into(),
+            "linux/amd64".into(),
+            "--concurrency".into(),
+            "3".into(),
+            self.multi_ref(),
+            "--file".into(),
+            self.list.display().to_string(),
+        ]
+    }
+
+    /// Every blob the warm must fetch: the amd64 image's and the single image's.
+    fn warmed_blobs(&self) -> Vec<(String, usize)> {
+        self.amd64()
+            .blobs()
+            .into_iter()
+            .chain(self.single.blobs())
+            .map(|(d, b)| (d.to_owned(), b.len()))
+            .collect()
+    }
+
+    fn warmed_bytes(&self) -> u64 {
+        self.warmed_blobs().iter().map(|(_, n)| *n as u64).sum()
+    }
+
+    /// Runs the warm, prints its output, checks it succeeded and returns its summary.
+    async fn warm(&self, label: &str) -> (usize, usize, u64, u64) {
+        let run = berth(&self.warm_args()).await;
+        println!("=== {label} ===\n{}", run.transcript());
+        let run = run.expect_ok();
+        let summary = warm_summary(&run.stdout)
+            .unwrap_or_else(|| panic!("no summary line in warm output:\n{}", run.transcript()));
+        self.assert_warmed_on_disk(label);
+        summary
+    }
+
+    /// Once `berth warm` has exited 0, everything it warmed is in the cache directory.
+    fn assert_warmed_on_disk(&self, label: &str) {
+        let manifests = [
+            &self.multi.digest,
+            &self.amd64().manifest_digest,
+            &self.single.manifest_digest,
+        ];
+        let missing: Vec<String> = self
+            .warmed_blobs()
+            .iter()
+            .map(|(d, _)| blob_file(&self.cache, d))
+            .chain(manifests.iter().map(|d| manifest_file(&self.cache, d)))
+            .filter(|f| !f.is_file())
+            .map(|f| f.display().to_string())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{label}: berth warm exited 0 and reported these as fetched, but they are not in the cache directory (the process ended before their fills were committed?): {missing:#?}\ntmp/: {:?}",
+            tmp_files(&self.cache)
+        );
+    }
+
+    /// An offline config (a copy of this one) over `cache`.
+    fn config_for(&self, cache: &Path, name: &str) -> PathBuf {
+        write_config(
+            &self.work.path().join(name),
+            cache,
+            "1GiB",
+            &self.tap.url(),
+            &self.registry.host(),
+        )
+    }
+}
+
+/// Checks a `dir:` copy: the manifest is the pushed one and every blob file hashes to its name.
+fn check_dir_copy(dir: &Path, img: &TestImage) {
+    let manifest = std::fs::read(dir.join("manifest.json")).expect("manifest.json in the copy");
+    assert_eq!(
+        String::from_utf8_lossy(&manifest),
+        String::from_utf8_lossy(&img.manifest_bytes),
+        "manifest bytes of {}:{}",
+        img.repo,
+        img.tag
+    );
+    for (digest, bytes) in img.blobs() {
+        let hex = digest.trim_start_matches("sha256:");
+        let got = std::fs::read(dir.join(hex)).unwrap_or_else(|_| panic!("blob {hex} copied"));
+        assert_eq!(sha256_digest(&got), digest);
+        assert_eq!(got.len(), bytes.len());
+    }
+}
+
+/// Asserts an answer is a 404 with `code` and a message saying the content is not in this
+/// mirror.
+fn assert_not_in_mirror(what: &str, e: &OciError, code: &str) {
+    println!("{what}: {} {}", e.status, e.body);
+    assert_eq!(e.status, 404, "{what}: {e:?}");
+    assert_eq!(e.code, code, "{what}: {e:?}");
+    assert!(
+        e.message.contains("not in this mirror"),
+        "{what}: the message must say it is not in this mirror: {e:?}"
+    );
+}
+
+/// What an offline mirror must serve after the site's warm (or an import of it) and what it
+/// must refuse, pulled with skopeo at `host` and checked over HTTP at `url`.
+async fn check_offline_pulls(site: &Site, host: &str, url: &str, out: &Path, label: &str) {
+    std::fs::create_dir_all(out).expect("pull directory");
+    // The warmed platform of the index, and the single image, by tag.
+    let dest = out.join(format!("{label}-multi-amd64"));
+    let run = skopeo_pull(host, "airgap/multi:1.0", "amd64", &dest).await;
+    println!(
+        "=== {label}: offline pull, warmed platform ===\n{}",
+        run.transcript()
+    );
+    run.expect_ok();
+    check_dir_copy(&dest, site.amd64());
+    let dest = out.join(format!("{label}-single"));
+    let run = skopeo_pull(host, "airgap/single:2.0", "amd64", &dest).await;
+    println!(
+        "=== {label}: offline pull, single image ===\n{}",
+        run.transcript()
+    );
+    run.expect_ok();
+    check_dir_copy(&dest, &site.single);
+    // And by digest.
+    let dest = out.join(format!("{label}-single-digest"));
+    let by_digest = format!("airgap/single@{}", site.single.manifest_digest);
+    skopeo_pull(host, &by_digest, "amd64", &dest)
+        .await
+        .expect_ok();
+    check_dir_copy(&dest, &site.single);
+
+    // The platform that was not warmed, and images never warmed, fail.
+    for (what, image, arch) in [
+        ("arm64 platform", "airgap/multi:1.0", "arm64"),
+        ("never warmed image", "airgap/never:3.0", "amd64"),
+        ("never warmed tag", "airgap/single:2.1", "amd64"),
+    ] {
+        let dest = out.join(format!("{label}-{}", what.replace(' ', "-")));
+        let run = skopeo_pull(host, image, arch, &dest).await;
+        println!(
+            "=== {label}: offline pull of the {what} (must fail) ===\n{}",
+            run.transcript()
+        );
+        assert!(
+            !run.ok(),
+            "{what} must not pull offline:\n{}",
+            run.transcript()
+        );
+        assert!(
+            run.stderr.contains("not in this mirror"),
+            "skopeo should relay berth's message:\n{}",
+            run.transcript()
+        );
+    }
+
+    // The same at the HTTP level, with the JSON body.
+    let any = [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ];
+    let arm64 = site.arm64();
+    assert_not_in_mirror(
+        "arm64 manifest",
+        &get_error(
+            &format!("{url}/v2/airgap/multi/manifests/{}", arm64.manifest_digest),
+            &any,
+        )
+        .await,
+        "MANIFEST_UNKNOWN",
+    );
+    assert_not_in_mirror(
+        "never warmed image",
+        &get_error(&format!("{url}/v2/airgap/never/manifests/3.0"), &any).await,
+        "MANIFEST_UNKNOWN",
+    );
+    assert_not_in_mirror(
+        "never warmed tag",
+        &get_error(&format!("{url}/v2/airgap/single/manifests/2.1"), &any).await,
+        "MANIFEST_UNKNOWN",
+    );
+    assert_not_in_mirror(
+        "never warmed tag, by digest",
+        &get_error(
+            &format!(
+                "{url}/v2/airgap/single/manifests/{}",
+                site.single_other.manifest_digest
+            ),
+            &any,
+        )
+        .await,
+        "MANIFEST_UNKNOWN",
+    );
+    assert_not_in_mirror(
+        "arm64 layer",
+        &get_error(
+            &format!("{url}/v2/airgap/multi/blobs/{}", arm64.layers[0].0),
+            &[],
+        )
+        .await,
+        "BLOB_UNKNOWN",
+    );
+    assert_not_in_mirror(
+        "never warmed blob",
+        &get_error(
+            &format!("{url}/v2/airgap/never/blobs/{}", site.never.layers[0].0),
+            &[],
+        )
+        .await,
+        "BLOB_UNKNOWN",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_one_platform_then_serve_offline_with_the_origin_stopped() {
+    let mut site = Site::new("1GiB").await;
+    let (ok, of, fetched, skipped) = site.warm("berth warm (first run)").await;
+    assert_eq!((ok, of), (2, 2), "both images warmed");
+    assert_eq!(fetched, site.warmed_bytes(), "fetched bytes = warmed blobs");
+    assert_eq!(skipped, 0, "nothing was cached before");
+
+    // What reached the origin: each warmed blob once, nothing of arm64 or unwarmed images.
+    let requests = site.tap.requests();
+    println!("origin requests during the warm:");
+    for (m, p) in &requests {
+        println!("  {m} {p}");
+    }
+    for (digest, _) in site.warmed_blobs() {
+        let gets = site
+            .tap
+            .count(|m, p| m == Method::GET && p.contains(&format!("/blobs/{digest}")));
+        assert_eq!(gets, 1, "blob {digest} fetched exactly once: {requests:?}");
+    }
+    let arm64 = site.arm64();
+    let mut unwanted: Vec<String> = arm64.blobs().iter().map(|(d, _)| d.to_string()).collect();
+    unwanted.push(arm64.manifest_digest.clone());
+    unwanted.push("airgap/never".into());
+    unwanted.push("/manifests/2.1".into());
+    for u in &unwanted {
+        assert_eq!(
+            site.tap.count(|_, p| p.contains(u.as_str())),
+            0,
+            "{u} must not be requested when warming linux/amd64 only: {requests:?}"
+        );
+    }
+
+    // The origin goes away; berth serves offline from the warmed cache.
+    site.registry.stop();
+    site.tap.clear();
+    let server = BerthProcess::serve_offline(&site.config).await;
+    let out = site.work.path().join("pulls");
+    check_offline_pulls(&site, &server.host(), &server.url(), &out, "offline").await;
+    assert_eq!(
+        site.tap.requests(),
+        vec![],
+        "an offline berth never contacts the origin"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_import_into_a_fresh_cache_and_corrupt_bundles_change_nothing() {
+    let mut site = Site::new("1GiB").await;
+    site.warm("berth warm").await;
+    site.registry.stop();
+    let dir = site.work.path().to_owned();
+
+    // Export both images, and the index alone (a one-image archive for skopeo).
+    let bundle = dir.join("site.tar");
+    let c = site.config.display().to_string();
+    let run = berth(&[
+        "export".into(),
+        "--config".into(),
+        c.clone(),
+        "--out".into(),
+        bundle.display().to_string(),
+        site.multi_ref(),
+        "airgap/single:2.0".into(),
+    ])
+    .await;
+    println!("{}", run.transcript());
+    run.expect_ok();
+    let one = dir.join("multi.tar");
+    berth(&[
+        "export".into(),
+        "--config".into(),
+        c.clone(),
+        "--out".into(),
+        one.display().to_string(),
+        site.multi_ref(),
+    ])
+    .await
+    .expect_ok();
+
+    // Other tools read the export: skopeo inspects and copies the one-image archive, and finds
+    // the single image in the two-image archive by its tag.
+    let run = skopeo(&args(&[
+        "inspect",
+        &format!("oci-archive:{}", one.display()),
+    ]))
+    .await;
+    println!("{}", run.transcript());
+    let run = run.expect_ok();
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("inspect JSON");
+    assert_eq!(v["Digest"], site.multi.digest.as_str(), "{v}");
+    assert_eq!(v["Architecture"], "amd64", "{v}");
+    assert_eq!(v["Os"], "linux", "{v}");
+    let copy = dir.join("from-archive");
+    skopeo(&args(&[
+        "--override-arch",
+        "amd64",
+        "--override-os",
+        "linux",
+        "copy",
+        &format!("oci-archive:{}", one.display()),
+        &format!("dir:{}", copy.display()),
+    ]))
+    .await
+    .expect_ok();
+    check_dir_copy(&copy, site.amd64());
+    let run = skopeo(&args(&[
+        "inspect",
+        &format!("oci-archive:{}:2.0", bundle.display()),
+    ]))
+    .await;
+    println!("{}", run.transcript());
+    let v: serde_json::Value = serde_json::from_str(&run.expect_ok().stdout).expect("inspect JSON");
+    assert_eq!(v["Digest"], site.single.manifest_digest.as_str(), "{v}");
+
+    // Damaged copies of the two-image bundle: cut in the middle of its largest blob, and one
+    // byte flipped inside it.
+    let members = tar_members(&bundle);
+    let largest = members
+        .iter()
+        .filter(|m| m.name.starts_with("blobs/"))
+        .max_by_key(|m| m.size)
+        .expect("blobs in the bundle")
+        .clone();
+    println!("bundle members: {members:#?}\ndamaging {largest:?}");
+    let good = std::fs::read(&bundle).unwrap();
+    let truncated = dir.join("truncated.tar");
+    std::fs::write(
+        &truncated,
+        &good[..(largest.offset + largest.size / 2) as usize],
+    )
+    .unwrap();
+    let flipped = dir.join("flipped.tar");
+    let mut bytes = good.clone();
+    bytes[(largest.offset + largest.size / 2) as usize] ^= 0x01;
+    std::fs::write(&flipped, &bytes).unwrap();
+
+    // A fresh cache that already holds the index (imported from the one-image archive).
+    let fresh = dir.join("fresh-cache");
+    let fc = site.config_for(&fresh, "fresh.toml").display().to_string();
+    let run = berth(&[
+        "import".into(),
+        "--config".into(),
+        fc.clone(),
+        one.display().to_string(),
+    ])
+    .await;
+    println!("{}", run.transcript());
+    run.expect_ok();
+    let before = cache_listing(&fresh);
+    let pins_before = std::fs::read(fresh.join("pins.json")).ok();
+    assert!(!before.is_empty(), "the first import stored something");
+
+    for (what, path, needle) in [
+        ("truncated", &truncated, "truncated"),
+        ("flipped byte", &flipped, "does not match"),
+    ] {
+        let run = berth(&[
+            "import".into(),
+            "--config".into(),
+            fc.clone(),
+            "--pin".into(),
+            path.display().to_string(),
+        ])
+        .await;
+        println!(
+            "=== import of the {what} bundle (must be refused) ===\n{}",
+            run.transcript()
+        );
+        assert!(
+            !run.ok(),
+            "{what} bundle must be refused:\n{}",
+            run.transcript()
+        );
+        assert!(
+            run.stderr.contains("refused") && run.stderr.contains(needle),
+            "{what}: the message should say the bundle is refused and why ({needle}):\n{}",
+            run.transcript()
+        );
+        let after = cache_listing(&fresh);
+        assert_eq!(
+            after, before,
+            "{what} bundle changed the cache (files + sizes under blobs/, manifests/, tags/)"
+        );
+        assert_eq!(
+            std::fs::read(fresh.join("pins.json")).ok(),
+            pins_before,
+            "{what} bundle changed the pins"
+        );
+        assert_eq!(
+            tmp_files(&fresh),
+            Vec::<String>::new(),
+            "{what}: tmp/ empty"
+        );
+    }
+
+    // The good bundle imports (pinned) and the fresh cache serves the same pulls offline.
+    let run = berth(&[
+        "import".into(),
+        "--config".into(),
+        fc.clone(),
+        "--pin".into(),
+        bundle.display().to_string(),
+    ])
+    .await;
+    println!("{}", run.transcript());
+    run.expect_ok();
+    let pins: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fresh.join("pins.json")).expect("pins.json"))
+            .unwrap();
+    assert_eq!(
+        pins.as_array().map(Vec::len),
+        Some(2),
+        "both pinned: {pins}"
+    );
+    assert_eq!(tmp_files(&fresh), Vec::<String>::new(), "tmp/ empty");
+
+    site.tap.clear();
+    let offline = Berth::with_upstreams(&upstream_table(
+        &site.tap.url(),
+        &site.registry.host(),
+        true,
+    ))
+    .cache_dir(&fresh)
+    .start()
+    .await;
+    let out = dir.join("pulls");
+    check_offline_pulls(&site, &offline.host(), &offline.url(), &out, "imported").await;
+    assert_eq!(site.tap.requests(), vec![], "offline: no origin contact");
+    offline.stop().await;
+}
+
+/// A bundle cut exactly between two tar members (no partial member, no end-of-archive blocks):
+/// here right after the index manifest, so that none of its platforms is in the bundle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_cut_between_members_is_refused_too() {
+    let mut site = Site::new("1GiB").await;
+    site.warm("berth warm").await;
+    site.registry.stop();
+    let dir = site.work.path().to_owned();
+    let one = dir.join("multi.tar");
+    berth(&[
+        "export".into(),
+        "--config".into(),
+        site.config.display().to_string(),
+        "--out".into(),
+        one.display().to_string(),
+        site.multi_ref(),
+    ])
+    .await
+    .expect_ok();
+    let members = tar_members(&one);
+    let index = members
+        .iter()
+        .find(|m| {
+            m.name
+                == format!(
+                    "blobs/sha256/{}",
+                    site.multi.digest.trim_start_matches("sha256:")
+                )
+        })
+        .unwrap_or_else(|| panic!("the index manifest in the bundle: {members:#?}"));
+    let end = index.offset + index.size.div_ceil(512) * 512;
+    let cut = dir.join("cut.tar");
+    std::fs::write(&cut, &std::fs::read(&one).unwrap()[..end as usize]).unwrap();
+    println!(
+        "bundle members: {members:#?}\ncut at byte {end}, right after {}",
+        index.name
+    );
+
+    let fresh = dir.join("fresh-cache");
+    let fc = site.config_for(&fresh, "fresh.toml").display().to_string();
+    let before = cache_listing(&fresh);
+    let run = berth(&[
+        "import".into(),
+        "--config".into(),
+        fc,
+        cut.display().to_string(),
+    ])
+    .await;
+    println!(
+        "=== import of the cut bundle (must be refused) ===\n{}",
+        run.transcript()
+    );
+    let after = cache_listing(&fresh);
+    assert!(
+        !run.ok(),
+        "a bundle holding an index without any of its platform manifests (cut after {}) must be refused, not imported as a complete image:\n{}\ncache now holds: {after:#?}",
+        index.name,
+        run.transcript()
+    );
+    assert_eq!(after, before, "the refused bundle changed the cache");
+    assert_eq!(tmp_files(&fresh), Vec::<String>::new(), "tmp/ empty");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_images_survive_a_cache_filled_far_beyond_its_budget() {
+    const BUDGET: u64 = 3 << 20;
+    let registry = Registry::start().await;
+    let tap = Tap::start(registry.addr()).await;
+    let base = registry.url();
+    let pinned = push_oci_image(&base, "airgap/pinned", "1.0", &[600_000, 400_000], 71).await;
+    // 2.3 MB: fits the 3 MiB budget alone, not beside the 1 MB already pinned.
+    let big = push_oci_image(&base, "airgap/big", "1.0", &[1_300_000, 1_000_000], 72).await;
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let config = write_config(
+        &work.path().join("berth.toml"),
+        &cache,
+        "3MiB",
+        &tap.url(),
+        &registry.host(),
+    );
+    let c = config.display().to_string();
+
+    let run = berth(&args(&[
+        "warm",
+        "--config",
+        &c,
+        "--pin",
+        "airgap/pinned:1.0",
+    ]))
+    .await;
+    println!("{}", run.transcript());
+    let run = run.expect_ok();
+    assert_eq!(warm_summary(&run.stdout).map(|s| (s.0, s.1)), Some((1, 1)));
+    let pinned_files: Vec<PathBuf> = pinned
+        .blobs()
+        .iter()
+        .map(|(d, _)| blob_file(&cache, d))
+        .chain([manifest_file(&cache, &pinned.manifest_digest)])
+        .collect();
+    for f in &pinned_files {
+        assert!(f.is_file(), "{} stored by the warm", f.display());
+    }
+
+    // Pull 12 MiB of other blobs through berth (online) over the same cache directory.
+    let fillers: Vec<Vec<u8>> = (0..12u64)
+        .map(|i| pseudo_random(700 + i, 1 << 20))
+        .collect();
+    let mut digests = Vec::new();
+    for f in &fillers {
+        digests.push(push_blob(&base, "airgap/filler", f).await);
+    }
+    let online = Berth::with_upstreams(&upstream_table(&tap.url(), &registry.host(), false))
+        .cache_dir(&cache)
+        .disk_bytes("3MiB")
+        .start()
+        .await;
+    let client = reqwest::Client::new();
+    for (d, bytes) in digests.iter().zip(&fillers) {
+        let resp = client
+            .get(format!("{}/v2/airgap/filler/blobs/{d}", online.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "filler {d}");
+        let body = resp.bytes().await.unwrap();
+        assert_eq!(body.len(), bytes.len(), "filler {d}");
+        // Each fill commits before the next is asked for, so that the budget is exercised.
+        for _ in 0..500 {
+            if blob_file(&cache, d).is_file() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    let metrics = online.metrics().await;
+    online.stop().await;
+
+    let listing = cache_listing(&cache);
+    let on_disk: u64 = listing
+        .iter()
+        .filter(|(p, _)| !p.starts_with("tags"))
+        .map(|(_, n)| *n)
+        .sum();
+    let fillers_left = digests
+        .iter()
+        .filter(|d| blob_file(&cache, d).is_file())
+        .count();
+    println!(
+        "after filling: {on_disk} bytes on disk (budget {BUDGET}), {fillers_left} of {} fillers left\n{}",
+        digests.len(),
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("berth_cache_"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(on_disk <= BUDGET, "the budget holds: {listing:#?}");
+    for f in &pinned_files {
+        assert!(f.is_file(), "pinned {} evicted: {listing:#?}", f.display());
+    }
+    assert!(
+        fillers_left <= 2,
+        "unpinned content was evicted ({fillers_left} fillers left; about 2 fit beside the pin)"
+    );
+
+    // A pin that would not fit beside what is pinned is refused, and changes no pin.
+    let pins_before = std::fs::read(cache.join("pins.json")).expect("pins.json");
+    let run = berth(&args(&["warm", "--config", &c, "--pin", "airgap/big:1.0"])).await;
+    println!(
+        "=== pin that does not fit ({} bytes, budget {BUDGET}) ===\n{}",
+        big.blobs().iter().map(|(_, b)| b.len()).sum::<usize>(),
+        run.transcript()
+    );
+    assert!(!run.ok(), "the pin must be refused:\n{}", run.transcript());
+    let text = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        text.contains("airgap/big:1.0") && text.contains("pin") && text.contains("disk_bytes"),
+        "the refusal should name the image and the budget to raise:\n{}",
+        run.transcript()
+    );
+    assert_eq!(
+        std::fs::read(cache.join("pins.json")).unwrap(),
+        pins_before,
+        "pins unchanged"
+    );
+    for f in &pinned_files {
+        assert!(f.is_file(), "pinned {} still there", f.display());
+    }
+
+    // With no image named, export writes every pinned image.
+    let bundle = work.path().join("pinned.tar");
+    let run = berth(&[
+        "export".into(),
+        "--config".into(),
+        c.clone(),
+        "--out".into(),
+        bundle.display().to_string(),
+    ])
+    .await;
+    println!("{}", run.transcript());
+    assert!(
+        run.expect_ok().stdout.contains("exported 1 image(s)"),
+        "the pinned image only"
+    );
+    let run = skopeo(&args(&[
+        "inspect",
+        &format!("oci-archive:{}", bundle.display()),
+    ]))
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&run.expect_ok().stdout).expect("inspect JSON");
+    assert_eq!(v["Digest"], pinned.manifest_digest.as_str(), "{v}");
+
+    // With the origin gone, the pinned image pulls offline.
+    drop(registry);
+    tap.clear();
+    let offline = Berth::with_upstreams(&upstream_table(&tap.url(), "unused.invalid", true))
+        .cache_dir(&cache)
+        .disk_bytes("3MiB")
+        .start()
+        .await;
+    let dest = work.path().join("pinned-copy");
+    let run = skopeo_pull(&offline.host(), "airgap/pinned:1.0", "amd64", &dest).await;
+    println!("{}", run.transcript());
+    run.expect_ok();
+    check_dir_copy(&dest, &pinned);
+    assert_eq!(tap.requests(), vec![], "offline: no origin contact");
+    offline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_of_the_same_warm_fetches_no_blob() {
+    let site = Site::new("1GiB").await;
+    let total = site.warmed_bytes();
+    let first = site.warm("berth warm (first run)").await;
+    assert_eq!(first, (2, 2, total, 0));
+
+    site.tap.clear();
+    let again = site.warm("berth warm (rerun)").await;
+    println!("origin requests during the rerun:");
+    for (m, p) in site.tap.requests() {
+        println!("  {m} {p}");
+    }
+    assert_eq!(
+        site.tap
+            .count(|m, p| m == Method::GET && p.contains("/blobs/")),
+        0,
+        "a rerun GETs no blob from the origin: {:?}",
+        site.tap.requests()
+    );
+    assert_eq!(
+        site.tap.count(|_, p| p.contains("/blobs/")),
+        0,
+        "a rerun asks the origin nothing about blobs (HEADs are answered from the cache): {:?}",
+        site.tap.requests()
+    );
+    assert_eq!(
+        again,
+        (2, 2, 0, total),
+        "everything reported as already cached"
+    );
+
+    // An interrupted warm resumes: a blob lost from the cache is the only one fetched again.
+    let (lost, size) = site.single.layers[1].clone();
+    std::fs::remove_file(blob_file(&site.cache, &lost)).expect("remove a cached layer");
+    site.tap.clear();
+    let resumed = site.warm("berth warm (after losing one layer)").await;
+    let gets: Vec<String> = site
+        .tap
+        .requests()
+        .into_iter()
+        .filter(|(m, p)| m == Method::GET && p.contains("/blobs/"))
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(gets.len(), 1, "only the lost layer is fetched: {gets:?}");
+    assert!(gets[0].contains(&lost), "{gets:?}");
+    assert_eq!(
+        resumed,
+        (2, 2, size.len() as u64, total - size.len() as u64)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_of_a_cache_held_by_a_running_berth_goes_through_it_with_via() {
+    let registry = Registry::start().await;
+    let tap = Tap::start(registry.addr()).await;
+    let img = push_oci_image(&registry.url(), "airgap/via", "1.0", &[200_000], 81).await;
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let config = write_config(
+        &work.path().join("berth.toml"),
+        &cache,
+        "1GiB",
+        &tap.url(),
+        &registry.host(),
+    );
+    let c = config.display().to_string();
+    let running = Berth::with_upstreams(&upstream_table(&tap.url(), &registry.host(), false))
+        .cache_dir(&cache)
+        .start()
+        .await;
+
+    let image = format!("{}/airgap/via:1.0", registry.host());
+    let run = berth(&args(&["warm", "--config", &c, &image])).await;
+    println!(
+        "=== warm while berth holds the cache ===\n{}",
+        run.transcript()
+    );
+    assert!(
+        !run.ok(),
+        "must not open a held cache:\n{}",
+        run.transcript()
+    );
+    assert!(
+        format!("{}{}", run.stdout, run.stderr).contains("--via"),
+        "the message should point at --via:\n{}",
+        run.transcript()
+    );
+    assert_eq!(
+        tap.count(|_, p| p.contains("/blobs/")),
+        0,
+        "the refused warm fetched nothing"
+    );
+
+    let run = berth(&args(&[
+        "warm",
+        "--config",
+        &c,
+        "--via",
+        &running.url(),
+        &image,
+    ]))
+    .await;
+    println!("=== warm --via {} ===\n{}", running.url(), run.transcript());
+    let run = run.expect_ok();
+    let bytes: u64 = img.blobs().iter().map(|(_, b)| b.len() as u64).sum();
+    assert_eq!(warm_summary(&run.stdout), Some((1, 1, bytes, 0)));
+
+    // The running berth now has it: a pull is a hit and reaches no origin.
+    tap.clear();
+    for (d, b) in img.blobs() {
+        let resp = reqwest::get(format!("{}/v2/airgap/via/blobs/{d}", running.url()))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()
+                .get("x-berth-cache")
+                .and_then(|v| v.to_str().ok()),
+            Some("hit"),
+            "{d}"
+        );
+        assert_eq!(resp.bytes().await.unwrap().len(), b.len());
+    }
+    assert_eq!(tap.count(|_, p| p.contains("/blobs/")), 0);
+    running.stop().await;
+}
