@@ -174,7 +174,7 @@ pub fn main() -> i32 {
                 }
             }
             init_logging(log_format);
-            runtime().block_on(serve(cfg))
+            runtime_with(cfg.server.worker_threads).block_on(serve(cfg))
         }
         Command::Export {
             config,
@@ -399,8 +399,14 @@ async fn wait_for_signal() {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+    runtime_with(None)
+}
+
+/// The runtime, with `workers` async worker threads (default: one per CPU).
+fn runtime_with(workers: Option<usize>) -> tokio::runtime::Runtime {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    b.enable_all().build().expect("tokio runtime")
 }

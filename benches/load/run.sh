@@ -21,6 +21,7 @@
 #   BIG_CLIENTS=32      distinct blobs / clients in the BIG scenario
 #   SKIP_BUILD=0        1: do not run `cargo build --release` (use the existing binary)
 #   BERTH_BIN=...       berth binary to test (default: target/release/berth of this checkout)
+#   BERTH_WORKERS=N     berth's server.worker_threads (default: one per CPU)
 #   BERTH_RUST_LOG=warn berth's RUST_LOG (an ambient RUST_LOG is ignored)
 #   KEEP_TMP=0          1: keep the temp dir (logs, configs, caches) and print where it is
 #   TMPDIR=...          where the temp dir goes (mktemp -d); needs the disk space below
@@ -39,7 +40,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 
 KNOBS=(QUICK DURATION WRK_THREADS WRK_CONNS SMALL_SIZE HOT_SIZE COLD_SIZE CONC_SIZE CONC_CLIENTS
-  BIG BIG_SIZE BIG_CLIENTS SCENARIOS SKIP_BUILD BERTH_BIN BERTH_RUST_LOG KEEP_TMP)
+  BIG BIG_SIZE BIG_CLIENTS SCENARIOS SKIP_BUILD BERTH_BIN BERTH_WORKERS BERTH_RUST_LOG KEEP_TMP)
 COMMAND=""
 for k in "${KNOBS[@]}"; do
   if [[ -n ${!k+x} ]]; then COMMAND+="$k=${!k} "; fi
@@ -428,7 +429,11 @@ tag_ttl = "1h"
 name = "origin"
 url = "$ORIGIN"
 default = true
+auth = "public"
 EOF
+  if [[ -n ${BERTH_WORKERS:-} ]]; then
+    sed -i "s/^shutdown_grace = \"2s\"/shutdown_grace = \"2s\"\nworker_threads = $BERTH_WORKERS/" "$T/berth/berth.toml"
+  fi
   RUST_LOG=$BERTH_RUST_LOG "$BERTH_BIN" serve --config "$T/berth/berth.toml" >"$BERTH_LOG" 2>&1 &
   BERTH_PID=$!
   PIDS+=("$BERTH_PID")

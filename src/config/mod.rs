@@ -79,6 +79,9 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// How long in-flight requests may run after SIGTERM before the process exits.
     pub shutdown_grace: Duration,
+    /// Async worker threads; one per CPU when unset. Fewer than the CPUs cuts tail latency when
+    /// berth shares its machine with busy neighbours.
+    pub worker_threads: Option<usize>,
 }
 
 /// `[server.tls]`: PEM files for the client-facing listener.
@@ -248,6 +251,19 @@ impl Config {
         let shutdown_grace = e
             .duration(&mut server_t, "server.shutdown_grace")
             .unwrap_or(Duration::from_secs(30));
+        let worker_threads = match server_t.remove("worker_threads") {
+            None => None,
+            Some(Value::Integer(n)) if (1..=1024).contains(&n) => Some(n as usize),
+            Some(Value::String(s)) if s.parse::<usize>().is_ok_and(|n| (1..=1024).contains(&n)) => {
+                s.parse().ok()
+            }
+            Some(other) => {
+                e.push(format!(
+                    "server.worker_threads: expected a number from 1 to 1024, found {other}"
+                ));
+                None
+            }
+        };
         let tls = match tls_t.take() {
             None => None,
             Some(Value::Table(mut t)) => {
@@ -398,6 +414,7 @@ impl Config {
                     external_url,
                     tls,
                     shutdown_grace,
+                    worker_threads,
                 },
                 admin,
                 cache,
