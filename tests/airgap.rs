@@ -900,3 +900,82 @@ async fn warm_of_a_cache_held_by_a_running_berth_goes_through_it_with_via() {
     assert_eq!(tap.count(|_, p| p.contains("/blobs/")), 0);
     running.stop().await;
 }
+
+/// `--with-referrers` also warms what the origin's referrers API lists for each manifest
+/// (signatures, SBOMs), and without the flag they are left out.
+#[tokio::test]
+async fn warm_with_referrers_fetches_signatures_too() {
+    use common::fault::FaultUpstream;
+    let fault = FaultUpstream::start().await;
+    let host = fault.addr().to_string();
+    let descriptor = |media_type: &str, bytes: &[u8]| serde_json::json!({"mediaType": media_type, "digest": sha256_digest(bytes), "size": bytes.len()});
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+            .to_vec();
+    let layer = pseudo_random(71, 50_000);
+    fault.add_blob(config.clone());
+    fault.add_blob(layer.clone());
+    let image = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": common::content::OCI_MANIFEST,
+        "config": descriptor(common::content::OCI_CONFIG, &config),
+        "layers": [descriptor(common::content::OCI_LAYER_TAR, &layer)],
+    })
+    .to_string();
+    let subject = fault.add_manifest(
+        "signed/app",
+        "v1",
+        common::content::OCI_MANIFEST,
+        image.clone(),
+    );
+    // A signature: an artifact manifest whose subject is the image.
+    let sig_config = b"{}".to_vec();
+    let sig_payload = pseudo_random(72, 700);
+    fault.add_blob(sig_config.clone());
+    fault.add_blob(sig_payload.clone());
+    let signature = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": common::content::OCI_MANIFEST,
+        "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json",
+        "config": descriptor("application/vnd.oci.empty.v1+json", &sig_config),
+        "layers": [descriptor("application/vnd.dev.cosign.simplesigning.v1+json", &sig_payload)],
+        "subject": descriptor(common::content::OCI_MANIFEST, image.as_bytes()),
+    })
+    .to_string();
+    let sig = fault.add_referrer(&subject, common::content::OCI_MANIFEST, signature);
+
+    for with in [true, false] {
+        let dir = TempDir::new().unwrap();
+        let cache = dir.path().join("cache");
+        let config_path = write_config(
+            &dir.path().join("berth.toml"),
+            &cache,
+            "1GiB",
+            &fault.url(),
+            &host,
+        );
+        let mut a = args(&["warm", "--config"]);
+        a.push(config_path.display().to_string());
+        if with {
+            a.push("--with-referrers".into());
+        }
+        a.push(format!("{host}/signed/app:v1"));
+        let run = berth(&a).await.expect_ok();
+        println!("{}", run.transcript());
+        assert!(
+            manifest_file(&cache, &subject).is_file(),
+            "the image manifest is warmed"
+        );
+        assert!(blob_file(&cache, &sha256_digest(&layer)).is_file());
+        assert_eq!(
+            manifest_file(&cache, &sig).is_file(),
+            with,
+            "signature manifest warmed: {with}"
+        );
+        assert_eq!(
+            blob_file(&cache, &sha256_digest(&sig_payload)).is_file(),
+            with,
+            "signature payload warmed: {with}"
+        );
+    }
+}

@@ -131,6 +131,8 @@ struct Content {
     manifests: HashMap<String, (String, Bytes)>,
     /// (repository, tag) to manifest digest.
     tags: HashMap<(String, String), String>,
+    /// Subject digest to the descriptors of its referrers (OCI 1.1 referrers API).
+    referrers: HashMap<String, Vec<serde_json::Value>>,
     /// Faults of single objects; they win over `global`.
     faults: HashMap<Target, Fault>,
     /// Fault for every other `/v2/` request on the origin listener.
@@ -256,6 +258,27 @@ impl FaultUpstream {
         content
             .tags
             .insert((repo.to_owned(), tag.to_owned()), digest.clone());
+        digest
+    }
+
+    /// Serves `bytes` (a manifest of `media_type`) by digest and lists it in
+    /// `/v2/<any>/referrers/<subject>`; returns its digest.
+    pub fn add_referrer(&self, subject: &str, media_type: &str, bytes: impl Into<Bytes>) -> String {
+        let bytes = bytes.into();
+        let digest = sha256_digest(&bytes);
+        let mut content = self.content();
+        content
+            .manifests
+            .insert(digest.clone(), (media_type.to_owned(), bytes.clone()));
+        content
+            .referrers
+            .entry(subject.to_owned())
+            .or_default()
+            .push(serde_json::json!({
+                "mediaType": media_type,
+                "digest": digest,
+                "size": bytes.len(),
+            }));
         digest
     }
 
@@ -402,6 +425,7 @@ struct Conn {
 enum Route {
     Blob { name: String, digest: String },
     Manifest { name: String, reference: String },
+    Referrers { subject: String },
     Other,
 }
 
@@ -413,6 +437,11 @@ fn route(path: &str) -> Route {
         return Route::Blob {
             name: name.to_owned(),
             digest: digest.to_owned(),
+        };
+    }
+    if let Some((_, subject)) = rest.rsplit_once("/referrers/") {
+        return Route::Referrers {
+            subject: subject.to_owned(),
         };
     }
     if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
@@ -493,7 +522,7 @@ async fn handle(conn: Conn, request: Request<Incoming>) -> Result<Response<Body>
             Route::Manifest { name, reference } => {
                 Some(Target::Manifest(name.clone(), reference.clone()))
             }
-            Route::Other => None,
+            Route::Referrers { .. } | Route::Other => None,
         };
         let fault = target
             .and_then(|t| content.faults.get(&t).cloned())
@@ -515,6 +544,22 @@ async fn handle(conn: Conn, request: Request<Incoming>) -> Result<Response<Body>
                 };
                 digest.and_then(|d| find_by_digest(&content, &d))
             }
+            Route::Referrers { subject } => {
+                let list = content.referrers.get(subject).cloned().unwrap_or_default();
+                let bytes = Bytes::from(
+                    serde_json::json!({
+                        "schemaVersion": 2,
+                        "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": list,
+                    })
+                    .to_string(),
+                );
+                Some(Object {
+                    media_type: "application/vnd.oci.image.index.v1+json".to_owned(),
+                    digest: sha256_digest(&bytes),
+                    bytes,
+                })
+            }
             Route::Other => None,
         };
         (content.bearer.clone(), fault, found)
@@ -526,7 +571,7 @@ async fn handle(conn: Conn, request: Request<Incoming>) -> Result<Response<Body>
                 Route::Blob { name, .. } | Route::Manifest { name, .. } => {
                     format!(",scope=\"repository:{name}:pull\"")
                 }
-                Route::Other => String::new(),
+                Route::Referrers { .. } | Route::Other => String::new(),
             };
             let challenge = format!(
                 "Bearer realm=\"http://{}/token\",service=\"fault\"{scope}",
@@ -569,7 +614,9 @@ async fn handle(conn: Conn, request: Request<Incoming>) -> Result<Response<Body>
     let Some(object) = found else {
         return Ok(match route {
             Route::Blob { .. } => oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", head),
-            Route::Manifest { .. } => oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", head),
+            Route::Manifest { .. } | Route::Referrers { .. } => {
+                oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", head)
+            }
             Route::Other if bare_path == "/v2/" => json(StatusCode::OK, "{}".to_owned(), head),
             Route::Other => oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", head),
         });
