@@ -22,6 +22,8 @@
 #   SKIP_BUILD=0        1: do not run `cargo build --release` (use the existing binary)
 #   BERTH_BIN=...       berth binary to test (default: target/release/berth of this checkout)
 #   BERTH_WORKERS=N     berth's server.worker_threads (default: one per CPU)
+#   ORIGIN_RATE=125m    put a rate-limited "WAN link" (nginx limit_rate, bytes/s per connection)
+#                       between the origin and berth, nginx and the direct pulls; unset: loopback
 #   BERTH_RUST_LOG=warn berth's RUST_LOG (an ambient RUST_LOG is ignored)
 #   KEEP_TMP=0          1: keep the temp dir (logs, configs, caches) and print where it is
 #   TMPDIR=...          where the temp dir goes (mktemp -d); needs the disk space below
@@ -40,7 +42,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 
 KNOBS=(QUICK DURATION WRK_THREADS WRK_CONNS SMALL_SIZE HOT_SIZE COLD_SIZE CONC_SIZE CONC_CLIENTS
-  BIG BIG_SIZE BIG_CLIENTS SCENARIOS SKIP_BUILD BERTH_BIN BERTH_WORKERS BERTH_RUST_LOG KEEP_TMP)
+  BIG BIG_SIZE BIG_CLIENTS SCENARIOS SKIP_BUILD BERTH_BIN BERTH_WORKERS ORIGIN_RATE BERTH_RUST_LOG KEEP_TMP)
 COMMAND=""
 for k in "${KNOBS[@]}"; do
   if [[ -n ${!k+x} ]]; then COMMAND+="$k=${!k} "; fi
@@ -338,6 +340,51 @@ EOF
 done
 log "docker-registry $(docker-registry --version | awk '{print $3}') on $ORIGIN (pid $REG_PID)"
 
+# FRONT is what berth, nginx and the direct pulls fetch from: the registry itself, or, with
+# ORIGIN_RATE, a rate-limited link in front of it (an origin across a WAN, as in production).
+FRONT_HOSTPORT=127.0.0.1:$REG_PORT
+if [[ -n ${ORIGIN_RATE:-} ]]; then
+  mkdir -p "$T/link/tmp" "$T/link/logs"
+  free_port LINK_PORT
+  link_user=""
+  if [[ $(id -u) == 0 ]]; then link_user="user root;"; fi
+  cat >"$T/link/nginx.conf" <<LINKEOF
+$link_user
+daemon off;
+worker_processes 1;
+pid $T/link/nginx.pid;
+error_log $T/link/logs/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $T/link/tmp;
+    proxy_temp_path $T/link/tmp;
+    fastcgi_temp_path $T/link/tmp;
+    uwsgi_temp_path $T/link/tmp;
+    scgi_temp_path $T/link/tmp;
+    server {
+        listen 127.0.0.1:$LINK_PORT;
+        location / {
+            proxy_pass http://127.0.0.1:$REG_PORT;
+            proxy_http_version 1.1;
+            proxy_set_header Host \$http_host;
+            # limit_rate paces what goes out to the client (berth, nginx, curl); it is not
+            # applied to unbuffered proxying, hence buffering on.
+            proxy_buffering on;
+            proxy_max_temp_file_size 0;
+            limit_rate $ORIGIN_RATE;
+        }
+    }
+}
+LINKEOF
+  nginx -p "$T/link/" -e "$T/link/logs/error.log" -c "$T/link/nginx.conf" 2>>"$T/link/logs/stderr.log" &
+  PIDS+=("$!")
+  FRONT_HOSTPORT=127.0.0.1:$LINK_PORT
+  for _ in $(seq 100); do curl -fsS -o /dev/null "http://$FRONT_HOSTPORT/v2/" && break; sleep 0.1; done
+  log "rate-limited link ($ORIGIN_RATE/s per connection) on http://$FRONT_HOSTPORT in front of the registry"
+fi
+FRONT=http://$FRONT_HOSTPORT
+
 # Lines the registry logged for GETs of one blob / for every request.
 upstream_gets() { grep -F "/blobs/sha256:$1" "$REG_LOG" | grep -c 'http.request.method=GET' || true; }
 upstream_requests() { grep -c 'http.request.method=' "$REG_LOG" || true; }
@@ -427,7 +474,7 @@ tag_ttl = "1h"
 
 [[upstream]]
 name = "origin"
-url = "$ORIGIN"
+url = "$FRONT"
 default = true
 auth = "public"
 EOF
@@ -480,7 +527,7 @@ http {
     proxy_cache_path $d/cache levels=1:2 keys_zone=reg:50m max_size=${CACHE_MIB}m inactive=1d use_temp_path=off;
 
     upstream origin {
-        server 127.0.0.1:$REG_PORT;
+        server $FRONT_HOSTPORT;
         keepalive 32;
     }
 
@@ -691,7 +738,7 @@ fi
 
 if has cold; then
   log "scenario: cold $(human "$COLD_BYTES") pull (one fresh blob per target)"
-  cold_pull direct.cold "$(blob "$ORIGIN" "$COLD_DIRECT_DG")" "$COLD_DIRECT_DG"
+  cold_pull direct.cold "$(blob "$FRONT" "$COLD_DIRECT_DG")" "$COLD_DIRECT_DG"
   cold_pull berth.cold "$(blob "$B" "$COLD_BERTH_DG")" "$COLD_BERTH_DG"
   cold_pull nginx.cold "$(blob "$N" "$COLD_NGINX_DG")" "$COLD_NGINX_DG"
   # what the proxies stored must be the blob: read it back (now a hit) and hash it

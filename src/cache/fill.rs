@@ -31,7 +31,7 @@ use crate::upstream::UpstreamError;
 /// Size of the reads and writes a fill and its readers make.
 pub const CHUNK: usize = 256 * 1024;
 /// Chunks queued between a fill and its disk writer.
-const WRITE_QUEUE: usize = 16;
+const WRITE_QUEUE: usize = 4;
 /// How often a storage failure is logged at most.
 const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
