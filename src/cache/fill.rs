@@ -30,6 +30,8 @@ use crate::upstream::UpstreamError;
 
 /// Size of the reads and writes a fill and its readers make.
 pub const CHUNK: usize = 256 * 1024;
+/// Most bytes a fill gathers from the origin into one write.
+const FILL_BATCH: usize = 128 * 1024;
 /// Chunks queued between a fill and its disk writer.
 const WRITE_QUEUE: usize = 4;
 /// How often a storage failure is logged at most.
@@ -717,7 +719,7 @@ impl Fills {
             })
         };
         let mut queued: u64 = 0;
-        let mut buf = BytesMut::with_capacity(CHUNK);
+        let mut parts: Vec<Bytes> = Vec::new();
         let mut ended = false;
         // Once storage fails the fill stops; readers continue from the origin.
         let mut storage_failed = false;
@@ -726,7 +728,7 @@ impl Fills {
         let mut failure: Option<FillError> = None;
         while !ended {
             match body.next().await {
-                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                Some(Ok(chunk)) => parts.push(chunk),
                 Some(Err(e)) => {
                     failure = Some(e.into());
                     break;
@@ -734,10 +736,14 @@ impl Fills {
                 None => ended = true,
             }
             // Take whatever else has already arrived, without waiting: bytes that reached
-            // berth are published to readers now, not when a full chunk has gathered.
-            while !ended && buf.len() < CHUNK {
+            // berth are published to readers now, not when a full batch has gathered.
+            let mut batched: usize = parts.iter().map(Bytes::len).sum();
+            while !ended && batched < FILL_BATCH {
                 match body.next().now_or_never() {
-                    Some(Some(Ok(chunk))) => buf.extend_from_slice(&chunk),
+                    Some(Some(Ok(chunk))) => {
+                        batched += chunk.len();
+                        parts.push(chunk);
+                    }
                     Some(Some(Err(e))) => {
                         failure = Some(e.into());
                         break;
@@ -746,10 +752,19 @@ impl Fills {
                     None => break,
                 }
             }
-            if failure.is_some() || buf.is_empty() {
+            if failure.is_some() || batched == 0 {
                 break;
             }
-            let data = buf.split().freeze();
+            // One chunk goes on as it is; several are joined into one write.
+            let data = if parts.len() == 1 {
+                parts.pop().expect("one part")
+            } else {
+                let mut joined = BytesMut::with_capacity(batched);
+                for p in parts.drain(..) {
+                    joined.extend_from_slice(&p);
+                }
+                joined.freeze()
+            };
             let new_queued = queued + data.len() as u64;
             if total.is_some_and(|t| new_queued > t) {
                 failure = Some(
