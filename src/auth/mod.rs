@@ -18,7 +18,7 @@ pub mod principal;
 pub mod realm;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 
@@ -295,7 +295,7 @@ impl Authorizer {
             scope: format!("repository:{repo}:pull"),
             auth: sel.auth.clone(),
         };
-        let answer = check(&sel.upstream, &req).await;
+        let answer = check(&sel.upstream, &self.metrics, &req).await;
         let ttl = self.decision_ttl(principal);
         match answer {
             Ok((StatusCode::OK, digest)) => {
@@ -426,14 +426,14 @@ impl Authorizer {
     }
 }
 
-/// Sends a check request; returns the status and the digest the origin reported.
+/// Sends a check request (counted like every origin request); returns the status and the
+/// digest the origin reported.
 async fn check(
     upstream: &Upstream,
+    metrics: &Metrics,
     req: &UpstreamRequest,
 ) -> Result<(StatusCode, Option<Digest>), UpstreamError> {
-    let started = Instant::now();
-    let resp = upstream.send(req).await?;
-    let _ = started;
+    let resp = crate::proxy::send_counted(upstream, metrics, req).await?;
     let digest = resp
         .headers()
         .get("docker-content-digest")

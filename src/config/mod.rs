@@ -552,7 +552,6 @@ impl Errors {
         let at = |k: &str| format!("upstream[{i}].{k}");
         let before = self.0.len();
         let name = self.string(&mut t, &at("name"));
-        let label = name.clone().unwrap_or_else(|| format!("upstream[{i}]"));
         match &name {
             None => self.push(format!("{}: required", at("name"))),
             Some(n) if !valid_upstream_name(n) => self.push(format!(
@@ -659,7 +658,6 @@ impl Errors {
             .duration(&mut t, &at("idle_timeout"))
             .unwrap_or(Duration::from_secs(60));
         self.unknown(&t, &format!("upstream[{i}]"));
-        let _ = label;
         let (name, url) = (name?, url?);
         if self.0.len() > before {
             return None;
