@@ -30,6 +30,15 @@ impl App {
         if head {
             return self.head_blob(sel, &digest).await;
         }
+        // The memory tier first: a hot small blob costs no file open.
+        if let Some(bytes) = self.cache().memory().blob(&digest) {
+            self.cache().index().touch(&Key {
+                kind: Kind::Blob,
+                digest: digest.clone(),
+            });
+            self.count_lookup("blob", "memory", true);
+            return memory_response(&digest, bytes, range_header, Tier::Memory);
+        }
         let source = self
             .cache()
             .fills()
@@ -49,19 +58,7 @@ impl App {
                     if tier == Tier::Disk {
                         self.count_lookup("blob", "disk", true);
                     }
-                    let resp = match range::parse(range_header, size) {
-                        RangeRequest::Unsatisfiable => {
-                            return Err(Error::RangeNotSatisfiable { size })
-                        }
-                        RangeRequest::Full => {
-                            blob_response(&digest, 0, size, size, body::full(bytes), false)
-                        }
-                        RangeRequest::Partial { start, end } => {
-                            let part = bytes.slice(start as usize..end as usize);
-                            blob_response(&digest, start, end, size, body::full(part), true)
-                        }
-                    };
-                    return Ok((sourced(resp, tier.into()), CacheResult::Hit));
+                    return memory_response(&digest, bytes, range_header, tier);
                 }
                 if eligible {
                     self.count_lookup("blob", "memory", false);
@@ -230,6 +227,25 @@ impl BlobFetcher for UpstreamBlob {
             })
         })
     }
+}
+
+/// A blob answered from bytes in memory (Range applied).
+fn memory_response(
+    digest: &Digest,
+    bytes: bytes::Bytes,
+    range_header: Option<&str>,
+    tier: Tier,
+) -> Result<(Response<Body>, CacheResult), Error> {
+    let size = bytes.len() as u64;
+    let resp = match range::parse(range_header, size) {
+        RangeRequest::Unsatisfiable => return Err(Error::RangeNotSatisfiable { size }),
+        RangeRequest::Full => blob_response(digest, 0, size, size, body::full(bytes), false),
+        RangeRequest::Partial { start, end } => {
+            let part = bytes.slice(start as usize..end as usize);
+            blob_response(digest, start, end, size, body::full(part), true)
+        }
+    };
+    Ok((sourced(resp, tier.into()), CacheResult::Hit))
 }
 
 fn blob_request(sel: &Selected, method: Method, digest: &Digest) -> UpstreamRequest {
