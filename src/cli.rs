@@ -84,6 +84,16 @@ pub enum Command {
         #[arg(long)]
         pin: bool,
     },
+    /// Release images pinned by `warm --pin` or `import --pin` (as they were named there):
+    /// they become ordinary cache entries, evicted first when space is needed.
+    Unpin {
+        /// Config options.
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Image references, as recorded (see pins.json in the cache directory).
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
     /// Fill the cache ahead of time from a list of images (tags or digests).
     Warm {
         /// Config options.
@@ -254,6 +264,31 @@ pub fn main() -> i32 {
                     }
                 }
             })
+        }
+        Command::Unpin { config, images } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging_quiet();
+            let cache = match crate::cache::Cache::open(&cfg.cache) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("berth: unpin: cache {}: {e}", cfg.cache.dir.display());
+                    return 1;
+                }
+            };
+            let mut missing = 0;
+            for image in &images {
+                if cache.unpin_image(image) == 0 {
+                    eprintln!("berth: unpin: {image} is not pinned");
+                    missing += 1;
+                } else {
+                    println!("unpinned {image}");
+                }
+            }
+            let _ = cache.save_recency();
+            i32::from(missing > 0)
         }
         Command::Warm {
             config,

@@ -979,3 +979,79 @@ async fn warm_with_referrers_fetches_signatures_too() {
         );
     }
 }
+
+/// `berth unpin` hands a pinned image back to the budget: it is evicted like anything else.
+#[tokio::test]
+async fn unpinned_images_are_evicted_again() {
+    let registry = Registry::start().await;
+    let base = registry.url();
+    let image = push_oci_image(&base, "airgap/unpin", "1.0", &[600_000, 400_000], 81).await;
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let config = write_config(
+        &work.path().join("berth.toml"),
+        &cache,
+        "3MiB",
+        &base,
+        &registry.host(),
+    );
+    let c = config.display().to_string();
+    berth(&args(&[
+        "warm",
+        "--config",
+        &c,
+        "--pin",
+        "airgap/unpin:1.0",
+    ]))
+    .await
+    .expect_ok();
+    let layer = blob_file(&cache, &image.layers[0].0);
+    assert!(layer.is_file());
+
+    let run = berth(&args(&["unpin", "--config", &c, "airgap/unpin:1.0"])).await;
+    println!("{}", run.transcript());
+    assert!(run.expect_ok().stdout.contains("unpinned airgap/unpin:1.0"));
+    let pins = std::fs::read_to_string(cache.join("pins.json")).unwrap();
+    assert!(!pins.contains("airgap/unpin"), "{pins}");
+    let again = berth(&args(&["unpin", "--config", &c, "airgap/unpin:1.0"])).await;
+    assert!(
+        !again.ok(),
+        "unpinning what is not pinned is an error:\n{}",
+        again.transcript()
+    );
+    assert!(
+        again.stderr.contains("not pinned"),
+        "{}",
+        again.transcript()
+    );
+
+    // Fill the budget with other blobs: the formerly pinned layer goes.
+    let fillers: Vec<Vec<u8>> = (0..4u64).map(|i| pseudo_random(900 + i, 1 << 20)).collect();
+    let mut digests = Vec::new();
+    for f in &fillers {
+        digests.push(push_blob(&base, "airgap/filler", f).await);
+    }
+    let online = Berth::with_upstreams(&upstream_table(&base, &registry.host(), false))
+        .cache_dir(&cache)
+        .disk_bytes("3MiB")
+        .start()
+        .await;
+    for d in &digests {
+        let resp = reqwest::get(format!("{}/v2/airgap/filler/blobs/{d}", online.url()))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+        for _ in 0..500 {
+            if blob_file(&cache, d).is_file() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    online.stop().await;
+    assert!(
+        !layer.exists(),
+        "the unpinned layer was evicted to make room"
+    );
+}

@@ -244,6 +244,31 @@ impl DiskIndex {
         Ok(())
     }
 
+    /// Makes pinned objects evictable again, as the next victims of the probation segment.
+    pub fn unpin(&self, keys: &[Key]) {
+        let mut i = self.lock();
+        for k in keys {
+            let Some(e) = i.entries.get(k) else { continue };
+            if e.segment != Segment::Pinned {
+                continue;
+            }
+            let size = e.size;
+            // Oldest possible tick: in front of every probation entry.
+            let tick = i.probation.keys().next().map_or(0, |t| t.saturating_sub(1));
+            let tick = if i.probation.contains_key(&tick) || i.protected.contains_key(&tick) {
+                i.next_tick()
+            } else {
+                tick
+            };
+            let e = i.entries.get_mut(k).expect("checked above");
+            e.segment = Segment::Probation;
+            e.tick = tick;
+            i.pinned_bytes -= size;
+            i.probation.insert(tick, k.clone());
+            i.dirty = true;
+        }
+    }
+
     /// Whether an object is pinned.
     pub fn is_pinned(&self, key: &Key) -> bool {
         self.lock()

@@ -168,6 +168,31 @@ impl Cache {
         Ok(())
     }
 
+    /// Unpins the images recorded under `reference`: their objects become ordinary cache
+    /// entries again (most evictable first), except those another pinned image still needs.
+    /// Returns how many records were removed.
+    pub fn unpin_image(&self, reference: &str) -> usize {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        let before = pins.len();
+        let (gone, kept): (Vec<_>, Vec<_>) = pins.drain(..).partition(|p| p.reference == reference);
+        *pins = kept;
+        let still: std::collections::HashSet<Key> = pins.iter().flat_map(|p| p.keys()).collect();
+        let release: Vec<Key> = gone
+            .iter()
+            .flat_map(|p| p.keys())
+            .filter(|k| !still.contains(k))
+            .collect();
+        self.index.unpin(&release);
+        let text = serde_json::to_vec_pretty(&*pins).expect("plain records serialize");
+        if let Err(e) = self
+            .store
+            .write_small(&self.store.root().join(pins::PINS_FILE), &text)
+        {
+            tracing::warn!(error = %e, "could not save pins");
+        }
+        before - pins.len()
+    }
+
     /// The pinned images.
     pub fn pinned_images(&self) -> Vec<PinnedImage> {
         self.pins.lock().unwrap_or_else(|p| p.into_inner()).clone()
