@@ -190,81 +190,37 @@ pub fn main() -> i32 {
             config,
             out,
             images,
-        } => {
-            let cfg = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            init_logging_quiet();
-            runtime().block_on(async move {
-                let (cache, upstreams) = match open_offline(&cfg) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        eprintln!("berth: export: {e}");
-                        return 1;
-                    }
-                };
-                match tokio::task::block_in_place(|| {
-                    crate::bundle::export(&cache, &upstreams, &images, &out)
-                }) {
-                    Ok(r) => {
-                        println!(
-                            "exported {} image(s) to {}: {} manifest(s), {} blob(s), {} bytes",
-                            r.images,
-                            out.display(),
-                            r.manifests,
-                            r.blobs,
-                            r.bytes
-                        );
-                        0
-                    }
-                    Err(e) => {
-                        eprintln!("berth: export: {e}");
-                        1
-                    }
-                }
-            })
-        }
+        } => with_cache(&config, "export", |cache, upstreams| async move {
+            let r = tokio::task::block_in_place(|| {
+                crate::bundle::export(&cache, &upstreams, &images, &out)
+            })?;
+            Ok(format!(
+                "exported {} image(s) to {}: {} manifest(s), {} blob(s), {} bytes",
+                r.images,
+                out.display(),
+                r.manifests,
+                r.blobs,
+                r.bytes
+            ))
+        }),
         Command::Import {
             config,
             bundle,
             pin,
-        } => {
-            let cfg = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            init_logging_quiet();
-            runtime().block_on(async move {
-                let (cache, upstreams) = match open_offline(&cfg) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        eprintln!("berth: import: {e}");
-                        return 1;
-                    }
-                };
-                let result = crate::bundle::import(&cache, &upstreams, &bundle, pin).await;
-                let _ = cache.save_recency();
-                match result {
-                    Ok(r) => {
-                        println!(
-                            "imported {} image(s) from {}: {} manifest(s), {} blob(s), {} bytes{}",
-                            r.images,
-                            bundle.display(),
-                            r.manifests,
-                            r.blobs,
-                            r.bytes,
-                            if pin { ", pinned" } else { "" }
-                        );
-                        0
-                    }
-                    Err(e) => {
-                        eprintln!("berth: import: {e}");
-                        1
-                    }
-                }
-            })
-        }
+        } => with_cache(&config, "import", |cache, upstreams| async move {
+            let result = crate::bundle::import(&cache, &upstreams, &bundle, pin).await;
+            let _ = cache.save_recency();
+            let r = result?;
+            Ok(format!(
+                "imported {} image(s) from {}: {} manifest(s), {} blob(s), {} bytes{}",
+                r.images,
+                bundle.display(),
+                r.manifests,
+                r.blobs,
+                r.bytes,
+                if pin { ", pinned" } else { "" }
+            ))
+        }),
         Command::Unpin { config, images } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
@@ -340,6 +296,39 @@ pub fn main() -> i32 {
             runtime().block_on(warm(cfg, opts))
         }
     }
+}
+
+/// Runs a command that works on the cache directory itself (export, import): loads the
+/// config, opens the cache (taking its lock), prints the summary or the error.
+fn with_cache<F, Fut>(args: &ConfigArgs, name: &str, f: F) -> i32
+where
+    F: FnOnce(crate::cache::Cache, crate::upstream::Upstreams) -> Fut,
+    Fut: std::future::Future<Output = Result<String, crate::bundle::BundleError>>,
+{
+    let cfg = match load(args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging_quiet();
+    runtime().block_on(async move {
+        let (cache, upstreams) = match open_offline(&cfg) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("berth: {name}: {e}");
+                return 1;
+            }
+        };
+        match f(cache, upstreams).await {
+            Ok(summary) => {
+                println!("{summary}");
+                0
+            }
+            Err(e) => {
+                eprintln!("berth: {name}: {e}");
+                1
+            }
+        }
+    })
 }
 
 /// The cache and upstream table of a config, without listeners (export, import).

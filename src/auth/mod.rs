@@ -50,43 +50,48 @@ pub enum Target<'a> {
 
 /// How the client reached berth, to build the token realm it is sent to.
 #[derive(Debug, Clone)]
-pub struct Realm {
-    /// `https://host:port` (from `server.external_url`, else the request).
-    pub base: String,
+pub struct Realm<'a> {
+    /// `server.external_url`, when configured.
+    external: Option<&'a str>,
+    /// Whether the client connected over TLS.
+    tls: bool,
+    /// The request's authority or Host header.
+    host: Option<&'a str>,
 }
 
-impl Realm {
-    /// The realm from config or, failing that, from the request's scheme and Host.
+impl<'a> Realm<'a> {
+    /// The realm from config or, failing that, from the request's scheme and Host. Nothing is
+    /// formatted until a challenge is needed (most requests never need one).
     pub fn from_request(
-        external: Option<&str>,
+        external: Option<&'a str>,
         tls: bool,
-        headers: &HeaderMap,
-        authority: Option<&str>,
-    ) -> Realm {
-        if let Some(e) = external {
-            return Realm { base: e.to_owned() };
-        }
+        headers: &'a HeaderMap,
+        authority: Option<&'a str>,
+    ) -> Realm<'a> {
         let host = authority
-            .map(str::to_owned)
-            .or_else(|| {
-                headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
+            .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
             .filter(|h| {
                 h.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-            })
-            .unwrap_or_else(|| "localhost".into());
+            });
         Realm {
-            base: format!("{}://{host}", if tls { "https" } else { "http" }),
+            external,
+            tls,
+            host,
         }
     }
 
     /// A Bearer challenge for `service`, scoped to `repo` (as the client named it) if given.
     pub fn challenge(&self, service: &str, repo: Option<&str>) -> String {
-        let mut c = format!("Bearer realm=\"{}/token\",service=\"{service}\"", self.base);
+        let base = match self.external {
+            Some(e) => e.to_owned(),
+            None => format!(
+                "{}://{}",
+                if self.tls { "https" } else { "http" },
+                self.host.unwrap_or("localhost")
+            ),
+        };
+        let mut c = format!("Bearer realm=\"{base}/token\",service=\"{service}\"");
         if let Some(r) = repo {
             c.push_str(&format!(",scope=\"repository:{r}:pull\""));
         }
@@ -158,7 +163,7 @@ impl Authorizer {
         &self,
         upstream: &Upstream,
         principal: &Principal,
-        realm: &Realm,
+        realm: &Realm<'_>,
     ) -> Result<(), Error> {
         let required = |message: &str| Error::AuthRequired {
             challenge: realm.challenge(upstream.name(), None),
@@ -198,7 +203,7 @@ impl Authorizer {
         sel: &mut Selected,
         principal: &Principal,
         target: Target<'_>,
-        realm: &Realm,
+        realm: &Realm<'_>,
         visible: Option<&str>,
     ) -> Result<(), Error> {
         let service = sel.upstream.name().to_owned();

@@ -127,8 +127,6 @@ pub struct FillStats {
     pub pass_through: AtomicU64,
     /// Disk write or commit failures.
     pub write_failures: AtomicU64,
-    /// Readers that continued from the origin after storage failed.
-    pub fallbacks: AtomicU64,
 }
 
 // === impl Fill ===
@@ -333,7 +331,6 @@ impl Reader {
 
     /// Storage failed or was skipped: continue from the origin at `offset`.
     async fn switch_to_upstream(&mut self) -> io::Result<()> {
-        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
         let whole = self.start == 0 && (self.end.is_none() || self.end == self.total);
         if whole {
             // Verify the whole body: hash what the file already gave this client.
@@ -493,6 +490,8 @@ pub struct Fills {
     store: Arc<DiskStore>,
     index: Arc<DiskIndex>,
     map: Mutex<HashMap<Digest, Arc<Fill>>>,
+    /// Fills in progress, republished whenever one ends (committed or failed).
+    settled: watch::Sender<usize>,
     stats: Arc<FillStats>,
     last_warn: Mutex<Option<Instant>>,
 }
@@ -506,6 +505,7 @@ impl Fills {
             store,
             index,
             map: Mutex::new(HashMap::new()),
+            settled: watch::channel(0).0,
             stats: Arc::new(FillStats::default()),
             last_warn: Mutex::new(None),
         })
@@ -519,6 +519,26 @@ impl Fills {
     /// Number of fills in progress.
     pub fn in_flight(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Waits until no fill is in progress for `d` (its blob committed, or the fill failed).
+    pub async fn settled(&self, d: &Digest) {
+        let mut rx = self.settled.subscribe();
+        while self.get(d).is_some() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Waits until no fill at all is in progress.
+    pub async fn all_settled(&self) {
+        let mut rx = self.settled.subscribe();
+        while self.in_flight() > 0 {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// The fill in progress for `d`, if any.
@@ -586,6 +606,7 @@ impl Fills {
                 if map.get(&f.digest).is_some_and(|x| Arc::ptr_eq(x, &f)) {
                     map.remove(&f.digest);
                 }
+                this.settled.send_replace(map.len());
             }
             match result {
                 Ok(Some(state)) => {

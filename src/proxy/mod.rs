@@ -428,7 +428,7 @@ impl App {
     /// `target` there.
     async fn admit(
         &self,
-        (principal, realm, ns): (&Principal, &Realm, Option<&str>),
+        (principal, realm, ns): (&Principal, &Realm<'_>, Option<&str>),
         name: crate::oci::RepoName,
         target: Target<'_>,
     ) -> Result<Selected, Error> {

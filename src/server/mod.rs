@@ -95,11 +95,10 @@ impl Running {
             let _ = t.await;
         }
         let fills = self.app.cache().fills().clone();
-        let deadline = tokio::time::Instant::now() + self.grace;
-        while fills.in_flight() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if fills.in_flight() > 0 {
+        if tokio::time::timeout(self.grace, fills.all_settled())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 fills = fills.in_flight(),
                 "exiting with fills in progress; they are discarded"

@@ -152,17 +152,7 @@ pub async fn push_oci_image(
     layer_sizes: &[usize],
     seed: u64,
 ) -> TestImage {
-    let client = Client::new();
-    let image = build_image(
-        repo,
-        tag,
-        layer_sizes,
-        seed,
-        ("linux", "amd64"),
-        &MediaTypes::OCI,
-    );
-    push_image(&client, base_url, &image).await;
-    image
+    push_single(base_url, repo, tag, layer_sizes, seed, &MediaTypes::OCI).await
 }
 
 /// Pushes a Docker schema 2 image (`application/vnd.docker.distribution.manifest.v2+json`),
@@ -174,16 +164,20 @@ pub async fn push_docker_image(
     layer_sizes: &[usize],
     seed: u64,
 ) -> TestImage {
-    let client = Client::new();
-    let image = build_image(
-        repo,
-        tag,
-        layer_sizes,
-        seed,
-        ("linux", "amd64"),
-        &MediaTypes::DOCKER,
-    );
-    push_image(&client, base_url, &image).await;
+    push_single(base_url, repo, tag, layer_sizes, seed, &MediaTypes::DOCKER).await
+}
+
+/// Builds and pushes a linux/amd64 image with the given media types.
+async fn push_single(
+    base_url: &str,
+    repo: &str,
+    tag: &str,
+    layer_sizes: &[usize],
+    seed: u64,
+    types: &MediaTypes,
+) -> TestImage {
+    let image = build_image(repo, tag, layer_sizes, seed, ("linux", "amd64"), types);
+    push_image(&Client::new(), base_url, &image).await;
     image
 }
 
