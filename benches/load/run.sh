@@ -270,6 +270,7 @@ need curl curl
 need sha256sum coreutils
 need awk gawk
 need pgrep procps
+need openssl openssl
 [[ $SKIP_BUILD == 1 ]] || need cargo "rustup / cargo"
 if ((${#MISSING[@]})); then
   for m in "${MISSING[@]}"; do log "missing: $m"; done
@@ -751,6 +752,16 @@ if has cold; then
       R[$t.errors]=$((${R[$t.errors]:-0} + 1))
     fi
   done
+  # The floor for any proxy that verifies a blob before releasing its last byte (berth must:
+  # a corrupt origin body may never reach a client complete-looking): hashing it once on one
+  # core with OpenSSL's SHA-256 (SHA-NI where the CPU has it). No pipeline can beat this.
+  rate=$(openssl speed -evp sha256 -bytes 262144 -seconds 1 2>/dev/null |
+    awk '$1 == "sha256" { v = $2; sub(/k$/, "", v); print v * 1000 }')
+  if is_num "${rate:-}"; then
+    R[floor.cold.total]=$(calc "sprintf(\"%.2f\", $COLD_BYTES / $rate)")
+    R[floor.cold.mibs]=$(calc "sprintf(\"%.0f\", $rate / 1048576)")
+    log "cold floor: SHA-256 of $(human "$COLD_BYTES") on one core takes ${R[floor.cold.total]} s (${R[floor.cold.mibs]} MiB/s)"
+  fi
   berth_alive || true
 fi
 
@@ -861,6 +872,7 @@ HS=$(human "$HOT_BYTES") SS=$(human "$SMALL_BYTES") CS=$(human "$COLD_BYTES") QS
     "$((${R[nginx.hot.upstream]:-0} + ${R[nginx.small.upstream]:-0} + ${R[nginx.manifest.upstream]:-0}))"
   row "cold $CS pull, time to first byte, ms ↓" "$(v berth.cold.ttfb)" "$(v nginx.cold.ttfb)" "$(v direct.cold.ttfb)"
   row "cold $CS pull, total, s ↓" "$(v berth.cold.total)" "$(v nginx.cold.total)" "$(v direct.cold.total)"
+  row "cold $CS pull, total vs SHA-256 of it on one core (²), s ↓" "$(v berth.cold.total)" "$(v nginx.cold.total)" "$(v floor.cold.total)"
   row "cold $CS pull, origin GETs" "$(v berth.cold.upstream)" "$(v nginx.cold.upstream)" "$(v direct.cold.upstream)"
   row "$CONC_CLIENTS× concurrent cold $QS: origin GETs ↓" "$(v berth.conc.upstream)" "$(v nginx.conc.upstream)"
   row "$CONC_CLIENTS× concurrent cold $QS: clients with 200 + right sha256" "$(v berth.conc.ok)" "$(v nginx.conc.ok)"
@@ -878,6 +890,10 @@ HS=$(human "$HOT_BYTES") SS=$(human "$SMALL_BYTES") CS=$(human "$COLD_BYTES") QS
   echo
   if [[ $BIG == 1 ]]; then
     echo "(¹) berth: VmHWM of a berth restarted with an empty cache just for this scenario (max sampled VmRSS ${R[berth.big.rssmax]:-?} MiB); nginx: max of the summed VmRSS of master + workers, sampled at 10 Hz."
+    echo
+  fi
+  if [[ -n ${R[floor.cold.total]:-} ]]; then
+    echo "(²) direct column: the time OpenSSL needs to SHA-256 the blob once on one core (\`openssl speed -evp sha256\`: ${R[floor.cold.mibs]} MiB/s), the lower bound for any proxy that verifies the digest before it sends the last byte, as berth does; nginx does not verify."
     echo
   fi
   echo "berth logged $BERTH_LOG_LINES line(s) at RUST_LOG=$BERTH_RUST_LOG; nginx error.log has $NGINX_ERR_LINES line(s)."
