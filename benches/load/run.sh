@@ -22,8 +22,9 @@
 #   SKIP_BUILD=0        1: do not run `cargo build --release` (use the existing binary)
 #   BERTH_BIN=...       berth binary to test (default: target/release/berth of this checkout)
 #   BERTH_WORKERS=N     berth's server.worker_threads (default: one per CPU)
-#   ORIGIN_RATE=125m    put a rate-limited "WAN link" (nginx limit_rate, bytes/s per connection)
-#                       between the origin and berth, nginx and the direct pulls; unset: loopback
+#   ORIGIN_RATE=125m    put a paced "WAN link" (benches/load/ratelink.rs, bytes/s per connection,
+#                       k/m/g = KiB/MiB/GiB) between the origin and berth, nginx and the direct
+#                       pulls; unset: loopback
 #   BERTH_RUST_LOG=warn berth's RUST_LOG (an ambient RUST_LOG is ignored)
 #   KEEP_TMP=0          1: keep the temp dir (logs, configs, caches) and print where it is
 #   TMPDIR=...          where the temp dir goes (mktemp -d); needs the disk space below
@@ -285,9 +286,14 @@ BIG_BYTES=$(to_bytes "$BIG_SIZE")
 
 if [[ $SKIP_BUILD != 1 ]]; then
   log "cargo build --release"
-  (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
+  (cd "$ROOT" && cargo build --release --quiet --bin berth --example ratelink) ||
+    die "cargo build --release failed"
 fi
 [[ -x $BERTH_BIN ]] || die "no berth binary at $BERTH_BIN"
+RATELINK_BIN=$ROOT/target/release/examples/ratelink
+if [[ -n ${ORIGIN_RATE:-} && ! -x $RATELINK_BIN ]]; then
+  die "ORIGIN_RATE needs $RATELINK_BIN (cargo build --release --example ratelink)"
+fi
 
 # REGISTRY_* variables override docker-registry's config file; the caller's must not leak in.
 for v in $(compgen -e | grep '^REGISTRY_' || true); do unset "$v"; done
@@ -345,44 +351,14 @@ log "docker-registry $(docker-registry --version | awk '{print $3}') on $ORIGIN 
 # ORIGIN_RATE, a rate-limited link in front of it (an origin across a WAN, as in production).
 FRONT_HOSTPORT=127.0.0.1:$REG_PORT
 if [[ -n ${ORIGIN_RATE:-} ]]; then
-  mkdir -p "$T/link/tmp" "$T/link/logs"
+  # benches/load/ratelink.rs: paces each response to ORIGIN_RATE bytes/s against an absolute
+  # schedule (nginx's limit_rate paces per whole second and lets short transfers run up to 2x).
   free_port LINK_PORT
-  link_user=""
-  if [[ $(id -u) == 0 ]]; then link_user="user root;"; fi
-  cat >"$T/link/nginx.conf" <<LINKEOF
-$link_user
-daemon off;
-worker_processes 1;
-pid $T/link/nginx.pid;
-error_log $T/link/logs/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $T/link/tmp;
-    proxy_temp_path $T/link/tmp;
-    fastcgi_temp_path $T/link/tmp;
-    uwsgi_temp_path $T/link/tmp;
-    scgi_temp_path $T/link/tmp;
-    server {
-        listen 127.0.0.1:$LINK_PORT;
-        location / {
-            proxy_pass http://127.0.0.1:$REG_PORT;
-            proxy_http_version 1.1;
-            proxy_set_header Host \$http_host;
-            # limit_rate paces what goes out to the client (berth, nginx, curl); it is not
-            # applied to unbuffered proxying, hence buffering on.
-            proxy_buffering on;
-            proxy_max_temp_file_size 0;
-            limit_rate $ORIGIN_RATE;
-        }
-    }
-}
-LINKEOF
-  nginx -p "$T/link/" -e "$T/link/logs/error.log" -c "$T/link/nginx.conf" 2>>"$T/link/logs/stderr.log" &
+  "$RATELINK_BIN" "127.0.0.1:$LINK_PORT" "127.0.0.1:$REG_PORT" "$ORIGIN_RATE" 2>"$T/link.log" &
   PIDS+=("$!")
   FRONT_HOSTPORT=127.0.0.1:$LINK_PORT
   for _ in $(seq 100); do curl -fsS -o /dev/null "http://$FRONT_HOSTPORT/v2/" && break; sleep 0.1; done
-  log "rate-limited link ($ORIGIN_RATE/s per connection) on http://$FRONT_HOSTPORT in front of the registry"
+  log "paced link ($ORIGIN_RATE/s per connection) on http://$FRONT_HOSTPORT in front of the registry"
 fi
 FRONT=http://$FRONT_HOSTPORT
 

@@ -1,0 +1,108 @@
+//! A paced TCP link for the load benchmark: `ratelink LISTEN TARGET BYTES_PER_SEC`.
+//!
+//! Forwards every connection accepted on LISTEN to TARGET; what TARGET sends back is paced to
+//! BYTES_PER_SEC per connection against an absolute schedule (byte n of a response leaves no
+//! earlier than n / rate after its first), so a transfer of any length averages the rate. It stands
+//! in for the WAN between a registry cache and its origin. nginx's `limit_rate`, the obvious
+//! alternative, paces per whole second and lets short transfers run up to twice the rate.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+/// Largest burst written at once.
+const CHUNK: usize = 64 * 1024;
+
+/// How far behind its schedule the link may fall before it counts as idle and starts afresh.
+const IDLE_CREDIT: Duration = Duration::from_millis(5);
+
+fn usage() -> ! {
+    eprintln!("usage: ratelink LISTEN_ADDR TARGET_ADDR BYTES_PER_SEC (suffixes k, m, g: 1024-based)");
+    std::process::exit(64)
+}
+
+fn parse_rate(s: &str) -> Option<f64> {
+    let (num, mult) = match s.chars().last()?.to_ascii_lowercase() {
+        'k' => (&s[..s.len() - 1], 1024.0),
+        'm' => (&s[..s.len() - 1], 1024.0 * 1024.0),
+        'g' => (&s[..s.len() - 1], 1024.0 * 1024.0 * 1024.0),
+        _ => (s, 1.0),
+    };
+    let v: f64 = num.parse().ok()?;
+    (v > 0.0).then_some(v * mult)
+}
+
+/// Copies `from` to `to`, never faster than `rate` bytes per second.
+async fn paced(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    rate: f64,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut t0 = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        let now = Instant::now();
+        let due = t0 + Duration::from_secs_f64(sent as f64 / rate);
+        if due + IDLE_CREDIT < now {
+            // The link was idle (between requests on a kept-alive connection): start a new
+            // schedule instead of letting the idle time turn into a burst.
+            t0 = now;
+            sent = 0;
+        } else {
+            tokio::time::sleep_until(due).await;
+        }
+        to.write_all(&buf[..n]).await?;
+        sent += n as u64;
+    }
+}
+
+async fn serve(client: TcpStream, target: SocketAddr, rate: f64) -> std::io::Result<()> {
+    let origin = TcpStream::connect(target).await?;
+    client.set_nodelay(true)?;
+    origin.set_nodelay(true)?;
+    let (mut client_r, client_w) = client.into_split();
+    let (origin_r, mut origin_w) = origin.into_split();
+    let up = async move {
+        tokio::io::copy(&mut client_r, &mut origin_w).await?;
+        origin_w.shutdown().await
+    };
+    let (a, b) = tokio::join!(up, paced(origin_r, client_w, rate));
+    a.and(b)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [listen, target, rate] = args.as_slice() else {
+        usage()
+    };
+    let (Ok(listen), Ok(target), Some(rate)) = (
+        listen.parse::<SocketAddr>(),
+        target.parse::<SocketAddr>(),
+        parse_rate(rate),
+    ) else {
+        usage()
+    };
+    let listener = TcpListener::bind(listen).await.unwrap_or_else(|e| {
+        eprintln!("ratelink: cannot listen on {listen}: {e}");
+        std::process::exit(1)
+    });
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = serve(client, target, rate).await {
+                eprintln!("ratelink: connection ended: {e}");
+            }
+        });
+    }
+}
