@@ -20,7 +20,9 @@ const CHUNK: usize = 64 * 1024;
 const IDLE_CREDIT: Duration = Duration::from_millis(5);
 
 fn usage() -> ! {
-    eprintln!("usage: ratelink LISTEN_ADDR TARGET_ADDR BYTES_PER_SEC (suffixes k, m, g: 1024-based)");
+    eprintln!(
+        "usage: ratelink LISTEN_ADDR TARGET_ADDR BYTES_PER_SEC (suffixes k, m, g: 1024-based)"
+    );
     std::process::exit(64)
 }
 
