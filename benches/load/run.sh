@@ -15,7 +15,8 @@
 #   COLD_SIZE=512MiB    blob for the cold pull (one per target: berth, nginx, direct) (QUICK: 64MiB)
 #   CONC_SIZE=64MiB     blob for the concurrent cold scenario (one per proxy)
 #   CONC_CLIENTS=32     clients in the concurrent cold scenario
-#   SCENARIOS="hot small manifest cold conc"   which of the default scenarios to run
+#   SCENARIOS="hot small manifest cold wan conc"   which of the default scenarios to run
+#   WAN_RATE=500m       the wan scenario's paced origin link (bytes/s per connection)
 #   BIG=0               1: run the many-distinct-blobs peak-RSS scenario
 #   BIG_SIZE=512MiB     per-blob size in the BIG scenario
 #   BIG_CLIENTS=32      distinct blobs / clients in the BIG scenario
@@ -29,13 +30,13 @@
 #   KEEP_TMP=0          1: keep the temp dir (logs, configs, caches) and print where it is
 #   TMPDIR=...          where the temp dir goes (mktemp -d); needs the disk space below
 #
-# Disk: ~3 GiB by default (origin ~1.7 GiB, each cache ~0.6 GiB); BIG=1 adds 2 x BIG_CLIENTS x
+# Disk: ~6 GiB by default (origin ~3.2 GiB, each cache ~1.2 GiB); BIG=1 adds 2 x BIG_CLIENTS x
 # BIG_SIZE at peak (32 x 512 MiB: +32 GiB; berth's BIG cache is deleted before nginx's BIG pass).
 # The script refuses to start without (generous) room. Everything lives in one mktemp -d directory,
 # removed at exit (on failure only the logs and configs are kept, and their path is printed).
 #
-# Tools (Debian packages): docker-registry, nginx (or nginx-light), wrk, curl, coreutils; and a
-# Rust toolchain for the build. Client, proxies and origin share the machine: run it on a quiet
+# Tools (Debian packages): docker-registry, nginx (or nginx-light), wrk, curl, coreutils, openssl;
+# and a Rust toolchain for the build (berth and the ratelink pacer, benches/load/ratelink.rs). Client, proxies and origin share the machine: run it on a quiet
 # box and read the numbers as relative (berth/nginx in the same run), not absolute.
 set -euo pipefail
 
@@ -43,7 +44,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 
 KNOBS=(QUICK DURATION WRK_THREADS WRK_CONNS SMALL_SIZE HOT_SIZE COLD_SIZE CONC_SIZE CONC_CLIENTS
-  BIG BIG_SIZE BIG_CLIENTS SCENARIOS SKIP_BUILD BERTH_BIN BERTH_WORKERS ORIGIN_RATE BERTH_RUST_LOG KEEP_TMP)
+  BIG BIG_SIZE BIG_CLIENTS SCENARIOS SKIP_BUILD BERTH_BIN BERTH_WORKERS ORIGIN_RATE WAN_RATE
+  BERTH_RUST_LOG KEEP_TMP)
 COMMAND=""
 for k in "${KNOBS[@]}"; do
   if [[ -n ${!k+x} ]]; then COMMAND+="$k=${!k} "; fi
@@ -70,7 +72,8 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 BERTH_BIN=${BERTH_BIN:-$ROOT/target/release/berth}
 BERTH_RUST_LOG=${BERTH_RUST_LOG:-warn}
 KEEP_TMP=${KEEP_TMP:-0}
-SCENARIOS=${SCENARIOS:-hot small manifest cold conc}
+WAN_RATE=${WAN_RATE:-500m}
+SCENARIOS=${SCENARIOS:-hot small manifest cold wan conc}
 REPO=bench
 has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
@@ -291,8 +294,8 @@ if [[ $SKIP_BUILD != 1 ]]; then
 fi
 [[ -x $BERTH_BIN ]] || die "no berth binary at $BERTH_BIN"
 RATELINK_BIN=$ROOT/target/release/examples/ratelink
-if [[ -n ${ORIGIN_RATE:-} && ! -x $RATELINK_BIN ]]; then
-  die "ORIGIN_RATE needs $RATELINK_BIN (cargo build --release --example ratelink)"
+if [[ -n ${ORIGIN_RATE:-} ]] || has wan; then
+  [[ -x $RATELINK_BIN ]] || die "ORIGIN_RATE and the wan scenario need $RATELINK_BIN (cargo build --release --example ratelink)"
 fi
 
 # REGISTRY_* variables override docker-registry's config file; the caller's must not leak in.
@@ -302,7 +305,7 @@ T=$(mktemp -d -t berth-load.XXXXXX)
 mkdir -p "$T/seed" "$T/registry/storage" "$T/berth" "$T/nginx" "$T/clients"
 
 # disk space: origin copy + up to two cache copies of everything seeded, plus slack
-NEED=$(((SMALL_BYTES + HOT_BYTES + 3 * COLD_BYTES + 2 * CONC_BYTES) * 3 + (2 << 30)))
+NEED=$(((SMALL_BYTES + HOT_BYTES + 6 * COLD_BYTES + 2 * CONC_BYTES) * 3 + (2 << 30)))
 if [[ $BIG == 1 ]]; then NEED=$((NEED + 2 * BIG_CLIENTS * BIG_BYTES)); fi
 AVAIL=$(($(df -Pk "$T" | awk 'NR == 2 { print $4 }') * 1024))
 if ((AVAIL < NEED)); then
@@ -349,18 +352,25 @@ log "docker-registry $(docker-registry --version | awk '{print $3}') on $ORIGIN 
 
 # FRONT is what berth, nginx and the direct pulls fetch from: the registry itself, or, with
 # ORIGIN_RATE, a rate-limited link in front of it (an origin across a WAN, as in production).
-FRONT_HOSTPORT=127.0.0.1:$REG_PORT
-if [[ -n ${ORIGIN_RATE:-} ]]; then
-  # benches/load/ratelink.rs: paces each response to ORIGIN_RATE bytes/s against an absolute
-  # schedule (nginx's limit_rate paces per whole second and lets short transfers run up to 2x).
-  free_port LINK_PORT
-  "$RATELINK_BIN" "127.0.0.1:$LINK_PORT" "127.0.0.1:$REG_PORT" "$ORIGIN_RATE" 2>"$T/link.log" &
+# start_link VAR RATE: a paced link (benches/load/ratelink.rs) in front of the registry; its
+# host:port goes to VAR. It paces each response to RATE bytes/s against an absolute schedule
+# (nginx's limit_rate paces per whole second and lets short transfers run up to 2x the rate).
+start_link() {
+  local port
+  free_port port
+  "$RATELINK_BIN" "127.0.0.1:$port" "127.0.0.1:$REG_PORT" "$2" 2>>"$T/link.log" &
   PIDS+=("$!")
-  FRONT_HOSTPORT=127.0.0.1:$LINK_PORT
-  for _ in $(seq 100); do curl -fsS -o /dev/null "http://$FRONT_HOSTPORT/v2/" && break; sleep 0.1; done
-  log "paced link ($ORIGIN_RATE/s per connection) on http://$FRONT_HOSTPORT in front of the registry"
-fi
+  printf -v "$1" '%s' "127.0.0.1:$port"
+  for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:$port/v2/" && break; sleep 0.1; done
+  log "paced link ($2/s per connection) on http://127.0.0.1:$port in front of the registry"
+}
+FRONT_HOSTPORT=127.0.0.1:$REG_PORT
+if [[ -n ${ORIGIN_RATE:-} ]]; then start_link FRONT_HOSTPORT "$ORIGIN_RATE"; fi
 FRONT=http://$FRONT_HOSTPORT
+# The wan scenario reaches the registry over its own paced link: berth through a second
+# upstream ("wan", routed by path prefix), nginx through a second location.
+WAN_HOSTPORT=""
+if has wan; then start_link WAN_HOSTPORT "$WAN_RATE"; fi
 
 # Lines the registry logged for GETs of one blob / for every request.
 upstream_gets() { grep -F "/blobs/sha256:$1" "$REG_LOG" | grep -c 'http.request.method=GET' || true; }
@@ -407,6 +417,11 @@ if has cold; then
   COLD_BERTH_DG=$(seed_random "$COLD_BYTES")
   COLD_NGINX_DG=$(seed_random "$COLD_BYTES")
   COLD_DIRECT_DG=$(seed_random "$COLD_BYTES")
+fi
+if has wan; then
+  WAN_BERTH_DG=$(seed_random "$COLD_BYTES")
+  WAN_NGINX_DG=$(seed_random "$COLD_BYTES")
+  WAN_DIRECT_DG=$(seed_random "$COLD_BYTES")
 fi
 if has conc; then
   CONC_BERTH_DG=$(seed_random "$CONC_BYTES")
@@ -455,6 +470,9 @@ url = "$FRONT"
 default = true
 auth = "public"
 EOF
+  if [[ -n $WAN_HOSTPORT ]]; then
+    printf '\n[[upstream]]\nname = "wan"\nurl = "http://%s"\nauth = "public"\n' "$WAN_HOSTPORT" >>"$T/berth/berth.toml"
+  fi
   if [[ -n ${BERTH_WORKERS:-} ]]; then
     sed -i "s/^shutdown_grace = \"2s\"/shutdown_grace = \"2s\"\nworker_threads = $BERTH_WORKERS/" "$T/berth/berth.toml"
   fi
@@ -507,23 +525,33 @@ http {
         server $FRONT_HOSTPORT;
         keepalive 32;
     }
+    upstream wan {
+        server ${WAN_HOSTPORT:-$FRONT_HOSTPORT};
+        keepalive 32;
+    }
+
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_cache reg;
+    proxy_cache_key \$uri;
+    proxy_cache_lock on;
+    proxy_cache_lock_timeout 10m;
+    # default 5s: a slower fill would let one more request through to the origin
+    proxy_cache_lock_age 10m;
+    proxy_cache_valid 200 206 1d;
+    proxy_buffering on;
+    proxy_read_timeout 10m;
 
     server {
         listen 127.0.0.1:$NGINX_PORT;
+        add_header X-Cache-Status \$upstream_cache_status always;
         location /v2/ {
             proxy_pass http://origin;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_cache reg;
-            proxy_cache_key \$uri;
-            proxy_cache_lock on;
-            proxy_cache_lock_timeout 10m;
-            # default 5s: a slower fill would let one more request through to the origin
-            proxy_cache_lock_age 10m;
-            proxy_cache_valid 200 206 1d;
-            proxy_buffering on;
-            proxy_read_timeout 10m;
-            add_header X-Cache-Status \$upstream_cache_status always;
+        }
+        # the wan scenario: /v2/wan/<repo>/... over the paced link
+        location /v2/wan/ {
+            rewrite ^/v2/wan/(.*)\$ /v2/\$1 break;
+            proxy_pass http://wan;
         }
     }
 }
@@ -669,6 +697,9 @@ concurrent() {
 
 B=$BERTH N=$NGINX
 blob() { echo "$1/v2/$REPO/blobs/sha256:$2"; }
+wan_blob() { echo "$1/v2/wan/$REPO/blobs/sha256:$2"; }
+# rate_label 500m -> "500 MiB/s"
+rate_label() { sed -E 's/^([0-9.]+)$/\1 B/; s/[kK]$/ KiB/; s/[mM]$/ MiB/; s/[gG]$/ GiB/; s/$/\/s/' <<<"$1"; }
 
 # berth_alive: records and reports a berth that died
 berth_alive() {
@@ -738,6 +769,23 @@ if has cold; then
     R[floor.cold.mibs]=$(calc "sprintf(\"%.0f\", $rate / 1048576)")
     log "cold floor: SHA-256 of $(human "$COLD_BYTES") on one core takes ${R[floor.cold.total]} s (${R[floor.cold.mibs]} MiB/s)"
   fi
+  berth_alive || true
+fi
+
+if has wan; then
+  log "scenario: cold $(human "$COLD_BYTES") pull over a $(rate_label "$WAN_RATE") origin link (one fresh blob per target)"
+  cold_pull direct.wan "$(blob "http://$WAN_HOSTPORT" "$WAN_DIRECT_DG")" "$WAN_DIRECT_DG"
+  cold_pull berth.wan "$(wan_blob "$B" "$WAN_BERTH_DG")" "$WAN_BERTH_DG"
+  cold_pull nginx.wan "$(wan_blob "$N" "$WAN_NGINX_DG")" "$WAN_NGINX_DG"
+  for t in berth nginx; do
+    base=$B dg=$WAN_BERTH_DG
+    [[ $t == nginx ]] && base=$N dg=$WAN_NGINX_DG
+    got=$(curl -sS "$(wan_blob "$base" "$dg")" 2>>"$CURL_ERR" | sha256sum | cut -d' ' -f1) || true
+    if [[ $got != "$dg" ]]; then
+      log "WARNING: $t: re-reading the wan blob gave sha256 $got, want $dg"
+      R[$t.errors]=$((${R[$t.errors]:-0} + 1))
+    fi
+  done
   berth_alive || true
 fi
 
@@ -850,6 +898,9 @@ HS=$(human "$HOT_BYTES") SS=$(human "$SMALL_BYTES") CS=$(human "$COLD_BYTES") QS
   row "cold $CS pull, total, s ↓" "$(v berth.cold.total)" "$(v nginx.cold.total)" "$(v direct.cold.total)"
   row "cold $CS pull, total vs SHA-256 of it on one core (²), s ↓" "$(v berth.cold.total)" "$(v nginx.cold.total)" "$(v floor.cold.total)"
   row "cold $CS pull, origin GETs" "$(v berth.cold.upstream)" "$(v nginx.cold.upstream)" "$(v direct.cold.upstream)"
+  row "cold $CS pull over a $(rate_label "$WAN_RATE") origin link (³), time to first byte, ms ↓" "$(v berth.wan.ttfb)" "$(v nginx.wan.ttfb)" "$(v direct.wan.ttfb)"
+  row "cold $CS pull over a $(rate_label "$WAN_RATE") origin link (³), total, s ↓" "$(v berth.wan.total)" "$(v nginx.wan.total)" "$(v direct.wan.total)"
+  row "cold $CS pull over a $(rate_label "$WAN_RATE") origin link (³), origin GETs" "$(v berth.wan.upstream)" "$(v nginx.wan.upstream)" "$(v direct.wan.upstream)"
   row "$CONC_CLIENTS× concurrent cold $QS: origin GETs ↓" "$(v berth.conc.upstream)" "$(v nginx.conc.upstream)"
   row "$CONC_CLIENTS× concurrent cold $QS: clients with 200 + right sha256" "$(v berth.conc.ok)" "$(v nginx.conc.ok)"
   row "$CONC_CLIENTS× concurrent cold $QS: TTFB median, ms ↓" "$(v berth.conc.ttfb_med)" "$(v nginx.conc.ttfb_med)"
@@ -870,6 +921,10 @@ HS=$(human "$HOT_BYTES") SS=$(human "$SMALL_BYTES") CS=$(human "$COLD_BYTES") QS
   fi
   if [[ -n ${R[floor.cold.total]:-} ]]; then
     echo "(²) direct column: the time OpenSSL needs to SHA-256 the blob once on one core (\`openssl speed -evp sha256\`: ${R[floor.cold.mibs]} MiB/s), the lower bound for any proxy that verifies the digest before it sends the last byte, as berth does; nginx does not verify."
+    echo
+  fi
+  if has wan; then
+    echo "(³) the registry behind benches/load/ratelink.rs, which paces every response to $(rate_label "$WAN_RATE") (\`WAN_RATE=$WAN_RATE\`), as an origin across a WAN; berth, nginx and the direct pull each fetch a distinct fresh blob through it."
     echo
   fi
   echo "berth logged $BERTH_LOG_LINES line(s) at RUST_LOG=$BERTH_RUST_LOG; nginx error.log has $NGINX_ERR_LINES line(s)."
