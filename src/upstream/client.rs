@@ -19,6 +19,9 @@ use super::token::{self, TokenCache};
 use super::{error_chain, HttpClient, UpstreamError, USER_AGENT};
 use crate::config::{Credentials, UpstreamConfig};
 
+/// Largest read buffer of an HTTP/1 origin connection (and so the largest body chunk).
+const UPSTREAM_READ_BUF: usize = 128 * 1024;
+
 /// Most redirects followed for one request.
 const MAX_REDIRECTS: usize = 5;
 
@@ -126,6 +129,9 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(32)
+            // A body chunk pins the read buffer it was cut from until the fill has written and
+            // hashed it; hyper's default (~400 KiB) let 32 concurrent fills hold over 100 MiB.
+            .http1_max_buf_size(UPSTREAM_READ_BUF)
             .build(https);
         Ok(Arc::new(Upstream {
             config,
