@@ -32,7 +32,9 @@ use crate::upstream::UpstreamError;
 pub const CHUNK: usize = 256 * 1024;
 /// Most bytes a fill gathers from the origin into one write.
 const FILL_BATCH: usize = 128 * 1024;
-/// Chunks queued between a fill and its disk writer.
+/// Chunks queued between a fill and its disk writer (and its hasher). Chunks are at most
+/// 128 KiB (FILL_BATCH here, the upstream client's read buffer for single chunks), so a fill
+/// holds well under 1 MiB of the blob in memory whatever the origin's speed.
 const WRITE_QUEUE: usize = 4;
 /// How often a storage failure is logged at most.
 const WARN_INTERVAL: Duration = Duration::from_secs(60);
