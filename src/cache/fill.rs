@@ -450,10 +450,11 @@ impl Reader {
 }
 
 async fn read_at(file: Arc<File>, offset: u64, len: usize) -> io::Result<Bytes> {
+    debug_assert!(len <= CHUNK);
     tokio::task::spawn_blocking(move || {
-        let mut buf = BytesMut::zeroed(len);
-        file.read_exact_at(&mut buf, offset)?;
-        Ok::<_, io::Error>(buf.freeze())
+        let mut buf = super::readbuf::take();
+        file.read_exact_at(&mut buf[..len], offset)?;
+        Ok::<_, io::Error>(super::readbuf::freeze(buf, len))
     })
     .await
     .unwrap_or_else(|e| Err(io::Error::other(e)))

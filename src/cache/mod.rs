@@ -6,6 +6,7 @@ pub mod fill;
 pub mod index;
 pub mod memory;
 pub mod pins;
+pub mod readbuf;
 pub mod store;
 pub mod tags;
 
