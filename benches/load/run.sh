@@ -651,6 +651,17 @@ cold_pull() {
   log "cold $key: HTTP $code, TTFB ${R[$key.ttfb]} ms, total ${R[$key.total]} s (${R[$key.mibs]:-?} MiB/s), origin GETs ${R[$key.upstream]}"
 }
 
+# read_back TARGET URL DIGEST: what a proxy stored must be the blob: read it back (now a hit)
+# and hash it; a mismatch counts as a problem of TARGET
+read_back() {
+  local got
+  got=$(curl -sS "$2" 2>>"$CURL_ERR" | sha256sum | cut -d' ' -f1) || true
+  if [[ $got != "$3" ]]; then
+    log "WARNING: $1: re-reading $2 gave sha256 $got, want $3"
+    R[$1.errors]=$((${R[$1.errors]:-0} + 1))
+  fi
+}
+
 # concurrent TARGET KEY N URL... : N clients at once (client i fetches URL[i % #URLs]), each body
 # piped through sha256sum; stores KEY.ok (right bytes and 200), KEY.ttfb_med/_max, KEY.wall
 concurrent() {
@@ -749,16 +760,8 @@ if has cold; then
   cold_pull direct.cold "$(blob "$FRONT" "$COLD_DIRECT_DG")" "$COLD_DIRECT_DG"
   cold_pull berth.cold "$(blob "$B" "$COLD_BERTH_DG")" "$COLD_BERTH_DG"
   cold_pull nginx.cold "$(blob "$N" "$COLD_NGINX_DG")" "$COLD_NGINX_DG"
-  # what the proxies stored must be the blob: read it back (now a hit) and hash it
-  for t in berth nginx; do
-    base=$B dg=$COLD_BERTH_DG
-    [[ $t == nginx ]] && base=$N dg=$COLD_NGINX_DG
-    got=$(curl -sS "$(blob "$base" "$dg")" 2>>"$CURL_ERR" | sha256sum | cut -d' ' -f1) || true
-    if [[ $got != "$dg" ]]; then
-      log "WARNING: $t: re-reading the cold blob gave sha256 $got, want $dg"
-      R[$t.errors]=$((${R[$t.errors]:-0} + 1))
-    fi
-  done
+  read_back berth "$(blob "$B" "$COLD_BERTH_DG")" "$COLD_BERTH_DG"
+  read_back nginx "$(blob "$N" "$COLD_NGINX_DG")" "$COLD_NGINX_DG"
   # The floor for any proxy that verifies a blob before releasing its last byte (berth must:
   # a corrupt origin body may never reach a client complete-looking): hashing it once on one
   # core with OpenSSL's SHA-256 (SHA-NI where the CPU has it). No pipeline can beat this.
@@ -777,15 +780,8 @@ if has wan; then
   cold_pull direct.wan "$(blob "http://$WAN_HOSTPORT" "$WAN_DIRECT_DG")" "$WAN_DIRECT_DG"
   cold_pull berth.wan "$(wan_blob "$B" "$WAN_BERTH_DG")" "$WAN_BERTH_DG"
   cold_pull nginx.wan "$(wan_blob "$N" "$WAN_NGINX_DG")" "$WAN_NGINX_DG"
-  for t in berth nginx; do
-    base=$B dg=$WAN_BERTH_DG
-    [[ $t == nginx ]] && base=$N dg=$WAN_NGINX_DG
-    got=$(curl -sS "$(wan_blob "$base" "$dg")" 2>>"$CURL_ERR" | sha256sum | cut -d' ' -f1) || true
-    if [[ $got != "$dg" ]]; then
-      log "WARNING: $t: re-reading the wan blob gave sha256 $got, want $dg"
-      R[$t.errors]=$((${R[$t.errors]:-0} + 1))
-    fi
-  done
+  read_back berth "$(wan_blob "$B" "$WAN_BERTH_DG")" "$WAN_BERTH_DG"
+  read_back nginx "$(wan_blob "$N" "$WAN_NGINX_DG")" "$WAN_NGINX_DG"
   berth_alive || true
 fi
 
