@@ -13,26 +13,61 @@ pub const BUF_SIZE: usize = super::fill::CHUNK;
 /// Most buffers kept for reuse (8 MiB); more are freed when returned.
 const POOL_MAX: usize = 32;
 
-static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+static POOL: Pool = Pool::new();
 
 /// A buffer of [`BUF_SIZE`] bytes: a recycled one, or a fresh zeroed one.
 pub fn take() -> Vec<u8> {
-    POOL.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .pop()
-        .unwrap_or_else(|| vec![0; BUF_SIZE])
+    POOL.take()
 }
 
 /// The first `len` bytes of `buf` as `Bytes`; `buf` returns to the pool when the last clone
 /// of them is dropped.
 pub fn freeze(buf: Vec<u8>, len: usize) -> Bytes {
-    debug_assert!(len <= buf.len());
-    Bytes::from_owner(Pooled { buf, len })
+    POOL.freeze(buf, len)
+}
+
+struct Pool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Pool {
+    const fn new() -> Pool {
+        Pool {
+            free: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn take(&self) -> Vec<u8> {
+        self.free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_else(|| vec![0; BUF_SIZE])
+    }
+
+    fn freeze(&'static self, buf: Vec<u8>, len: usize) -> Bytes {
+        debug_assert!(len <= buf.len());
+        Bytes::from_owner(Pooled {
+            buf,
+            len,
+            pool: self,
+        })
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        if buf.len() == BUF_SIZE {
+            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            if free.len() < POOL_MAX {
+                free.push(buf);
+            }
+        }
+    }
 }
 
 struct Pooled {
     buf: Vec<u8>,
     len: usize,
+    pool: &'static Pool,
 }
 
 impl AsRef<[u8]> for Pooled {
@@ -43,13 +78,7 @@ impl AsRef<[u8]> for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.buf);
-        if buf.len() == BUF_SIZE {
-            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < POOL_MAX {
-                pool.push(buf);
-            }
-        }
+        self.pool.give_back(std::mem::take(&mut self.buf));
     }
 }
 
@@ -57,29 +86,38 @@ impl Drop for Pooled {
 mod tests {
     use super::*;
 
+    fn pool() -> &'static Pool {
+        Box::leak(Box::new(Pool::new()))
+    }
+
     #[test]
     fn buffers_come_back_after_the_last_clone() {
-        let mut buf = take();
+        let pool = pool();
+        let mut buf = pool.take();
+        assert_eq!(buf.len(), BUF_SIZE);
         buf[..3].copy_from_slice(b"abc");
         let ptr = buf.as_ptr();
-        let b = freeze(buf, 3);
+        let b = pool.freeze(buf, 3);
         let c = b.slice(1..);
         assert_eq!(&b[..], b"abc");
         drop(b);
         assert_eq!(&c[..], b"bc");
+        assert!(
+            pool.free.lock().unwrap().is_empty(),
+            "returned while still in use"
+        );
         drop(c);
-        // Another thread may have taken it meanwhile in a parallel test run; look for it.
-        let mut taken = Vec::new();
-        let mut found = false;
-        for _ in 0..POOL_MAX {
-            let t = take();
-            found |= t.as_ptr() == ptr;
-            taken.push(t);
-            if found {
-                break;
-            }
-        }
-        assert!(found, "the buffer was not recycled");
-        assert!(taken.iter().all(|t| t.len() == BUF_SIZE));
+        let again = pool.take();
+        assert_eq!(again.as_ptr(), ptr, "the buffer was not recycled");
+    }
+
+    #[test]
+    fn the_pool_keeps_at_most_pool_max() {
+        let pool = pool();
+        let held: Vec<Bytes> = (0..POOL_MAX + 5)
+            .map(|_| pool.freeze(pool.take(), 1))
+            .collect();
+        drop(held);
+        assert_eq!(pool.free.lock().unwrap().len(), POOL_MAX);
     }
 }
