@@ -1,7 +1,7 @@
-//! A paced TCP link for the load benchmark: `ratelink LISTEN TARGET BYTES_PER_SEC`.
+//! A paced TCP link for the load benchmark: `ratelink LISTEN TARGET RATE` (bytes per second).
 //!
 //! Forwards every connection accepted on LISTEN to TARGET; what TARGET sends back is paced to
-//! BYTES_PER_SEC per connection against an absolute schedule (byte n of a response leaves no
+//! RATE per connection against an absolute schedule (byte n of a response leaves no
 //! earlier than n / rate after its first), so a transfer of any length averages the rate. It stands
 //! in for the WAN between a registry cache and its origin. nginx's `limit_rate`, the obvious
 //! alternative, paces per whole second and lets short transfers run up to twice the rate.
@@ -20,21 +20,8 @@ const CHUNK: usize = 64 * 1024;
 const IDLE_CREDIT: Duration = Duration::from_millis(5);
 
 fn usage() -> ! {
-    eprintln!(
-        "usage: ratelink LISTEN_ADDR TARGET_ADDR BYTES_PER_SEC (suffixes k, m, g: 1024-based)"
-    );
+    eprintln!("usage: ratelink LISTEN_ADDR TARGET_ADDR RATE (bytes per second, or a size: 500MiB)");
     std::process::exit(64)
-}
-
-fn parse_rate(s: &str) -> Option<f64> {
-    let (num, mult) = match s.chars().last()?.to_ascii_lowercase() {
-        'k' => (&s[..s.len() - 1], 1024.0),
-        'm' => (&s[..s.len() - 1], 1024.0 * 1024.0),
-        'g' => (&s[..s.len() - 1], 1024.0 * 1024.0 * 1024.0),
-        _ => (s, 1.0),
-    };
-    let v: f64 = num.parse().ok()?;
-    (v > 0.0).then_some(v * mult)
 }
 
 /// Copies `from` to `to`, never faster than `rate` bytes per second.
@@ -89,7 +76,10 @@ async fn main() {
     let (Ok(listen), Ok(target), Some(rate)) = (
         listen.parse::<SocketAddr>(),
         target.parse::<SocketAddr>(),
-        parse_rate(rate),
+        berth::config::units::parse_size(rate)
+            .ok()
+            .filter(|r| *r > 0)
+            .map(|r| r as f64),
     ) else {
         usage()
     };

@@ -16,16 +16,16 @@
 #   CONC_SIZE=64MiB     blob for the concurrent cold scenario (one per proxy)
 #   CONC_CLIENTS=32     clients in the concurrent cold scenario
 #   SCENARIOS="hot small manifest cold wan conc"   which of the default scenarios to run
-#   WAN_RATE=500m       the wan scenario's paced origin link (bytes/s per connection)
+#   WAN_RATE=500MiB     the wan scenario's paced origin link (a size per second, per connection)
 #   BIG=0               1: run the many-distinct-blobs peak-RSS scenario
 #   BIG_SIZE=512MiB     per-blob size in the BIG scenario
 #   BIG_CLIENTS=32      distinct blobs / clients in the BIG scenario
 #   SKIP_BUILD=0        1: do not run `cargo build --release` (use the existing binary)
 #   BERTH_BIN=...       berth binary to test (default: target/release/berth of this checkout)
 #   BERTH_WORKERS=N     berth's server.worker_threads (default: one per CPU)
-#   ORIGIN_RATE=125m    put a paced "WAN link" (benches/load/ratelink.rs, bytes/s per connection,
-#                       k/m/g = KiB/MiB/GiB) between the origin and berth, nginx and the direct
-#                       pulls; unset: loopback
+#   ORIGIN_RATE=125MiB  put a paced "WAN link" (benches/load/ratelink.rs, a size per second, per
+#                       connection) between the origin and berth, nginx and the direct pulls;
+#                       unset: loopback
 #   BERTH_RUST_LOG=warn berth's RUST_LOG (an ambient RUST_LOG is ignored)
 #   KEEP_TMP=0          1: keep the temp dir (logs, configs, caches) and print where it is
 #   TMPDIR=...          where the temp dir goes (mktemp -d); needs the disk space below
@@ -72,7 +72,7 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 BERTH_BIN=${BERTH_BIN:-$ROOT/target/release/berth}
 BERTH_RUST_LOG=${BERTH_RUST_LOG:-warn}
 KEEP_TMP=${KEEP_TMP:-0}
-WAN_RATE=${WAN_RATE:-500m}
+WAN_RATE=${WAN_RATE:-500MiB}
 SCENARIOS=${SCENARIOS:-hot small manifest cold wan conc}
 REPO=bench
 has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
@@ -358,11 +358,11 @@ log "docker-registry $(docker-registry --version | awk '{print $3}') on $ORIGIN 
 start_link() {
   local port
   free_port port
-  "$RATELINK_BIN" "127.0.0.1:$port" "127.0.0.1:$REG_PORT" "$2" 2>>"$T/link.log" &
+  "$RATELINK_BIN" "127.0.0.1:$port" "127.0.0.1:$REG_PORT" "$(to_bytes "$2")" 2>>"$T/link.log" &
   PIDS+=("$!")
   printf -v "$1" '%s' "127.0.0.1:$port"
   for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:$port/v2/" && break; sleep 0.1; done
-  log "paced link ($2/s per connection) on http://127.0.0.1:$port in front of the registry"
+  log "paced link ($(human "$(to_bytes "$2")")/s per connection) on http://127.0.0.1:$port in front of the registry"
 }
 FRONT_HOSTPORT=127.0.0.1:$REG_PORT
 if [[ -n ${ORIGIN_RATE:-} ]]; then start_link FRONT_HOSTPORT "$ORIGIN_RATE"; fi
@@ -709,8 +709,8 @@ concurrent() {
 B=$BERTH N=$NGINX
 blob() { echo "$1/v2/$REPO/blobs/sha256:$2"; }
 wan_blob() { echo "$1/v2/wan/$REPO/blobs/sha256:$2"; }
-# rate_label 500m -> "500 MiB/s"
-rate_label() { sed -E 's/^([0-9.]+)$/\1 B/; s/[kK]$/ KiB/; s/[mM]$/ MiB/; s/[gG]$/ GiB/; s/$/\/s/' <<<"$1"; }
+# rate_label 500MiB -> "500 MiB/s"
+rate_label() { echo "$(human "$(to_bytes "$1")")/s"; }
 
 # berth_alive: records and reports a berth that died
 berth_alive() {

@@ -107,7 +107,11 @@ mod tests {
             "returned while still in use"
         );
         drop(c);
-        assert_eq!(pool.free.lock().unwrap().len(), 1, "the buffer was not returned");
+        assert_eq!(
+            pool.free.lock().unwrap().len(),
+            1,
+            "the buffer was not returned"
+        );
         let again = pool.take();
         assert_eq!(again.as_ptr(), ptr, "the buffer was not recycled");
     }
