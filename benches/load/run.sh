@@ -651,6 +651,14 @@ cold_pull() {
   log "cold $key: HTTP $code, TTFB ${R[$key.ttfb]} ms, total ${R[$key.total]} s (${R[$key.mibs]:-?} MiB/s), origin GETs ${R[$key.upstream]}"
 }
 
+# settle: flush dirty pages before a cold scenario, so that the gigabytes seeded and cached so far
+# are not written back (and writers throttled) while berth and nginx fill their caches
+settle() {
+  local t0=$SECONDS
+  sync
+  ((SECONDS - t0 < 2)) || log "sync before the next scenario took $((SECONDS - t0)) s"
+}
+
 # read_back TARGET URL DIGEST: what a proxy stored must be the blob: read it back (now a hit)
 # and hash it; a mismatch counts as a problem of TARGET
 read_back() {
@@ -756,6 +764,7 @@ if has manifest; then
 fi
 
 if has cold; then
+  settle
   log "scenario: cold $(human "$COLD_BYTES") pull (one fresh blob per target)"
   cold_pull direct.cold "$(blob "$FRONT" "$COLD_DIRECT_DG")" "$COLD_DIRECT_DG"
   cold_pull berth.cold "$(blob "$B" "$COLD_BERTH_DG")" "$COLD_BERTH_DG"
@@ -776,6 +785,7 @@ if has cold; then
 fi
 
 if has wan; then
+  settle
   log "scenario: cold $(human "$COLD_BYTES") pull over a $(rate_label "$WAN_RATE") origin link (one fresh blob per target)"
   cold_pull direct.wan "$(blob "http://$WAN_HOSTPORT" "$WAN_DIRECT_DG")" "$WAN_DIRECT_DG"
   cold_pull berth.wan "$(wan_blob "$B" "$WAN_BERTH_DG")" "$WAN_BERTH_DG"
@@ -786,6 +796,7 @@ if has wan; then
 fi
 
 if has conc; then
+  settle
   log "scenario: $CONC_CLIENTS concurrent cold GETs of one $(human "$CONC_BYTES") blob"
   concurrent berth berth.conc "$CONC_CLIENTS" "$(blob "$B" "$CONC_BERTH_DG")"
   sleep 0.5
@@ -812,6 +823,7 @@ if [[ $BIG == 1 ]]; then
   log "scenario BIG: $BIG_CLIENTS clients x $BIG_CLIENTS distinct $(human "$BIG_BYTES") blobs, cold"
   stop_pid "$BERTH_PID"
   rm -rf "$T/berth/cache"
+  settle
   start_berth "$T/berth/cache-big"
   urls=()
   for dg in "${BIG_DGS[@]}"; do urls+=("$(blob "$BERTH" "$dg")"); done
@@ -827,6 +839,7 @@ if [[ $BIG == 1 ]]; then
   log "BIG berth: VmHWM ${R[berth.big.hwm]} MiB, max sampled VmRSS ${R[berth.big.rssmax]} MiB, aggregate ${R[berth.big.mibs]:-?} MiB/s"
   stop_pid "$BERTH_PID"
   rm -rf "$T/berth/cache-big"
+  settle
 
   urls=()
   for dg in "${BIG_DGS[@]}"; do urls+=("$(blob "$N" "$dg")"); done
