@@ -730,26 +730,26 @@ berth_alive() {
   fi
 }
 
-if has hot; then
-  log "scenario: hot $(human "$HOT_BYTES") blob throughput (wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION)"
+# hot_blob KEY DIGEST: warm the blob in both proxies (checked), then wrk it through each
+hot_blob() {
+  local t base
   for t in berth nginx; do
     base=$B
     [[ $t == nginx ]] && base=$N
-    warm "$t" "$(blob "$base" "$HOT_DG")" "$HOT_DG"
-    run_wrk "$t.hot" "$(blob "$base" "$HOT_DG")"
+    warm "$t" "$(blob "$base" "$2")" "$2"
+    run_wrk "$t.$1" "$(blob "$base" "$2")"
   done
   berth_alive || true
+}
+
+if has hot; then
+  log "scenario: hot $(human "$HOT_BYTES") blob throughput (wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION)"
+  hot_blob hot "$HOT_DG"
 fi
 
 if has small; then
   log "scenario: hot $(human "$SMALL_BYTES") blob requests/s"
-  for t in berth nginx; do
-    base=$B
-    [[ $t == nginx ]] && base=$N
-    warm "$t" "$(blob "$base" "$SMALL_DG")" "$SMALL_DG"
-    run_wrk "$t.small" "$(blob "$base" "$SMALL_DG")"
-  done
-  berth_alive || true
+  hot_blob small "$SMALL_DG"
 fi
 
 if has manifest; then
