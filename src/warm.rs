@@ -155,14 +155,7 @@ impl Puller {
         for a in accept {
             b = b.header(header::ACCEPT, *a);
         }
-        if let Some(a) = &self.authorization {
-            b = b.header(header::AUTHORIZATION, a.clone());
-        }
-        let req = b.body(Empty::new()).map_err(|e| e.to_string())?;
-        tokio::time::timeout(Duration::from_secs(120), self.client.request(req))
-            .await
-            .map_err(|_| format!("{url}: no answer within 120 s"))?
-            .map_err(|e| format!("{url}: {}", crate::upstream::error_chain(&e)))
+        self.send(b, url).await
     }
 
     /// HEAD with `Cache-Control: only-if-cached`: berth answers from its cache or 504, without
@@ -171,10 +164,19 @@ impl Puller {
         &self,
         url: &str,
     ) -> Result<http::Response<hyper::body::Incoming>, String> {
-        let mut b = Request::builder()
+        let b = Request::builder()
             .method(Method::HEAD)
             .uri(url)
             .header(header::CACHE_CONTROL, "only-if-cached");
+        self.send(b, url).await
+    }
+
+    /// Adds the credentials and sends, bounded by a timeout.
+    async fn send(
+        &self,
+        mut b: http::request::Builder,
+        url: &str,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
         if let Some(a) = &self.authorization {
             b = b.header(header::AUTHORIZATION, a.clone());
         }

@@ -39,7 +39,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 use super::content::sha256_digest;
 
@@ -382,18 +382,9 @@ impl Drop for FaultUpstream {
 }
 
 async fn accept_loop(listener: TcpListener, which: Listener, state: Arc<State>) {
-    let mut connections = JoinSet::new();
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-            Some(_) = connections.join_next() => continue,
-        };
-        let _ = stream.set_nodelay(true);
+    super::accept_each(listener, move |stream| {
         let state = state.clone();
-        connections.spawn(async move {
+        async move {
             let flushes: Flushes = Arc::new(watch::channel(0).0);
             let io = Counted {
                 inner: stream,
@@ -410,8 +401,9 @@ async fn accept_loop(listener: TcpListener, which: Listener, state: Arc<State>) 
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(io), service)
                 .await;
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// What a request's handler knows of its connection.

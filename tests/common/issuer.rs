@@ -51,7 +51,7 @@ use ring::signature::{
 use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 use super::{Registry, TestImage};
 
@@ -1057,23 +1057,14 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut connections = JoinSet::new();
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-            // Reap finished connections so the set does not grow for the server's lifetime.
-            Some(_) = connections.join_next() => continue,
-        };
-        let _ = stream.set_nodelay(true);
+    super::accept_each(listener, move |stream| {
         let handler = handler.clone();
-        connections.spawn(async move {
+        async move {
             let service = hyper::service::service_fn(handler);
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
-        });
-    }
+        }
+    })
+    .await
 }

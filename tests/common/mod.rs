@@ -27,6 +27,28 @@ pub use registry::Registry;
 pub use tap::Tap;
 pub use tls::TestCa;
 
+/// Accepts connections on `listener` until the task is aborted and runs `serve` on each (with
+/// `TCP_NODELAY`) in a task of its own; finished connections are reaped so the set does not grow
+/// for the server's lifetime.
+pub async fn accept_each<F, Fut>(listener: tokio::net::TcpListener, mut serve: F)
+where
+    F: FnMut(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+            Some(_) = connections.join_next() => continue,
+        };
+        let _ = stream.set_nodelay(true);
+        connections.spawn(serve(stream));
+    }
+}
+
 /// Finds `name` on `PATH`, or panics with the package to install.
 ///
 /// Tests never skip silently: a missing tool is a broken test machine, in CI and locally alike.

@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 /// Headers that describe one connection, not the message; never forwarded.
 const HOP_BY_HOP: [&str; 8] = [
@@ -134,22 +134,13 @@ impl Drop for Tap {
 }
 
 async fn accept_loop(listener: TcpListener, shared: Shared) {
-    let mut connections = JoinSet::new();
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-            // Reap finished connections so the set does not grow for the tap's lifetime.
-            Some(_) = connections.join_next() => continue,
-        };
-        if shared.down.load(Ordering::SeqCst) {
-            drop(stream);
-            continue;
-        }
+    super::accept_each(listener, move |stream| {
         let shared = shared.clone();
-        connections.spawn(async move {
+        async move {
+            // A tap that is down refuses: the connection is dropped unanswered.
+            if shared.down.load(Ordering::SeqCst) {
+                return;
+            }
             let service = hyper::service::service_fn(move |request| {
                 let shared = shared.clone();
                 async move { forward(shared, request).await }
@@ -157,8 +148,9 @@ async fn accept_loop(listener: TcpListener, shared: Shared) {
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// Forwards one request to the upstream and hands back its response, both bodies streaming.
