@@ -165,6 +165,14 @@ impl FillError {
 }
 
 impl Fill {
+    /// The file the fill writes, once it has one.
+    fn written_file(&self) -> io::Result<Arc<File>> {
+        self.file
+            .get()
+            .cloned()
+            .ok_or_else(|| io::Error::other("fill has no file"))
+    }
+
     fn new(digest: Digest, fetcher: Arc<dyn BlobFetcher>) -> Arc<Fill> {
         Arc::new(Fill {
             digest,
@@ -314,12 +322,7 @@ impl Reader {
             if self.offset >= limit {
                 return Ok(None);
             }
-            let file = self
-                .fill
-                .file
-                .get()
-                .cloned()
-                .ok_or_else(|| io::Error::other("fill has no file"))?;
+            let file = self.fill.written_file()?;
             let b = read_at(
                 file,
                 self.offset,
@@ -338,12 +341,7 @@ impl Reader {
             // Verify the whole body: hash what the file already gave this client.
             let mut hasher = Hasher::new(self.fill.digest.algorithm());
             if self.offset > 0 {
-                let file = self
-                    .fill
-                    .file
-                    .get()
-                    .cloned()
-                    .ok_or_else(|| io::Error::other("fill has no file"))?;
+                let file = self.fill.written_file()?;
                 let mut at = 0;
                 while at < self.offset {
                     let b = read_at(
