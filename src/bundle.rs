@@ -173,6 +173,19 @@ pub fn export(
             .select(image.host.as_deref(), image.repo.clone())
             .map_err(|e| BundleError::NotCached(format!("{r}: {e}")))?;
         let top = match (&image.digest, &image.tag) {
+            // A digest is exported under a repository only with the origin's evidence that the
+            // repository holds it: the bundle's annotations are evidence at the other end.
+            (Some(d), _)
+                if !cache
+                    .memberships()
+                    .contains(sel.upstream.name(), sel.name.as_str(), d) =>
+            {
+                return Err(BundleError::NotCached(format!(
+                    "{r}: {} at {} was never shown to hold {d} (pull or warm it through berth first)",
+                    sel.name,
+                    sel.upstream.name()
+                )));
+            }
             (Some(d), _) => d.clone(),
             (None, Some(tag)) => {
                 let key = TagKey {
@@ -564,6 +577,17 @@ pub async fn import(
         let (Some(upstream), Some(repository)) = (upstream, repository) else {
             continue;
         };
+        // The bundle's evidence: this repository of this upstream holds these objects. Only
+        // what it lists is recorded (an index's platforms left out of the bundle are not).
+        if upstreams.by_name(&upstream).is_some() {
+            let members = cache.memberships();
+            for d in std::iter::once(&top)
+                .chain(image_manifests.iter())
+                .chain(image_blobs.iter())
+            {
+                members.record(&upstream, &repository, d);
+            }
+        }
         if let (Some(tag), Some(_), Ok(repo)) =
             (&tag, upstreams.by_name(&upstream), repository.parse())
         {

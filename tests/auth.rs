@@ -184,6 +184,10 @@ enum Who {
     Alice,
     Bob,
     Anonymous,
+    /// berth's local user (service mode).
+    Carol,
+    /// berth's static token `ci` (service mode), sent as a Basic password.
+    Ci,
 }
 
 const EVERYONE: [Who; 3] = [Who::Alice, Who::Bob, Who::Anonymous];
@@ -194,6 +198,8 @@ impl Who {
             Who::Alice => Some((ALICE, ALICE_PASSWORD)),
             Who::Bob => Some((BOB, BOB_PASSWORD)),
             Who::Anonymous => None,
+            Who::Carol => Some((CAROL, CAROL_PASSWORD)),
+            Who::Ci => Some(("ci", STATIC_TOKEN)),
         }
     }
 
@@ -203,7 +209,7 @@ impl Who {
             || match self {
                 Who::Alice => repo.starts_with("private/"),
                 Who::Bob => repo.starts_with("team-b/"),
-                Who::Anonymous => false,
+                Who::Anonymous | Who::Carol | Who::Ci => false,
             }
     }
 
@@ -590,6 +596,8 @@ struct Puller {
     who: Who,
     credentials: Option<(&'static str, &'static str)>,
     style: LoginStyle,
+    /// The `service` berth's challenges must name; `None`: whichever upstream answers.
+    service: Option<&'static str>,
     tokens: HashMap<String, String>,
     /// Every answer body received (for leak assertions), with the request.
     bodies: Vec<(String, Vec<u8>)>,
@@ -605,6 +613,7 @@ impl Puller {
             who,
             credentials: who.credentials(),
             style: LoginStyle::Get,
+            service: Some(UPSTREAM),
             tokens: HashMap::new(),
             bodies: Vec::new(),
             errors: Vec::new(),
@@ -621,6 +630,12 @@ impl Puller {
 
     fn style(mut self, style: LoginStyle) -> Puller {
         self.style = style;
+        self
+    }
+
+    /// A client of a berth with several upstreams: logs in to whichever the challenge names.
+    fn any_service(mut self) -> Puller {
+        self.service = None;
         self
     }
 
@@ -661,18 +676,20 @@ impl Puller {
                 Some(format!("{}/token", self.base).as_str()),
                 "berth is the realm: {challenge:?}"
             );
-            assert_eq!(
-                challenge.get("service").map(String::as_str),
-                Some(UPSTREAM),
-                "{challenge:?}"
-            );
+            let service = challenge
+                .get("service")
+                .cloned()
+                .ok_or_else(|| format!("challenge without a service: {challenge:?}"))?;
+            if let Some(want) = self.service {
+                assert_eq!(service, want, "{challenge:?}");
+            }
             assert_eq!(
                 challenge.get("scope"),
                 Some(&scope),
                 "challenge scope for {}",
                 req.describe()
             );
-            let token = self.login(&challenge["realm"], UPSTREAM, &scope).await?;
+            let token = self.login(&challenge["realm"], &service, &scope).await?;
             self.tokens.insert(scope.clone(), token);
             fetched = true;
         }
@@ -2047,4 +2064,545 @@ async fn logs_metrics_and_error_bodies_hold_no_password_or_token() {
         wrong_basic.text()
     );
     assert!(bearer_params(&wrong_basic).is_some());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tenancy across upstreams: the membership rule in every mode (issue "A shared cache that never
+// crosses tenants").
+
+/// How an upstream of the tenancy matrix authorizes its clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Public,
+    Service,
+    Passthrough,
+}
+
+/// One upstream of a pair: its name (also its path prefix), `?ns=` alias, mode and origin.
+#[derive(Clone, Copy, Debug)]
+struct Up {
+    name: &'static str,
+    alias: &'static str,
+    mode: Mode,
+    /// Index into the origins of the test.
+    origin: usize,
+    default: bool,
+}
+
+/// How a request names its upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    Ns,
+    Prefix,
+    Default,
+}
+
+impl Up {
+    fn routes(&self) -> Vec<Route> {
+        let mut r = vec![Route::Ns, Route::Prefix];
+        if self.default {
+            r.push(Route::Default);
+        }
+        r
+    }
+
+    /// `req` (a default-route request for the repository at the origin) as `route` names it.
+    fn via(&self, route: Route, req: &Req) -> Req {
+        let mut r = req.clone();
+        match route {
+            Route::Default => {}
+            Route::Prefix => r.path = r.path.replacen("/v2/", &format!("/v2/{}/", self.name), 1),
+            Route::Ns => r.path = format!("{}?ns={}", r.path, self.alias),
+        }
+        r
+    }
+
+    /// The principal whose view of the origin berth serves to `who` through this upstream.
+    fn effective(&self, who: Who) -> Option<(&'static str, &'static str)> {
+        match self.mode {
+            Mode::Public => None,
+            Mode::Service => Some((ROBOT, ROBOT_PASSWORD)),
+            Mode::Passthrough => who.credentials(),
+        }
+    }
+
+    /// Who warms this upstream (pulling everything its view allows), and who attacks it.
+    fn warmer_and_attacker(&self) -> (Who, Who) {
+        match self.mode {
+            Mode::Public => (Who::Anonymous, Who::Anonymous),
+            Mode::Service => (Who::Ci, Who::Carol),
+            Mode::Passthrough => (Who::Alice, Who::Bob),
+        }
+    }
+
+    fn table(&self, origins: &[&Origin], secrets: &Path) -> String {
+        let mut t = format!(
+            "[[upstream]]\nname = \"{}\"\nurl = \"{}\"\naliases = [\"{}\"]\ndefault = {}\n\
+             connect_timeout = \"2s\"\nfirst_byte_timeout = \"10s\"\nidle_timeout = \"10s\"\n",
+            self.name,
+            origins[self.origin].registry.url(),
+            self.alias,
+            self.default
+        );
+        match self.mode {
+            Mode::Public => t.push_str("auth = \"public\"\n"),
+            Mode::Passthrough => t.push_str("auth = \"passthrough\"\n"),
+            Mode::Service => t.push_str(&format!(
+                "auth = \"service\"\nanonymous = false\nusername = \"{ROBOT}\"\npassword_file = \"{}\"\n",
+                secrets.join("origin-password").display()
+            )),
+        }
+        t
+    }
+}
+
+/// Local users, static tokens and berth's origin password, written to `dir`; the `[auth]`
+/// table naming them.
+fn local_auth_files(dir: &Path) -> String {
+    std::fs::write(dir.join("origin-password"), format!("{ROBOT_PASSWORD}\n")).unwrap();
+    let hash = bcrypt::hash_with_result(CAROL_PASSWORD, 4)
+        .unwrap()
+        .format_for_version(bcrypt::Version::TwoY);
+    std::fs::write(dir.join("htpasswd"), format!("{CAROL}:{hash}\n")).unwrap();
+    std::fs::write(dir.join("tokens"), format!("ci:{STATIC_TOKEN}\n")).unwrap();
+    format!(
+        "[auth]\nhtpasswd_file = \"{}\"\ntokens_file = \"{}\"\n",
+        dir.join("htpasswd").display(),
+        dir.join("tokens").display()
+    )
+}
+
+/// What an origin answers a principal (`None`: anonymous), per request, remembered.
+#[derive(Default)]
+struct OriginView {
+    tokens: HashMap<(usize, Option<&'static str>, String), String>,
+    answers: HashMap<(usize, Option<&'static str>, String), Outcome>,
+}
+
+impl OriginView {
+    async fn outcome(
+        &mut self,
+        origins: &[&Origin],
+        origin: usize,
+        creds: Option<(&'static str, &'static str)>,
+        req: &Req,
+    ) -> Outcome {
+        let user = creds.map(|c| c.0);
+        let key = (origin, user, req.describe());
+        if let Some(o) = self.answers.get(&key) {
+            return o.clone();
+        }
+        let scope = req.scope();
+        let tkey = (origin, user, scope.clone());
+        let token = match self.tokens.get(&tkey) {
+            Some(t) => t.clone(),
+            None => {
+                let t = issuer_token(&origins[origin].issuer, creds, &scope).await;
+                self.tokens.insert(tkey, t.clone());
+                t
+            }
+        };
+        let got = Got::read(
+            req.build(&http(), &origins[origin].registry.url())
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("registry answers"),
+        )
+        .await;
+        let o = got.outcome();
+        self.answers.insert(key, o.clone());
+        o
+    }
+}
+
+/// The probes of one (image, repository): the manifest by digest, the config, and the first
+/// layer by GET, HEAD and Range.
+fn tenancy_probes(image: &TestImage, repo: &str) -> Vec<(&'static str, Req)> {
+    let layer = &image.layers.last().expect("a layer").0;
+    vec![
+        ("manifest by digest", Req::manifest(repo, &image.manifest_digest)),
+        ("config GET", Req::blob(repo, &image.config_digest)),
+        ("layer GET", Req::blob(repo, layer)),
+        ("layer HEAD", Req::blob(repo, layer).head()),
+        ("layer Range", Req::blob(repo, layer).range("bytes=10-109")),
+    ]
+}
+
+/// Pulls, through `up` by `route`, every image `who`'s view of the origin allows (manifest by
+/// tag and digest, every blob), asserting 200s.
+async fn warm_upstream(
+    berth: &Berth,
+    up: &Up,
+    who: Who,
+    images: &[&TestImage],
+    origins: &[&Origin],
+    view: &mut OriginView,
+) -> Vec<String> {
+    let mut p = Puller::new(berth, who).any_service();
+    let mut pulled = Vec::new();
+    for image in images {
+        let probe = Req::manifest(&image.repo, &image.manifest_digest);
+        let at_origin = view
+            .outcome(origins, up.origin, up.effective(who), &probe)
+            .await;
+        if !matches!(at_origin, Outcome::Ok(_)) {
+            continue;
+        }
+        let mut reqs = vec![
+            Req::manifest(&image.repo, &image.tag),
+            Req::manifest(&image.repo, &image.manifest_digest),
+        ];
+        for (d, _) in image.blobs() {
+            reqs.push(Req::blob(&image.repo, d));
+        }
+        for r in reqs {
+            let got = p.fetch(&up.via(Route::Ns, &r)).await;
+            assert_eq!(
+                got.status,
+                StatusCode::OK,
+                "warming {} as {who:?}: {}: {}",
+                up.name,
+                r.describe(),
+                got.text()
+            );
+        }
+        pulled.push(image.repo.clone());
+    }
+    pulled
+}
+
+#[tokio::test]
+async fn tenancy_matrix_no_upstream_serves_what_its_origin_would_refuse() {
+    capture_logs();
+    // Origin 0: alice private/*, bob team-b/*, the robot team-b/* and public/*, anyone
+    // public/*. Origin 1: the same principals and policy, holding public/base and team-b/tool
+    // (the same bytes as origin 0's) but no private/app.
+    let issuer_policy = || {
+        policy_issuer()
+            .user(ROBOT, ROBOT_PASSWORD)
+            .allow(Grantee::user(ROBOT), "team-b/*", &["pull"])
+    };
+    let origin0 = start_origin(issuer_policy()).await;
+    let issuer1 = issuer_policy().start().await;
+    let registry1 = issuer1.start_registry().await;
+    issuer1
+        .push_oci_image(&registry1, PUBLIC, "1.0", &[4_096, 9_000], 11)
+        .await;
+    issuer1
+        .push_oci_image(&registry1, TEAM, "2.0", &[3_000, 20_000], 22)
+        .await;
+    let origin1 = Origin {
+        issuer: issuer1,
+        registry: registry1,
+        content: push_nothing(&origin0.content),
+    };
+    let origins = [&origin0, &origin1];
+    let content = &origin0.content;
+    let images = [&content.private, &content.team, &content.public];
+    let up = |name, alias, mode, origin, default| Up {
+        name,
+        alias,
+        mode,
+        origin,
+        default,
+    };
+    let pairs = [
+        (
+            up("anon", "anon.example", Mode::Public, 0, true),
+            up("tok", "tok.example", Mode::Passthrough, 0, false),
+        ),
+        (
+            up("anon", "anon.example", Mode::Public, 0, true),
+            up("svc", "svc.example", Mode::Service, 0, false),
+        ),
+        (
+            up("svc", "svc.example", Mode::Service, 0, true),
+            up("tok", "tok.example", Mode::Passthrough, 0, false),
+        ),
+        (
+            up("tok", "tok.example", Mode::Passthrough, 0, true),
+            up("tok2", "tok2.example", Mode::Passthrough, 1, false),
+        ),
+    ];
+    let mut view = OriginView::default();
+    let (mut total, mut failures, mut leaks) = (0usize, Vec::new(), Vec::new());
+    let mut by_outcome: HashMap<&'static str, usize> = HashMap::new();
+    for (a, b) in pairs {
+        for warm in [false, true] {
+            let secrets = tempfile::tempdir().unwrap();
+            let tables = format!(
+                "{}{}{}",
+                a.table(&origins, secrets.path()),
+                b.table(&origins, secrets.path()),
+                local_auth_files(secrets.path())
+            );
+            let berth = Berth::with_upstreams(&tables).start().await;
+            let mut warmed = Vec::new();
+            if warm {
+                for u in [&a, &b] {
+                    let (warmer, _) = u.warmer_and_attacker();
+                    let repos =
+                        warm_upstream(&berth, u, warmer, &images, &origins, &mut view).await;
+                    warmed.push(format!("{} by {warmer:?}: {repos:?}", u.name));
+                }
+            }
+            for u in [&a, &b] {
+                let (_, attacker) = u.warmer_and_attacker();
+                let mut p = Puller::new(&berth, attacker).any_service();
+                for route in u.routes() {
+                    for image in images {
+                        for repo in [PRIVATE, TEAM, PUBLIC] {
+                            for (what, req) in tenancy_probes(image, repo) {
+                                let have = p.fetch(&u.via(route, &req)).await.outcome();
+                                let want = view
+                                    .outcome(&origins, u.origin, u.effective(attacker), &req)
+                                    .await;
+                                total += 1;
+                                *by_outcome
+                                    .entry(match want {
+                                        Outcome::Ok(_) => "ok",
+                                        Outcome::Refused => "refused",
+                                        Outcome::NotFound => "not found",
+                                        Outcome::Other(_) => "other",
+                                    })
+                                    .or_default() += 1;
+                                if have != want {
+                                    failures.push(format!(
+                                        "{}+{} warm={warm} {attacker:?} via {} ({route:?}) {what} of {} in {repo}: berth {have:?}, origin {want:?}",
+                                        a.name, b.name, u.name, image.repo
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                }
+                if attacker != Who::Alice {
+                    leaks.extend(content.private_leaks(attacker, &p.bodies));
+                }
+            }
+            if warm {
+                assert!(
+                    warmed.iter().any(|w| w.contains(PRIVATE) || w.contains(TEAM)),
+                    "the warm-up cached something an attacker may not read: {warmed:?}"
+                );
+            }
+            berth.stop().await;
+        }
+    }
+    println!(
+        "tenancy matrix: {total} cells (4 upstream pairs × {{cold, warmed by another principal}} × routes {{ns, prefix, default}} × 3 images × 3 repositories × {{manifest by digest, config, layer GET/HEAD/Range}}), {} pass; origin answers: {by_outcome:?}",
+        total - failures.len()
+    );
+    assert!(
+        leaks.is_empty(),
+        "an attacker received private content:\n{}",
+        leaks.join("\n")
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {total} cells differ from the origin:\n{}",
+        failures.len(),
+        failures.iter().take(40).cloned().collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// `Content` for an origin that holds only what was pushed separately (the same images as
+/// `c`, for probes; nothing is pushed here).
+fn push_nothing(c: &Content) -> Content {
+    Content {
+        private: c.private.clone(),
+        team: c.team.clone(),
+        public: c.public.clone(),
+        other: c.other.clone(),
+        shared: c.shared.clone(),
+    }
+}
+
+/// bob pushes to his own repository a manifest whose `subject` names alice's private manifest
+/// (registries accept a subject they cannot resolve), pulls it through berth, asks for its
+/// referrers, then asks for alice's manifest and layers under his repository: nothing.
+#[tokio::test]
+async fn a_subject_or_referrers_listing_is_never_evidence_of_membership() {
+    capture_logs();
+    let origin = start_origin(policy_issuer()).await;
+    let content = &origin.content;
+    let berth = passthrough_berth(&origin, "").await;
+    let mut alice = Puller::new(&berth, Who::Alice);
+    alice.pull(&content.private).await;
+
+    let team = &content.team;
+    let referrer = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": { "mediaType": OCI_CONFIG, "digest": team.config_digest, "size": team.config_bytes.len() },
+        "layers": team.layers.iter().map(|(d, b)| json!({
+            "mediaType": OCI_LAYER_TAR, "digest": d, "size": b.len(),
+        })).collect::<Vec<_>>(),
+        "subject": {
+            "mediaType": OCI_MANIFEST,
+            "digest": content.private.manifest_digest,
+            "size": content.private.manifest_bytes.len(),
+        },
+    }))
+    .unwrap();
+    let gate = origin.issuer.push_gate(&origin.registry).await;
+    let pushed = push_manifest(&gate.url(), TEAM, "signed", OCI_MANIFEST, &referrer).await;
+    assert_eq!(pushed, sha256_digest(&referrer), "the registry took the subject");
+
+    let mut bob = Puller::new(&berth, Who::Bob);
+    let own = bob.fetch(&Req::manifest(TEAM, "signed")).await;
+    assert_eq!(own.status, StatusCode::OK, "{}", own.text());
+    assert_eq!(own.body, referrer);
+    // The referrers listing of alice's manifest in bob's repository (whatever the origin says).
+    let listing = Req {
+        method: Method::GET,
+        path: format!("/v2/{TEAM}/referrers/{}", content.private.manifest_digest),
+        range: None,
+    };
+    let _ = bob.fetch(&listing).await;
+
+    let private = &content.private;
+    let mut probes = vec![
+        Req::manifest(TEAM, &private.manifest_digest),
+        Req::manifest(TEAM, &private.manifest_digest).head(),
+    ];
+    for (d, _) in private.blobs() {
+        if *d == content.shared {
+            continue;
+        }
+        probes.push(Req::blob(TEAM, d));
+        probes.push(Req::blob(TEAM, d).head());
+        probes.push(Req::blob(TEAM, d).range("bytes=0-99"));
+    }
+    let mut answers = Vec::new();
+    for req in &probes {
+        let got = bob.fetch(req).await;
+        answers.push(format!("{} -> {}", req.describe(), got.status));
+        assert_eq!(
+            got.status,
+            StatusCode::NOT_FOUND,
+            "{} under bob's repository: {}",
+            req.describe(),
+            got.text()
+        );
+    }
+    content.assert_no_private_bytes(Who::Bob, &bob.bodies);
+    println!("subject attack: {}", answers.join("; "));
+    berth.stop().await;
+}
+
+/// Tokens berth issues name their upstream, subject and repositories: one never opens another
+/// upstream (a public upstream's anonymous token at a service upstream that refuses anonymous
+/// clients, one service upstream's token at another) or another repository.
+#[tokio::test]
+async fn tokens_open_only_the_upstream_and_repositories_they_were_issued_for() {
+    capture_logs();
+    let origin = start_origin(
+        policy_issuer()
+            .user(ROBOT, ROBOT_PASSWORD)
+            .allow(Grantee::user(ROBOT), "team-b/*", &["pull"]),
+    )
+    .await;
+    let secrets = tempfile::tempdir().unwrap();
+    let ups = [
+        Up {
+            name: "pub",
+            alias: "pub.example",
+            mode: Mode::Public,
+            origin: 0,
+            default: true,
+        },
+        Up {
+            name: "svc",
+            alias: "svc.example",
+            mode: Mode::Service,
+            origin: 0,
+            default: false,
+        },
+        Up {
+            name: "svc2",
+            alias: "svc2.example",
+            mode: Mode::Service,
+            origin: 0,
+            default: false,
+        },
+        Up {
+            name: "tok",
+            alias: "tok.example",
+            mode: Mode::Passthrough,
+            origin: 0,
+            default: false,
+        },
+    ];
+    let origins = [&origin];
+    let mut tables: String = ups.iter().map(|u| u.table(&origins, secrets.path())).collect();
+    tables.push_str(&local_auth_files(secrets.path()));
+    let berth = Berth::with_upstreams(&tables).start().await;
+    let token_for = |service: &'static str, scope: String, creds: Option<(&str, &str)>| {
+        let mut b = http()
+            .get(format!("{}/token", berth.url()))
+            .query(&[("service", service), ("scope", scope.as_str())]);
+        if let Some((u, p)) = creds {
+            b = b.basic_auth(u, Some(p));
+        }
+        async move {
+            let got = Got::read(b.send().await.unwrap()).await;
+            assert_eq!(got.status, StatusCode::OK, "{service} {scope}: {}", got.text());
+            let v: Value = serde_json::from_slice(&got.body).unwrap();
+            let t = v["token"].as_str().unwrap().to_owned();
+            remember_secret(&t);
+            t
+        }
+    };
+    let team_scope = format!("repository:{TEAM}:pull");
+    let anonymous_pub = token_for("pub", team_scope.clone(), None).await;
+    let carol_svc = token_for("svc", team_scope.clone(), Some((CAROL, CAROL_PASSWORD))).await;
+    // Scope named with the path prefix, as a client of /v2/svc/team-b/... asks for it.
+    let carol_prefixed =
+        token_for("svc", format!("repository:svc/{TEAM}:pull"), Some((CAROL, CAROL_PASSWORD)))
+            .await;
+    let team_blob = Req::blob(TEAM, &origin.content.team.config_digest);
+    let public_blob = Req::blob(PUBLIC, &origin.content.public.config_digest);
+    let status = |req: Req, token: String| {
+        let b = req.build(&http(), &berth.url()).bearer_auth(token);
+        async move { b.send().await.unwrap().status() }
+    };
+    let svc = &ups[1];
+    // Each token where it was issued for: accepted.
+    assert_eq!(
+        status(svc.via(Route::Ns, &team_blob), carol_svc.clone()).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status(svc.via(Route::Prefix, &team_blob), carol_prefixed.clone()).await,
+        StatusCode::OK
+    );
+    let mut refused = Vec::new();
+    for (what, token) in [
+        ("pub's anonymous token", &anonymous_pub),
+        ("svc's token for carol", &carol_svc),
+    ] {
+        for u in &ups[1..] {
+            for (req, same_scope) in [(&team_blob, true), (&public_blob, false)] {
+                let issued_here = what.starts_with(u.name) && u.name == "svc";
+                if issued_here && same_scope {
+                    continue;
+                }
+                for route in [Route::Ns, Route::Prefix] {
+                    let got = status(u.via(route, req), token.clone()).await;
+                    refused.push(format!("{what} at {} ({route:?}) {}: {got}", u.name, req.describe()));
+                    assert_eq!(
+                        got,
+                        StatusCode::UNAUTHORIZED,
+                        "{what} presented to {} ({route:?}) for {}",
+                        u.name,
+                        req.describe()
+                    );
+                }
+            }
+        }
+    }
+    println!("token binding: {} presentations refused", refused.len());
+    berth.stop().await;
 }

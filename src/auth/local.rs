@@ -1,11 +1,17 @@
 //! Local client authentication for upstreams in `service` mode: an htpasswd file of bcrypt
 //! hashes, a file of static bearer tokens, and the short-lived tokens berth issues from its own
 //! `/token` endpoint.
+//!
+//! A token berth issues is bound to what it was issued for: the upstream it names (audience),
+//! the subject that authenticated, the repositories of its scope, and its expiry. Verification
+//! checks all four, so a token never opens another upstream or repository. bcrypt checks run
+//! on a bounded number of blocking threads, and a refused password is remembered for a short,
+//! growing while, so a stream of wrong passwords costs little CPU.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
 
@@ -16,6 +22,37 @@ use crate::secret::Secret;
 const MAX_ISSUED: u64 = 100_000;
 /// How long a successful bcrypt verification is remembered (bcrypt is deliberately slow).
 const VERIFIED_TTL: Duration = Duration::from_secs(60);
+/// Longest a password check waits for a bcrypt thread before it is refused as overload.
+const BCRYPT_QUEUE_WAIT: Duration = Duration::from_secs(10);
+
+/// What a token berth issued grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The upstream it was issued for (its audience).
+    pub audience: String,
+    /// Who authenticated: a local user or static token name; empty for anonymous.
+    pub subject: String,
+    /// Repositories (as the upstream names them) it may pull from.
+    pub repositories: BTreeSet<String>,
+    /// When it stops being accepted.
+    pub expires: Instant,
+}
+
+/// Why a bearer token was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenCheck {
+    /// Accepted.
+    Valid,
+    /// Not a token berth knows (never issued, or expired).
+    Unknown,
+    /// Issued for another upstream, repository or subject.
+    OutOfScope,
+}
+
+/// Why a password could not be checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too many password checks in progress")]
+pub struct Overloaded;
 
 /// Why the local credential files could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +79,10 @@ pub enum LocalAuthError {
 pub struct LocalAuth {
     users: HashMap<String, String>,
     static_tokens: HashMap<String, String>,
-    issued: Cache<String, String>,
+    issued: Cache<String, Arc<Grant>>,
     verified: Cache<String, ()>,
+    refused: super::backoff::Backoff,
+    bcrypt: tokio::sync::Semaphore,
     token_ttl: Duration,
 }
 
@@ -106,44 +145,117 @@ impl LocalAuth {
                 .max_capacity(MAX_ISSUED)
                 .time_to_live(VERIFIED_TTL)
                 .build(),
+            refused: super::backoff::Backoff::default(),
+            bcrypt: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
             token_ttl,
         })
     }
 
-    /// Checks a username and password against the htpasswd file (bcrypt on the blocking pool).
-    pub async fn verify_password(self: &Arc<Self>, user: &str, password: &Secret) -> bool {
+    /// Checks a username and password against the htpasswd file. bcrypt runs on at most one
+    /// blocking thread per CPU; a password refused moments ago is refused again without a
+    /// bcrypt run (the wait grows with each refusal); past [`BCRYPT_QUEUE_WAIT`] in the queue
+    /// the check gives up with [`Overloaded`].
+    pub async fn check_password(
+        self: &Arc<Self>,
+        user: &str,
+        password: &Secret,
+    ) -> Result<bool, Overloaded> {
         let Some(hash) = self.users.get(user).cloned() else {
-            return false;
+            return Ok(false);
         };
         let key = token_key(&format!("{user}\0{}\0{hash}", password.expose()));
         if self.verified.contains_key(&key) {
-            return true;
+            return Ok(true);
         }
+        if self.refused.blocked(&key).is_some() {
+            return Ok(false);
+        }
+        let permit = tokio::time::timeout(BCRYPT_QUEUE_WAIT, self.bcrypt.acquire())
+            .await
+            .map_err(|_| Overloaded)?
+            .map_err(|_| Overloaded)?;
         let pw = password.clone();
         let ok = tokio::task::spawn_blocking(move || {
             bcrypt::verify(pw.expose(), &hash).unwrap_or(false)
         })
         .await
         .unwrap_or(false);
+        drop(permit);
         if ok {
+            self.refused.succeeded(&key);
             self.verified.insert(key, ());
+        } else {
+            self.refused.failed(&key);
         }
-        ok
+        Ok(ok)
     }
 
-    /// The user a bearer token (static or issued by berth) belongs to.
-    pub fn verify_token(&self, token: &str) -> Option<String> {
+    /// [`LocalAuth::check_password`], with overload counted as a refusal.
+    pub async fn verify_password(self: &Arc<Self>, user: &str, password: &Secret) -> bool {
+        self.check_password(user, password).await.unwrap_or(false)
+    }
+
+    /// The name of a static token from the tokens file.
+    pub fn static_token(&self, token: &str) -> Option<String> {
+        self.static_tokens.get(&token_key(token)).cloned()
+    }
+
+    /// Checks a bearer token for a request to `upstream` (repository `repo`, or none for the
+    /// `/v2/` probe). Static tokens from the tokens file open every `service` upstream (the
+    /// operator wrote them for that); tokens berth issued open only the upstream, subject and
+    /// repositories they were issued for, until they expire. `anonymous_ok` says whether the
+    /// upstream takes anonymous clients (an anonymous grant is worth nothing elsewhere).
+    pub fn check_token(
+        &self,
+        token: &str,
+        upstream: &str,
+        repo: Option<&str>,
+        anonymous_ok: bool,
+    ) -> TokenCheck {
         let k = token_key(token);
-        self.static_tokens
-            .get(&k)
-            .cloned()
-            .or_else(|| self.issued.get(&k))
+        if self.static_tokens.contains_key(&k) {
+            return TokenCheck::Valid;
+        }
+        let Some(g) = self.issued.get(&k) else {
+            return TokenCheck::Unknown;
+        };
+        if g.expires <= Instant::now() {
+            return TokenCheck::Unknown;
+        }
+        let subject_ok = if g.subject.is_empty() {
+            anonymous_ok
+        } else {
+            self.users.contains_key(&g.subject)
+                || self.static_tokens.values().any(|n| *n == g.subject)
+        };
+        let repo_ok = repo.is_none_or(|r| g.repositories.contains(r));
+        if g.audience == upstream && subject_ok && repo_ok {
+            TokenCheck::Valid
+        } else {
+            TokenCheck::OutOfScope
+        }
     }
 
-    /// Issues a token for `user` (empty for anonymous): the token and its lifetime.
-    pub fn issue(&self, user: &str) -> (Secret, Duration) {
+    /// Issues a token for `subject` (empty for anonymous) at `audience`, for `repositories`:
+    /// the token and its lifetime.
+    pub fn issue(
+        &self,
+        audience: &str,
+        subject: &str,
+        repositories: BTreeSet<String>,
+    ) -> (Secret, Duration) {
         let token = hex::encode(rand::random::<[u8; 32]>());
-        self.issued.insert(token_key(&token), user.to_owned());
+        self.issued.insert(
+            token_key(&token),
+            Arc::new(Grant {
+                audience: audience.to_owned(),
+                subject: subject.to_owned(),
+                repositories,
+                expires: Instant::now() + self.token_ttl,
+            }),
+        );
         (Secret::new(token), self.token_ttl)
     }
 }
@@ -177,11 +289,26 @@ mod tests {
                 .await
         );
         assert!(!a.verify_password("bob", &Secret::new("pw".into())).await);
-        assert_eq!(a.verify_token("tok-123").as_deref(), Some("ci"));
-        assert_eq!(a.verify_token("plain-token").as_deref(), Some("token"));
-        assert_eq!(a.verify_token("other"), None);
-        let (t, _) = a.issue("alice");
-        assert_eq!(a.verify_token(t.expose()).as_deref(), Some("alice"));
+        assert_eq!(a.static_token("tok-123").as_deref(), Some("ci"));
+        assert_eq!(a.static_token("plain-token").as_deref(), Some("token"));
+        assert_eq!(a.static_token("other"), None);
+        assert_eq!(a.check_token("tok-123", "svc", Some("x"), false), TokenCheck::Valid);
+        assert_eq!(a.check_token("other", "svc", None, true), TokenCheck::Unknown);
+        let repos: BTreeSet<String> = ["team/app".to_owned()].into();
+        let (t, _) = a.issue("svc", "alice", repos);
+        let t = t.expose();
+        assert_eq!(a.check_token(t, "svc", Some("team/app"), false), TokenCheck::Valid);
+        assert_eq!(a.check_token(t, "svc", None, false), TokenCheck::Valid);
+        // Another upstream, another repository: refused.
+        assert_eq!(a.check_token(t, "other", Some("team/app"), false), TokenCheck::OutOfScope);
+        assert_eq!(a.check_token(t, "svc", Some("team/secret"), false), TokenCheck::OutOfScope);
+        // An anonymous grant opens nothing where anonymous clients are refused.
+        let (anon, _) = a.issue("pub", "", ["team/app".to_owned()].into());
+        assert_eq!(a.check_token(anon.expose(), "pub", Some("team/app"), true), TokenCheck::Valid);
+        assert_eq!(a.check_token(anon.expose(), "svc", Some("team/app"), false), TokenCheck::OutOfScope);
+        // A subject that no longer exists locally.
+        let (ghost, _) = a.issue("svc", "mallory", ["team/app".to_owned()].into());
+        assert_eq!(a.check_token(ghost.expose(), "svc", Some("team/app"), false), TokenCheck::OutOfScope);
         std::fs::write(dir.path().join("bad"), "alice:plaintext\n").unwrap();
         assert!(
             LocalAuth::load(Some(&dir.path().join("bad")), None, Duration::from_secs(1)).is_err()

@@ -1,16 +1,16 @@
-//! Client authorization (DESIGN §5): the origin decides who may pull what, berth enforces it in
-//! front of its shared cache.
+//! Client authorization: the origin decides who may pull what, berth enforces it in front of
+//! its shared cache (docs/ARCHITECTURE.md, "Authorization").
 //!
-//! - `public` upstreams: anyone may pull; berth fetches with its own credentials (if any).
-//! - `service` upstreams: clients authenticate locally (htpasswd, static or berth-issued
-//!   tokens); berth fetches with its own credentials.
-//! - `passthrough` upstreams: clients bring origin credentials (tokens from berth's `/token`,
-//!   which forwards to the origin's token service). Before anything is served from the cache the
-//!   origin is asked, with the client's token, whether this client may pull from this
-//!   repository; the answer is cached per (principal, upstream, repository) for at most the
-//!   token's lifetime. A blob or manifest is served under a repository only if it is known to
-//!   belong there.
+//! Two questions are asked of every read, in every mode:
+//! 1. May this client pull from this repository? `public`: anyone. `service`: a local user,
+//!    static token, or a token berth issued for this upstream and repository. `passthrough`:
+//!    the origin, asked with the client's own credentials, decision cached per (principal,
+//!    upstream, repository) for at most the token's lifetime.
+//! 2. Does the digest belong to this repository of this upstream? Only the origin's word
+//!    counts ([`crate::cache::Memberships`]); without it the origin is asked (a HEAD in the
+//!    repository, with the credentials the mode uses) before cached bytes are served.
 
+pub mod backoff;
 mod decisions;
 pub mod jwt;
 pub mod local;
@@ -22,10 +22,11 @@ use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 
-pub use decisions::{referenced_digests, Decisions};
-pub use local::LocalAuth;
+pub use decisions::Decisions;
+pub use local::{LocalAuth, TokenCheck};
 pub use principal::{Credential, Principal};
 
+use crate::cache::Memberships;
 use crate::config::{AuthConfig, AuthMode, Credentials};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -46,6 +47,16 @@ pub enum Target<'a> {
     Blob(&'a Digest),
     /// tags/list or referrers.
     Listing,
+}
+
+impl Target<'_> {
+    /// The digest a read by digest names.
+    fn digest(&self) -> Option<&Digest> {
+        match *self {
+            Target::Blob(d) | Target::Manifest(Reference::Digest(d)) => Some(d),
+            _ => None,
+        }
+    }
 }
 
 /// How the client reached berth, to build the token realm it is sent to.
@@ -104,7 +115,8 @@ pub struct Authorizer {
     config: AuthConfig,
     local: Arc<LocalAuth>,
     decisions: Decisions,
-    parsed: moka::sync::Cache<(String, String, Digest), ()>,
+    members: Arc<Memberships>,
+    logins: backoff::Backoff,
     challenges: moka::sync::Cache<String, Option<Challenge>>,
     metrics: Arc<Metrics>,
 }
@@ -112,10 +124,11 @@ pub struct Authorizer {
 // === impl Authorizer ===
 
 impl Authorizer {
-    /// Loads local credentials.
+    /// Loads local credentials; `members` is the cache's membership evidence.
     pub fn new(
         config: AuthConfig,
         metrics: Arc<Metrics>,
+        members: Arc<Memberships>,
     ) -> Result<Authorizer, local::LocalAuthError> {
         let local = LocalAuth::load(
             config.htpasswd_file.as_deref(),
@@ -126,7 +139,8 @@ impl Authorizer {
             config,
             local: Arc::new(local),
             decisions: Decisions::default(),
-            parsed: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
+            members,
+            logins: backoff::Backoff::default(),
             challenges: moka::sync::Cache::builder()
                 .max_capacity(1_000)
                 .time_to_live(CHALLENGE_TTL)
@@ -140,21 +154,6 @@ impl Authorizer {
             .auth_decisions
             .with_label_values(&[result, source])
             .inc();
-    }
-
-    /// Records what a manifest fetched for `sel`'s repository references: those digests belong
-    /// to that repository.
-    pub fn learn(&self, sel: &Selected, digest: &Digest, manifest: &[u8]) {
-        let (up, repo) = (sel.upstream.name(), sel.name.as_str());
-        let key = (up.to_owned(), repo.to_owned(), digest.clone());
-        if self.parsed.contains_key(&key) {
-            return;
-        }
-        self.decisions.add_member(up, repo, digest.clone());
-        for d in referenced_digests(manifest) {
-            self.decisions.add_member(up, repo, d);
-        }
-        self.parsed.insert(key, ());
     }
 
     /// GET /v2/: the API version check doubles as the login probe. Anonymous clients of
@@ -172,15 +171,7 @@ impl Authorizer {
         match upstream.config().auth {
             AuthMode::Public => Ok(()),
             AuthMode::Service => {
-                let ok = match &principal.credential {
-                    Credential::Anonymous => upstream.config().anonymous,
-                    Credential::Bearer(t) => self.local.verify_token(t.expose()).is_some(),
-                    Credential::Basic { user, password } => {
-                        self.local.verify_password(user, password).await
-                            || self.local.verify_token(password.expose()).is_some()
-                    }
-                };
-                if ok {
+                if self.service_ok(upstream, principal, None).await? {
                     Ok(())
                 } else {
                     Err(required("authentication required"))
@@ -215,25 +206,19 @@ impl Authorizer {
             AuthMode::Public => {
                 sel.auth = UpstreamAuth::Own;
                 self.count("allow", "public");
-                Ok(())
             }
             AuthMode::Service => {
                 sel.auth = UpstreamAuth::Own;
-                let ok = match &principal.credential {
-                    Credential::Anonymous => sel.upstream.config().anonymous,
-                    Credential::Bearer(t) => self.local.verify_token(t.expose()).is_some(),
-                    Credential::Basic { user, password } => {
-                        self.local.verify_password(user, password).await
-                            || self.local.verify_token(password.expose()).is_some()
-                    }
-                };
+                let ok = self
+                    .service_ok(&sel.upstream, principal, Some(sel.name.as_str()))
+                    .await?;
                 self.count(if ok { "allow" } else { "deny" }, "local");
-                if ok {
-                    Ok(())
-                } else if principal.is_anonymous() {
-                    Err(required("authentication required"))
-                } else {
-                    Err(required("invalid credentials"))
+                if !ok {
+                    return Err(if principal.is_anonymous() {
+                        required("authentication required")
+                    } else {
+                        required("invalid credentials")
+                    });
                 }
             }
             AuthMode::Passthrough => {
@@ -248,8 +233,110 @@ impl Authorizer {
                         },
                     },
                 };
-                self.admit_passthrough(sel, principal, target, &required)
+                return self
+                    .admit_passthrough(sel, principal, target, &required)
+                    .await;
+            }
+        }
+        self.require_member(sel, target).await
+    }
+
+    /// Whether a `service` upstream accepts this client: anonymous where allowed, a local user,
+    /// a static token, or a token berth issued for this upstream (and repository, if given).
+    async fn service_ok(
+        &self,
+        upstream: &Upstream,
+        principal: &Principal,
+        repo: Option<&str>,
+    ) -> Result<bool, Error> {
+        let anonymous_ok = upstream.config().anonymous;
+        let token_ok = |t: &str| {
+            self.local.check_token(t, upstream.name(), repo, anonymous_ok) == TokenCheck::Valid
+        };
+        Ok(match &principal.credential {
+            Credential::Anonymous => anonymous_ok,
+            Credential::Bearer(t) => token_ok(t.expose()),
+            Credential::Basic { user, password } => {
+                let ok = self
+                    .local
+                    .check_password(user, password)
                     .await
+                    .map_err(|e| Error::TooManyRequests(e.to_string()))?;
+                ok || token_ok(password.expose())
+            }
+        })
+    }
+
+    /// The membership rule for `public` and `service` upstreams: a read by digest is served
+    /// only when the upstream's origin has shown the digest in this repository; otherwise the
+    /// origin is asked (a HEAD with berth's own credentials) and its answer remembered.
+    async fn require_member(&self, sel: &Selected, target: Target<'_>) -> Result<(), Error> {
+        let Some(d) = target.digest() else {
+            return Ok(());
+        };
+        let (up, repo) = (sel.upstream.name(), sel.name.as_str());
+        if self.members.contains(up, repo, d) {
+            return Ok(());
+        }
+        let answer = check(&sel.upstream, &self.metrics, &check_request(sel, target)).await;
+        let unknown = || match target {
+            Target::Blob(_) => Error::BlobUnknown("blob unknown to this repository".into()),
+            _ => Error::ManifestUnknown("manifest unknown to this repository".into()),
+        };
+        match answer {
+            Ok((status, _)) if status.is_success() => {
+                self.members.record(up, repo, d);
+                self.count("allow", "membership");
+                Ok(())
+            }
+            Ok((StatusCode::NOT_FOUND, _)) => {
+                self.count("deny", "membership");
+                Err(unknown())
+            }
+            // An offline mirror serves exactly what its evidence (warm-up, imported bundles)
+            // covers.
+            Err(UpstreamError::Offline { .. }) => {
+                self.count("deny", "membership");
+                Err(match target {
+                    Target::Blob(_) => {
+                        Error::BlobUnknown(format!("blob not in this mirror ({up} is offline)"))
+                    }
+                    _ => Error::ManifestUnknown(format!(
+                        "manifest not in this mirror ({up} is offline)"
+                    )),
+                })
+            }
+            Ok((StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _)) => {
+                self.count("deny", "membership");
+                Err(Error::Denied(
+                    "the origin does not show this repository to berth".into(),
+                ))
+            }
+            Ok((status, _)) => {
+                self.count("error", "membership");
+                Err(Error::Upstream(UpstreamError::Status {
+                    upstream: up.to_owned(),
+                    status,
+                    retry_after: None,
+                }))
+            }
+            Err(e) if e.is_not_found() => Err(unknown()),
+            Err(UpstreamError::Status { status, .. })
+                if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN =>
+            {
+                self.count("deny", "membership");
+                Err(Error::Denied(
+                    "the origin does not show this repository to berth".into(),
+                ))
+            }
+            Err(e) => {
+                self.count("error", "membership");
+                Err(Error::Upstream(UpstreamError::Unreachable {
+                    upstream: up.to_owned(),
+                    reason: format!(
+                        "cannot confirm with the origin that this repository holds {d}: {e}"
+                    ),
+                }))
             }
         }
     }
@@ -264,12 +351,8 @@ impl Authorizer {
         let up = sel.upstream.name().to_owned();
         let repo = sel.name.as_str().to_owned();
         let key = (principal.key.clone(), up.clone(), repo.clone());
-        let member = |d: &Digest| self.decisions.is_member(&up, &repo, d);
-        let needs_member = match target {
-            Target::Blob(d) => Some(d),
-            Target::Manifest(Reference::Digest(d)) => Some(d),
-            _ => None,
-        };
+        let member = |d: &Digest| self.members.contains(&up, &repo, d);
+        let needs_member = target.digest();
         match self.decisions.valid(&key) {
             Some(true) if needs_member.is_none_or(member) => {
                 self.count("allow", "cache");
@@ -281,35 +364,28 @@ impl Authorizer {
             }
             _ => {}
         }
-        // Ask the origin, with the client's credentials.
-        let (method, path, accept) = match target {
-            Target::Blob(d) => (Method::HEAD, format!("/v2/{repo}/blobs/{d}"), None),
-            Target::Manifest(r) => (Method::HEAD, format!("/v2/{repo}/manifests/{r}"), Some(())),
-            Target::Listing => (Method::GET, format!("/v2/{repo}/tags/list?n=1"), None),
-        };
-        let mut headers = HeaderMap::new();
-        if accept.is_some() {
-            for a in media::DEFAULT_ACCEPT {
-                headers.append(header::ACCEPT, HeaderValue::from_static(a));
-            }
+        // A credential the origin's token service refused moments ago is not sent again yet.
+        if let (Credential::Basic { .. }, Some(wait)) =
+            (&principal.credential, self.logins.blocked(&principal.key))
+        {
+            self.count("deny", "backoff");
+            return Err(required(&format!(
+                "these credentials were refused by the origin; retry in {} s",
+                wait.as_secs().max(1)
+            )));
         }
-        let req = UpstreamRequest {
-            method,
-            path_and_query: path,
-            headers,
-            scope: format!("repository:{repo}:pull"),
-            auth: sel.auth.clone(),
-        };
-        let answer = check(&sel.upstream, &self.metrics, &req).await;
+        // Ask the origin, with the client's credentials.
+        let answer = check(&sel.upstream, &self.metrics, &check_request(sel, target)).await;
         let ttl = self.decision_ttl(principal);
         match answer {
-            Ok((StatusCode::OK, digest)) => {
+            Ok((StatusCode::OK, _)) => {
                 self.decisions.allow(key, ttl, self.config.offline_grace);
+                self.logins.succeeded(&principal.key);
+                // The origin showed this digest in this repository: evidence. (The digest it
+                // reports for a tag is not recorded here: the manifest it names is recorded
+                // when it is fetched and verified.)
                 if let Some(d) = needs_member {
-                    self.decisions.add_member(&up, &repo, d.clone());
-                }
-                if let Some(d) = digest {
-                    self.decisions.add_member(&up, &repo, d);
+                    self.members.record(&up, &repo, d);
                 }
                 self.count("allow", "origin");
                 Ok(())
@@ -357,6 +433,9 @@ impl Authorizer {
                 if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN =>
             {
                 self.decisions.deny(key, self.config.deny_ttl);
+                if matches!(principal.credential, Credential::Basic { .. }) {
+                    self.logins.failed(&principal.key);
+                }
                 self.count("deny", "origin");
                 if status == StatusCode::FORBIDDEN {
                     Err(Error::Denied(
@@ -425,9 +504,38 @@ impl Authorizer {
         Ok(c)
     }
 
+    /// Refused origin logins, per credential.
+    pub fn logins(&self) -> &backoff::Backoff {
+        &self.logins
+    }
+
     /// Local users and tokens.
     pub fn local(&self) -> &Arc<LocalAuth> {
         &self.local
+    }
+}
+
+/// The request that asks the origin about `target` in `sel`'s repository: a HEAD of the blob or
+/// manifest, or the first tag of the listing.
+fn check_request(sel: &Selected, target: Target<'_>) -> UpstreamRequest {
+    let repo = &sel.name;
+    let (method, path, accept) = match target {
+        Target::Blob(d) => (Method::HEAD, format!("/v2/{repo}/blobs/{d}"), false),
+        Target::Manifest(r) => (Method::HEAD, format!("/v2/{repo}/manifests/{r}"), true),
+        Target::Listing => (Method::GET, format!("/v2/{repo}/tags/list?n=1"), false),
+    };
+    let mut headers = HeaderMap::new();
+    if accept {
+        for a in media::DEFAULT_ACCEPT {
+            headers.append(header::ACCEPT, HeaderValue::from_static(a));
+        }
+    }
+    UpstreamRequest {
+        method,
+        path_and_query: path,
+        headers,
+        scope: format!("repository:{repo}:pull"),
+        auth: sel.auth.clone(),
     }
 }
 

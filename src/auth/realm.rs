@@ -5,6 +5,7 @@
 //! repository names, and the origin's answer returned. For `service` and `public` upstreams berth
 //! authenticates the client locally and issues a token of its own.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -133,6 +134,43 @@ fn translate_scope(scope: &str, upstream: &Upstream) -> String {
     format!("{kind}:{name}:{actions}")
 }
 
+/// The repositories (as `upstream` names them) a token request asks to pull from.
+fn pull_scopes(req: &TokenRequest, upstream: &Upstream) -> BTreeSet<String> {
+    req.scopes()
+        .iter()
+        .filter_map(|s| {
+            let t = translate_scope(s, upstream);
+            let mut parts = t.splitn(3, ':');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("repository"), Some(name), Some(actions))
+                    if actions.split(',').any(|a| a == "pull" || a == "*") =>
+                {
+                    Some(name.to_owned())
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// A key for the credential a token request carries (a hash, never the secret), for the
+/// refused-login memory; `None` for an anonymous request.
+fn login_key(req: &TokenRequest) -> Option<String> {
+    let raw = match (&req.principal.credential, req.param("grant_type")) {
+        (Credential::Basic { .. }, _) => return Some(req.principal.key.clone()),
+        (_, Some("password")) => format!(
+            "password\0{}\0{}",
+            req.param("username").unwrap_or(""),
+            req.param("password").unwrap_or("")
+        ),
+        (_, Some("refresh_token")) => {
+            format!("refresh\0{}", req.param("refresh_token").unwrap_or(""))
+        }
+        _ => return None,
+    };
+    Some(crate::oci::Digest::sha256_of(raw.as_bytes()).hex().to_owned())
+}
+
 /// RFC 3339 UTC time, as token services write `issued_at`.
 fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
@@ -224,22 +262,35 @@ impl Authorizer {
             (Credential::Basic { user, password }, _) => (user.clone(), Some(password.clone())),
             _ => (String::new(), None),
         };
-        let ok = match (&password, mode) {
-            (None, AuthMode::Public) => true,
-            (None, _) => upstream.config().anonymous,
-            (Some(p), _) => {
-                self.local.verify_password(&user, p).await
-                    || self.local.verify_token(p.expose()).is_some()
+        // Who this token is for: a local user, a static token's name, or anonymous where the
+        // upstream takes anonymous clients. A token berth issued is not a password here: it
+        // cannot be traded for a token with another scope or a longer life.
+        let subject = match &password {
+            None if mode == AuthMode::Public || upstream.config().anonymous => Some(String::new()),
+            None => None,
+            Some(p) => {
+                let ok = self
+                    .local
+                    .check_password(&user, p)
+                    .await
+                    .map_err(|e| Error::TooManyRequests(e.to_string()))?;
+                if ok {
+                    Some(user.clone())
+                } else {
+                    self.local.static_token(p.expose())
+                }
             }
         };
-        self.count(if ok { "allow" } else { "deny" }, "local");
-        if !ok {
+        self.count(if subject.is_some() { "allow" } else { "deny" }, "local");
+        let Some(subject) = subject else {
             return Ok(json(
                 StatusCode::UNAUTHORIZED,
                 serde_json::json!({"errors": [{"code": "UNAUTHORIZED", "message": "invalid credentials", "detail": null}]}),
             ));
-        }
-        let (token, ttl) = self.local.issue(&user);
+        };
+        let (token, ttl) = self
+            .local
+            .issue(upstream.name(), &subject, pull_scopes(&req, upstream));
         Ok(token_json(token.expose(), ttl))
     }
 
@@ -283,9 +334,19 @@ impl Authorizer {
             .map_err(Error::Upstream)?;
         let Some(challenge) = challenge else {
             // The origin asks for no authentication: any token will do.
-            let (token, ttl) = self.local.issue("");
+            let (token, ttl) = self
+                .local
+                .issue(upstream.name(), "", pull_scopes(&req, upstream));
             return Ok(token_json(token.expose(), ttl));
         };
+        let login = login_key(&req);
+        if let Some(wait) = login.as_deref().and_then(|k| self.logins.blocked(k)) {
+            self.count("deny", "backoff");
+            return Ok(json(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({"errors": [{"code": "UNAUTHORIZED", "message": format!("these credentials were refused by the origin; retry in {} s", wait.as_secs().max(1)), "detail": null}]}),
+            ));
+        }
         let realm = challenge
             .param("realm")
             .ok_or_else(|| Error::Internal("the origin's challenge names no realm".into()))?
@@ -372,6 +433,13 @@ impl Authorizer {
             }
             (_, _, s) => (s, raw),
         };
+        if let Some(k) = &login {
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                self.logins.failed(k);
+            } else if status.is_success() {
+                self.logins.succeeded(k);
+            }
+        }
         if !status.is_success() {
             self.count("deny", "origin");
             // Statuses a client acts on pass through (containerd falls back from POST to GET on

@@ -4,6 +4,7 @@
 
 pub mod fill;
 pub mod index;
+pub mod membership;
 pub mod memory;
 pub mod pins;
 pub mod readbuf;
@@ -19,6 +20,7 @@ use bytes::Bytes;
 
 pub use fill::{BlobFetcher, BlobSource, BlobStream, Fetched, Fill, FillError, FillStats, Fills};
 pub use index::{DiskIndex, Key, Kind, PinError, Usage};
+pub use membership::Memberships;
 pub use pins::PinnedImage;
 pub use store::{DiskStore, StoredManifest};
 pub use tags::{accept_key, TagEntry, TagKey, TagStore};
@@ -55,6 +57,7 @@ pub struct Cache {
     memory: memory::MemoryTier,
     tags: TagStore,
     fills: Arc<Fills>,
+    memberships: Arc<Memberships>,
 }
 
 impl Cache {
@@ -68,6 +71,7 @@ impl Cache {
         let lock = lock_dir(&cfg.dir)?;
         let store = Arc::new(DiskStore::open(&cfg.dir)?);
         let pinned = pins::read(&cfg.dir)?;
+        let memberships = Arc::new(Memberships::open(&cfg.dir)?);
         let index = DiskIndex::new(cfg.disk_bytes);
         let mut found: HashMap<Key, (u64, std::time::SystemTime)> = store
             .scan()?
@@ -121,6 +125,7 @@ impl Cache {
             memory: memory::MemoryTier::new(cfg.memory_bytes, cfg.memory_max_object_bytes),
             tags: TagStore::new(store.clone()),
             fills: Fills::new(store.clone(), index.clone()),
+            memberships,
             index,
             store,
         })
@@ -129,6 +134,12 @@ impl Cache {
     /// Tag mappings.
     pub fn tags(&self) -> &TagStore {
         &self.tags
+    }
+
+    /// Which digests each upstream's origin showed in which repository (the evidence the
+    /// authorizer requires before serving cached bytes under a repository).
+    pub fn memberships(&self) -> &Arc<Memberships> {
+        &self.memberships
     }
 
     /// Fills in progress.

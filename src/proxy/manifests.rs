@@ -163,7 +163,10 @@ impl App {
         )
     }
 
-    /// A manifest answer; what it references is recorded as belonging to the repository.
+    /// A manifest answer. Every caller holds the origin's evidence that `d` is in `sel`'s
+    /// repository (fetched there, a tag mapping of that repository, or a membership the
+    /// authorizer checked), so `d` and its parts are recorded as members (one lookup when
+    /// already known).
     fn respond(
         &self,
         sel: &Selected,
@@ -171,11 +174,9 @@ impl App {
         m: &StoredManifest,
         head: bool,
     ) -> Response<Body> {
-        // Membership is enforced for passthrough upstreams only; elsewhere it would be work on
-        // the hot path for nothing.
-        if sel.upstream.config().auth == crate::config::AuthMode::Passthrough {
-            self.auth.learn(sel, d, &m.bytes);
-        }
+        self.cache()
+            .memberships()
+            .record_manifest(sel.upstream.name(), sel.name.as_str(), d, &m.bytes);
         manifest_response(d, m, head)
     }
 

@@ -105,7 +105,11 @@ impl Running {
             );
         }
         let app = self.app.clone();
-        let _ = tokio::task::spawn_blocking(move || app.cache().save_recency()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            app.cache().memberships().flush();
+            app.cache().save_recency()
+        })
+        .await;
     }
 
     /// A handle that starts a graceful shutdown when sent `true`.
@@ -130,7 +134,11 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
         source,
     })?;
     let upstreams = Upstreams::new(&config.upstreams)?;
-    let auth = crate::auth::Authorizer::new(config.auth.clone(), metrics.clone())?;
+    let auth = crate::auth::Authorizer::new(
+        config.auth.clone(),
+        metrics.clone(),
+        cache.memberships().clone(),
+    )?;
     let acceptor = match &config.server.tls {
         Some(t) => Some(tls::acceptor(t)?),
         None => None,
