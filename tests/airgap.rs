@@ -1055,3 +1055,158 @@ async fn unpinned_images_are_evicted_again() {
         "the unpinned layer was evicted to make room"
     );
 }
+
+/// Memberships (which repository of which upstream holds which digest) are written as berth
+/// learns them and survive a crash: berth is killed with SIGKILL while pulls record new ones,
+/// restarts offline (no origin to ask), and serves everything it had recorded before the kill,
+/// byte-exact; what was in flight is served whole or refused, never damaged, and the restart is
+/// not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memberships_survive_kill_9_and_an_offline_restart() {
+    let registry = Registry::start().await;
+    let base = registry.url();
+    let mut images = Vec::new();
+    for i in 0..8u64 {
+        images.push(
+            push_oci_image(
+                &base,
+                &format!("crash/app{i}"),
+                "1.0",
+                &[20_000, 5_000],
+                70 + i,
+            )
+            .await,
+        );
+    }
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let config = write_config(
+        &work.path().join("berth.toml"),
+        &cache,
+        "1GiB",
+        &base,
+        &registry.host(),
+    );
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let pull = |url: String, img: TestImage| {
+        let client = client.clone();
+        async move {
+            let mut reqs = vec![(
+                format!("{url}/v2/{}/manifests/{}", img.repo, img.tag),
+                img.manifest_bytes.clone(),
+            )];
+            for (d, b) in img.blobs() {
+                reqs.push((format!("{url}/v2/{}/blobs/{d}", img.repo), b.to_vec()));
+            }
+            let mut answers = Vec::new();
+            for (u, want) in reqs {
+                let r = client
+                    .get(&u)
+                    .header("accept", common::content::OCI_MANIFEST)
+                    .send()
+                    .await;
+                let got = match r {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        (
+                            status,
+                            r.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),
+                        )
+                    }
+                    Err(_) => (0, Vec::new()),
+                };
+                answers.push((u, got, want));
+            }
+            answers
+        }
+    };
+    let online = BerthProcess::serve(&config, &[]).await;
+    let mut online = online;
+    for img in &images[..4] {
+        for (u, (status, body), want) in pull(online.url(), img.clone()).await {
+            assert_eq!(status, 200, "{u}");
+            assert!(body == want, "{u}: wrong bytes");
+        }
+    }
+    // Readiness, not a sleep: the writer has put every membership of the first four images on
+    // disk (each blob digest appears in the log under its repository).
+    let log = cache.join("memberships.log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let missing = images[..4]
+            .iter()
+            .flat_map(|img| {
+                img.blobs()
+                    .into_iter()
+                    .map(move |(d, _)| (img.repo.clone(), d.to_owned()))
+            })
+            .filter(|(repo, d)| !text.lines().any(|l| l.contains(&format!(" {repo} {d}"))))
+            .count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{missing} memberships never reached {}",
+            log.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The other four are pulled concurrently while berth is killed.
+    let url = online.url();
+    let inflight: Vec<_> = images[4..]
+        .iter()
+        .map(|img| tokio::spawn(pull(url.clone(), img.clone())))
+        .collect();
+    // Kill once the first of them has been answered (berth is mid-way through recording).
+    let first_done = {
+        let probe = format!("{url}/v2/{}/manifests/{}", images[4].repo, images[4].tag);
+        client
+            .get(&probe)
+            .header("accept", common::content::OCI_MANIFEST)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    };
+    online.kill_9();
+    for t in inflight {
+        let _ = t.await;
+    }
+    assert!(matches!(first_done, Ok(200)), "{first_done:?}");
+
+    let offline = BerthProcess::serve_offline(&config).await;
+    for img in &images[..4] {
+        for (u, (status, body), want) in pull(offline.url(), img.clone()).await {
+            assert_eq!(
+                status,
+                200,
+                "{u} after the crash: {}",
+                String::from_utf8_lossy(&body)
+            );
+            assert!(body == want, "{u}: wrong bytes after the crash");
+        }
+    }
+    let (mut served, mut refused) = (0, 0);
+    for img in &images[4..] {
+        for (u, (status, body), want) in pull(offline.url(), img.clone()).await {
+            match status {
+                200 => {
+                    assert!(body == want, "{u}: wrong bytes after the crash");
+                    served += 1;
+                }
+                404 => refused += 1,
+                other => panic!(
+                    "{u} after the crash answered {other}: {}",
+                    String::from_utf8_lossy(&body)
+                ),
+            }
+        }
+    }
+    println!("kill -9 during membership writes: 4 images complete after restart; of the in-flight four, {served} objects served whole, {refused} refused (404)");
+    let log_text = offline.stop().await;
+    assert!(!log_text.contains("panicked"), "{log_text}");
+}

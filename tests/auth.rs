@@ -456,7 +456,7 @@ impl Req {
 
     fn repo(&self) -> &str {
         let rest = self.path.strip_prefix("/v2/").expect("a /v2/ path");
-        let end = ["/manifests/", "/blobs/"]
+        let end = ["/manifests/", "/blobs/", "/referrers/"]
             .iter()
             .filter_map(|m| rest.rfind(m))
             .max()
@@ -2221,7 +2221,10 @@ impl OriginView {
 fn tenancy_probes(image: &TestImage, repo: &str) -> Vec<(&'static str, Req)> {
     let layer = &image.layers.last().expect("a layer").0;
     vec![
-        ("manifest by digest", Req::manifest(repo, &image.manifest_digest)),
+        (
+            "manifest by digest",
+            Req::manifest(repo, &image.manifest_digest),
+        ),
         ("config GET", Req::blob(repo, &image.config_digest)),
         ("layer GET", Req::blob(repo, layer)),
         ("layer HEAD", Req::blob(repo, layer).head()),
@@ -2279,9 +2282,11 @@ async fn tenancy_matrix_no_upstream_serves_what_its_origin_would_refuse() {
     // public/*. Origin 1: the same principals and policy, holding public/base and team-b/tool
     // (the same bytes as origin 0's) but no private/app.
     let issuer_policy = || {
-        policy_issuer()
-            .user(ROBOT, ROBOT_PASSWORD)
-            .allow(Grantee::user(ROBOT), "team-b/*", &["pull"])
+        policy_issuer().user(ROBOT, ROBOT_PASSWORD).allow(
+            Grantee::user(ROBOT),
+            "team-b/*",
+            &["pull"],
+        )
     };
     let origin0 = start_origin(issuer_policy()).await;
     let issuer1 = issuer_policy().start().await;
@@ -2383,7 +2388,9 @@ async fn tenancy_matrix_no_upstream_serves_what_its_origin_would_refuse() {
             }
             if warm {
                 assert!(
-                    warmed.iter().any(|w| w.contains(PRIVATE) || w.contains(TEAM)),
+                    warmed
+                        .iter()
+                        .any(|w| w.contains(PRIVATE) || w.contains(TEAM)),
                     "the warm-up cached something an attacker may not read: {warmed:?}"
                 );
             }
@@ -2403,7 +2410,12 @@ async fn tenancy_matrix_no_upstream_serves_what_its_origin_would_refuse() {
         failures.is_empty(),
         "{} of {total} cells differ from the origin:\n{}",
         failures.len(),
-        failures.iter().take(40).cloned().collect::<Vec<_>>().join("\n")
+        failures
+            .iter()
+            .take(40)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
@@ -2448,7 +2460,11 @@ async fn a_subject_or_referrers_listing_is_never_evidence_of_membership() {
     .unwrap();
     let gate = origin.issuer.push_gate(&origin.registry).await;
     let pushed = push_manifest(&gate.url(), TEAM, "signed", OCI_MANIFEST, &referrer).await;
-    assert_eq!(pushed, sha256_digest(&referrer), "the registry took the subject");
+    assert_eq!(
+        pushed,
+        sha256_digest(&referrer),
+        "the registry took the subject"
+    );
 
     let mut bob = Puller::new(&berth, Who::Bob);
     let own = bob.fetch(&Req::manifest(TEAM, "signed")).await;
@@ -2498,11 +2514,11 @@ async fn a_subject_or_referrers_listing_is_never_evidence_of_membership() {
 #[tokio::test]
 async fn tokens_open_only_the_upstream_and_repositories_they_were_issued_for() {
     capture_logs();
-    let origin = start_origin(
-        policy_issuer()
-            .user(ROBOT, ROBOT_PASSWORD)
-            .allow(Grantee::user(ROBOT), "team-b/*", &["pull"]),
-    )
+    let origin = start_origin(policy_issuer().user(ROBOT, ROBOT_PASSWORD).allow(
+        Grantee::user(ROBOT),
+        "team-b/*",
+        &["pull"],
+    ))
     .await;
     let secrets = tempfile::tempdir().unwrap();
     let ups = [
@@ -2536,7 +2552,10 @@ async fn tokens_open_only_the_upstream_and_repositories_they_were_issued_for() {
         },
     ];
     let origins = [&origin];
-    let mut tables: String = ups.iter().map(|u| u.table(&origins, secrets.path())).collect();
+    let mut tables: String = ups
+        .iter()
+        .map(|u| u.table(&origins, secrets.path()))
+        .collect();
     tables.push_str(&local_auth_files(secrets.path()));
     let berth = Berth::with_upstreams(&tables).start().await;
     let token_for = |service: &'static str, scope: String, creds: Option<(&str, &str)>| {
@@ -2548,7 +2567,12 @@ async fn tokens_open_only_the_upstream_and_repositories_they_were_issued_for() {
         }
         async move {
             let got = Got::read(b.send().await.unwrap()).await;
-            assert_eq!(got.status, StatusCode::OK, "{service} {scope}: {}", got.text());
+            assert_eq!(
+                got.status,
+                StatusCode::OK,
+                "{service} {scope}: {}",
+                got.text()
+            );
             let v: Value = serde_json::from_slice(&got.body).unwrap();
             let t = v["token"].as_str().unwrap().to_owned();
             remember_secret(&t);
@@ -2559,9 +2583,12 @@ async fn tokens_open_only_the_upstream_and_repositories_they_were_issued_for() {
     let anonymous_pub = token_for("pub", team_scope.clone(), None).await;
     let carol_svc = token_for("svc", team_scope.clone(), Some((CAROL, CAROL_PASSWORD))).await;
     // Scope named with the path prefix, as a client of /v2/svc/team-b/... asks for it.
-    let carol_prefixed =
-        token_for("svc", format!("repository:svc/{TEAM}:pull"), Some((CAROL, CAROL_PASSWORD)))
-            .await;
+    let carol_prefixed = token_for(
+        "svc",
+        format!("repository:svc/{TEAM}:pull"),
+        Some((CAROL, CAROL_PASSWORD)),
+    )
+    .await;
     let team_blob = Req::blob(TEAM, &origin.content.team.config_digest);
     let public_blob = Req::blob(PUBLIC, &origin.content.public.config_digest);
     let status = |req: Req, token: String| {
@@ -2591,7 +2618,11 @@ async fn tokens_open_only_the_upstream_and_repositories_they_were_issued_for() {
                 }
                 for route in [Route::Ns, Route::Prefix] {
                     let got = status(u.via(route, req), token.clone()).await;
-                    refused.push(format!("{what} at {} ({route:?}) {}: {got}", u.name, req.describe()));
+                    refused.push(format!(
+                        "{what} at {} ({route:?}) {}: {got}",
+                        u.name,
+                        req.describe()
+                    ));
                     assert_eq!(
                         got,
                         StatusCode::UNAUTHORIZED,

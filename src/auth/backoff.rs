@@ -38,11 +38,16 @@ impl Backoff {
 
     /// Records a refusal: the wait doubles from [`FIRST_WAIT`] up to [`MAX_WAIT`].
     pub fn failed(&self, key: &str) {
-        let n = self.refused.get(key).map_or(0, |(n, _)| n).saturating_add(1);
+        let n = self
+            .refused
+            .get(key)
+            .map_or(0, |(n, _)| n)
+            .saturating_add(1);
         let wait = FIRST_WAIT
             .saturating_mul(1u32 << (n - 1).min(16))
             .min(MAX_WAIT);
-        self.refused.insert(key.to_owned(), (n, Instant::now() + wait));
+        self.refused
+            .insert(key.to_owned(), (n, Instant::now() + wait));
     }
 
     /// Forgets the refusals of a credential that was accepted.

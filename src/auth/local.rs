@@ -292,23 +292,47 @@ mod tests {
         assert_eq!(a.static_token("tok-123").as_deref(), Some("ci"));
         assert_eq!(a.static_token("plain-token").as_deref(), Some("token"));
         assert_eq!(a.static_token("other"), None);
-        assert_eq!(a.check_token("tok-123", "svc", Some("x"), false), TokenCheck::Valid);
-        assert_eq!(a.check_token("other", "svc", None, true), TokenCheck::Unknown);
+        assert_eq!(
+            a.check_token("tok-123", "svc", Some("x"), false),
+            TokenCheck::Valid
+        );
+        assert_eq!(
+            a.check_token("other", "svc", None, true),
+            TokenCheck::Unknown
+        );
         let repos: BTreeSet<String> = ["team/app".to_owned()].into();
         let (t, _) = a.issue("svc", "alice", repos);
         let t = t.expose();
-        assert_eq!(a.check_token(t, "svc", Some("team/app"), false), TokenCheck::Valid);
+        assert_eq!(
+            a.check_token(t, "svc", Some("team/app"), false),
+            TokenCheck::Valid
+        );
         assert_eq!(a.check_token(t, "svc", None, false), TokenCheck::Valid);
         // Another upstream, another repository: refused.
-        assert_eq!(a.check_token(t, "other", Some("team/app"), false), TokenCheck::OutOfScope);
-        assert_eq!(a.check_token(t, "svc", Some("team/secret"), false), TokenCheck::OutOfScope);
+        assert_eq!(
+            a.check_token(t, "other", Some("team/app"), false),
+            TokenCheck::OutOfScope
+        );
+        assert_eq!(
+            a.check_token(t, "svc", Some("team/secret"), false),
+            TokenCheck::OutOfScope
+        );
         // An anonymous grant opens nothing where anonymous clients are refused.
         let (anon, _) = a.issue("pub", "", ["team/app".to_owned()].into());
-        assert_eq!(a.check_token(anon.expose(), "pub", Some("team/app"), true), TokenCheck::Valid);
-        assert_eq!(a.check_token(anon.expose(), "svc", Some("team/app"), false), TokenCheck::OutOfScope);
+        assert_eq!(
+            a.check_token(anon.expose(), "pub", Some("team/app"), true),
+            TokenCheck::Valid
+        );
+        assert_eq!(
+            a.check_token(anon.expose(), "svc", Some("team/app"), false),
+            TokenCheck::OutOfScope
+        );
         // A subject that no longer exists locally.
         let (ghost, _) = a.issue("svc", "mallory", ["team/app".to_owned()].into());
-        assert_eq!(a.check_token(ghost.expose(), "svc", Some("team/app"), false), TokenCheck::OutOfScope);
+        assert_eq!(
+            a.check_token(ghost.expose(), "svc", Some("team/app"), false),
+            TokenCheck::OutOfScope
+        );
         std::fs::write(dir.path().join("bad"), "alice:plaintext\n").unwrap();
         assert!(
             LocalAuth::load(Some(&dir.path().join("bad")), None, Duration::from_secs(1)).is_err()

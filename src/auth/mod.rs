@@ -238,7 +238,25 @@ impl Authorizer {
                     .await;
             }
         }
-        self.require_member(sel, target).await
+        match target {
+            // A blob's membership is settled by the blob handler, which knows whether the bytes
+            // would come from the cache (ask first) or from this repository's own origin GET
+            // (that answer is the evidence): a cold pull costs one origin request, not two.
+            Target::Blob(_) => Ok(()),
+            _ => self.require_member(sel, target).await,
+        }
+    }
+
+    /// Whether `sel`'s origin has shown `digest` in `sel`'s repository.
+    pub fn is_member(&self, sel: &Selected, digest: &Digest) -> bool {
+        self.members
+            .contains(sel.upstream.name(), sel.name.as_str(), digest)
+    }
+
+    /// Records that `sel`'s origin answered 2xx for `digest` in `sel`'s repository.
+    pub fn record_member(&self, sel: &Selected, digest: &Digest) {
+        self.members
+            .record(sel.upstream.name(), sel.name.as_str(), digest);
     }
 
     /// Whether a `service` upstream accepts this client: anonymous where allowed, a local user,
@@ -251,7 +269,9 @@ impl Authorizer {
     ) -> Result<bool, Error> {
         let anonymous_ok = upstream.config().anonymous;
         let token_ok = |t: &str| {
-            self.local.check_token(t, upstream.name(), repo, anonymous_ok) == TokenCheck::Valid
+            self.local
+                .check_token(t, upstream.name(), repo, anonymous_ok)
+                == TokenCheck::Valid
         };
         Ok(match &principal.credential {
             Credential::Anonymous => anonymous_ok,
@@ -267,10 +287,10 @@ impl Authorizer {
         })
     }
 
-    /// The membership rule for `public` and `service` upstreams: a read by digest is served
-    /// only when the upstream's origin has shown the digest in this repository; otherwise the
-    /// origin is asked (a HEAD with berth's own credentials) and its answer remembered.
-    async fn require_member(&self, sel: &Selected, target: Target<'_>) -> Result<(), Error> {
+    /// The membership rule: a read by digest is served from the cache only when the upstream's
+    /// origin has shown the digest in this repository; otherwise the origin is asked (a HEAD,
+    /// with the credentials `sel` carries) and its answer remembered.
+    pub async fn require_member(&self, sel: &Selected, target: Target<'_>) -> Result<(), Error> {
         let Some(d) = target.digest() else {
             return Ok(());
         };
@@ -284,14 +304,24 @@ impl Authorizer {
             _ => Error::ManifestUnknown("manifest unknown to this repository".into()),
         };
         match answer {
-            Ok((status, _)) if status.is_success() => {
+            Ok((status, _, _)) if status.is_success() => {
                 self.members.record(up, repo, d);
                 self.count("allow", "membership");
                 Ok(())
             }
-            Ok((StatusCode::NOT_FOUND, _)) => {
+            Ok((StatusCode::NOT_FOUND, _, _)) => {
                 self.count("deny", "membership");
                 Err(unknown())
+            }
+            Ok((StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _, _)) => {
+                self.count("deny", "membership");
+                Err(Error::Denied(
+                    "the origin does not show this repository to berth".into(),
+                ))
+            }
+            Ok((_, _, err)) => {
+                self.count("error", "membership");
+                Err(Error::Upstream(err))
             }
             // An offline mirror serves exactly what its evidence (warm-up, imported bundles)
             // covers.
@@ -306,20 +336,6 @@ impl Authorizer {
                     )),
                 })
             }
-            Ok((StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _)) => {
-                self.count("deny", "membership");
-                Err(Error::Denied(
-                    "the origin does not show this repository to berth".into(),
-                ))
-            }
-            Ok((status, _)) => {
-                self.count("error", "membership");
-                Err(Error::Upstream(UpstreamError::Status {
-                    upstream: up.to_owned(),
-                    status,
-                    retry_after: None,
-                }))
-            }
             Err(e) if e.is_not_found() => Err(unknown()),
             Err(UpstreamError::Status { status, .. })
                 if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN =>
@@ -331,12 +347,7 @@ impl Authorizer {
             }
             Err(e) => {
                 self.count("error", "membership");
-                Err(Error::Upstream(UpstreamError::Unreachable {
-                    upstream: up.to_owned(),
-                    reason: format!(
-                        "cannot confirm with the origin that this repository holds {d}: {e}"
-                    ),
-                }))
+                Err(Error::Upstream(e))
             }
         }
     }
@@ -378,7 +389,7 @@ impl Authorizer {
         let answer = check(&sel.upstream, &self.metrics, &check_request(sel, target)).await;
         let ttl = self.decision_ttl(principal);
         match answer {
-            Ok((StatusCode::OK, _)) => {
+            Ok((StatusCode::OK, _, _)) => {
                 self.decisions.allow(key, ttl, self.config.offline_grace);
                 self.logins.succeeded(&principal.key);
                 // The origin showed this digest in this repository: evidence. (The digest it
@@ -390,7 +401,7 @@ impl Authorizer {
                 self.count("allow", "origin");
                 Ok(())
             }
-            Ok((StatusCode::NOT_FOUND, _)) => {
+            Ok((StatusCode::NOT_FOUND, _, _)) => {
                 // The origin let this client look: it may pull here, but the object is not here.
                 self.decisions.allow(key, ttl, self.config.offline_grace);
                 self.count("allow", "origin");
@@ -402,7 +413,7 @@ impl Authorizer {
                     _ => Error::ManifestUnknown("manifest unknown to this repository".into()),
                 })
             }
-            Ok((StatusCode::UNAUTHORIZED, _)) => {
+            Ok((StatusCode::UNAUTHORIZED, _, _)) => {
                 self.decisions.deny(key, self.config.deny_ttl);
                 self.count("deny", "origin");
                 Err(required(if principal.is_anonymous() {
@@ -411,21 +422,17 @@ impl Authorizer {
                     "the origin does not accept these credentials for this repository"
                 }))
             }
-            Ok((StatusCode::FORBIDDEN, _)) => {
+            Ok((StatusCode::FORBIDDEN, _, _)) => {
                 self.decisions.deny(key, self.config.deny_ttl);
                 self.count("deny", "origin");
                 Err(Error::Denied(
                     "the origin denies access to this repository".into(),
                 ))
             }
-            Ok((status, _)) => {
+            Ok((_, _, err)) => {
                 self.count("error", "origin");
                 self.grace_or(&key, needs_member.is_none_or(member), || {
-                    Error::Upstream(UpstreamError::Status {
-                        upstream: up.clone(),
-                        status,
-                        retry_after: None,
-                    })
+                    Error::Upstream(err)
                 })
             }
             // The origin's token service refused the client's credentials: a "no", never graced.
@@ -539,18 +546,18 @@ fn check_request(sel: &Selected, target: Target<'_>) -> UpstreamRequest {
     }
 }
 
-/// Sends a check request (counted like every origin request); returns the status and the
-/// digest the origin reported.
+/// Sends a check request (counted like every origin request); returns the status, the digest
+/// the origin reported, and the error its status amounts to (with its Retry-After).
 async fn check(
     upstream: &Upstream,
     metrics: &Metrics,
     req: &UpstreamRequest,
-) -> Result<(StatusCode, Option<Digest>), UpstreamError> {
+) -> Result<(StatusCode, Option<Digest>, UpstreamError), UpstreamError> {
     let resp = crate::proxy::send_counted(upstream, metrics, req).await?;
     let digest = resp
         .headers()
         .get("docker-content-digest")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    Ok((resp.status(), digest))
+    Ok((resp.status(), digest, upstream.status_error(&resp)))
 }

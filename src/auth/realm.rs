@@ -168,7 +168,11 @@ fn login_key(req: &TokenRequest) -> Option<String> {
         }
         _ => return None,
     };
-    Some(crate::oci::Digest::sha256_of(raw.as_bytes()).hex().to_owned())
+    Some(
+        crate::oci::Digest::sha256_of(raw.as_bytes())
+            .hex()
+            .to_owned(),
+    )
 }
 
 /// RFC 3339 UTC time, as token services write `issued_at`.

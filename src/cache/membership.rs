@@ -185,7 +185,9 @@ impl Memberships {
             if tx.try_send(Msg::Add(line)).is_err()
                 && self.dropped.fetch_add(1, Ordering::Relaxed) == 0
             {
-                tracing::warn!("membership log writer is behind; new memberships are kept in memory only");
+                tracing::warn!(
+                    "membership log writer is behind; new memberships are kept in memory only"
+                );
             }
         }
     }
@@ -267,7 +269,9 @@ fn write_loop(
                     lines = n;
                     out = BufWriter::new(f);
                 }
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot compact the membership log"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot compact the membership log")
+                }
             }
         }
         for a in acks.drain(..) {

@@ -10,6 +10,7 @@ use http::{header, HeaderMap, Method, Response, StatusCode};
 use super::manifests::{io_err, not_found_as, DIGEST_HEADER};
 use super::range::{self, RangeRequest};
 use super::{sourced, App, CacheResult, Source};
+use crate::auth::Target;
 use crate::body::{self, Body};
 use crate::cache::fill::{read_file_range, BlobFetcher, BlobSource, Fetched, FillError};
 use crate::cache::{Key, Kind, Tier};
@@ -30,8 +31,21 @@ impl App {
         if head {
             return self.head_blob(sel, &digest).await;
         }
+        // Bytes from the cache, or from a fill another request started, are served under this
+        // repository only with the origin's evidence that it holds them (asked here when
+        // missing); a fill this request leads is this repository's own origin GET, whose 200 is
+        // the evidence.
+        let member = self.auth.is_member(sel, &digest);
+        let confirm = || async {
+            if member {
+                Ok(())
+            } else {
+                self.auth.require_member(sel, Target::Blob(&digest)).await
+            }
+        };
         // The memory tier first: a hot small blob costs no file open.
         if let Some(bytes) = self.cache().memory().blob(&digest) {
+            confirm().await?;
             self.cache().index().touch(&Key {
                 kind: Kind::Blob,
                 digest: digest.clone(),
@@ -52,6 +66,7 @@ impl App {
             .map_err(io_err)?;
         match source {
             BlobSource::Cached(file, size) => {
+                confirm().await?;
                 let eligible = self.cache().memory().fits(size);
                 if let Some((bytes, tier)) = self.cache().small_blob(&digest, size).await {
                     self.count_lookup("blob", "memory", tier == Tier::Memory);
@@ -79,6 +94,9 @@ impl App {
                 Ok((sourced(resp, Source::Disk), CacheResult::Hit))
             }
             BlobSource::Filling { fill, leader } => {
+                if !leader {
+                    confirm().await?;
+                }
                 // A fill that is verified and only being committed is as good as cached.
                 let verified = !leader && fill.verified();
                 self.count_lookup("blob", "disk", verified);
@@ -87,6 +105,10 @@ impl App {
                 }
                 let stats = self.cache().fills().stats().clone();
                 let total = fill.ready().await.map_err(fill_err)?;
+                if leader && !member {
+                    // The origin answered this repository's GET with the blob.
+                    self.auth.record_member(sel, &digest);
+                }
                 let resp = match total {
                     None => {
                         // Unknown length: a Range cannot be checked before the end; serve the
@@ -134,6 +156,12 @@ impl App {
             kind: Kind::Blob,
             digest: digest.clone(),
         };
+        let member = self.auth.is_member(sel, digest);
+        let cached =
+            self.cache().index().contains(&key) || self.cache().fills().get(digest).is_some();
+        if cached && !member {
+            self.auth.require_member(sel, Target::Blob(digest)).await?;
+        }
         if self.cache().index().contains(&key) {
             if let Some((_, size)) = self.cache().store().open_blob(digest).map_err(io_err)? {
                 self.count_lookup("blob", "disk", true);
@@ -151,6 +179,7 @@ impl App {
             .fetch_ok(sel, &req)
             .await
             .map_err(|e| not_found_as(e, "blob"))?;
+        self.auth.record_member(sel, digest);
         let size = content_length(resp.headers()).ok_or_else(|| {
             Error::Upstream(UpstreamError::Invalid {
                 upstream: sel.upstream.name().to_owned(),

@@ -174,9 +174,12 @@ impl App {
         m: &StoredManifest,
         head: bool,
     ) -> Response<Body> {
-        self.cache()
-            .memberships()
-            .record_manifest(sel.upstream.name(), sel.name.as_str(), d, &m.bytes);
+        self.cache().memberships().record_manifest(
+            sel.upstream.name(),
+            sel.name.as_str(),
+            d,
+            &m.bytes,
+        );
         manifest_response(d, m, head)
     }
 
@@ -308,6 +311,15 @@ pub(super) fn not_found_as(e: UpstreamError, kind: &str) -> Error {
         (_, "blob") if e.is_not_found() => Error::BlobUnknown("blob unknown to the origin".into()),
         (_, _) if e.is_not_found() => {
             Error::ManifestUnknown("manifest unknown to the origin".into())
+        }
+        // The origin refused the credentials the fetch carried (berth's own, or a client's the
+        // authorizer already checked): a 401 without a challenge of berth's would only confuse
+        // the client; this is a refusal.
+        (UpstreamError::Status { status, .. }, _)
+            if *status == http::StatusCode::UNAUTHORIZED
+                || *status == http::StatusCode::FORBIDDEN =>
+        {
+            Error::Denied(format!("the origin refused access ({})", status.as_u16()))
         }
         _ => Error::Upstream(e),
     }

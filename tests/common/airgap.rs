@@ -277,13 +277,20 @@ pub struct BerthProcess {
 impl BerthProcess {
     /// Starts `berth serve --config <config> --offline` and waits until `GET /v2/` answers.
     pub async fn serve_offline(config: &Path) -> BerthProcess {
+        BerthProcess::serve(config, &["--offline"]).await
+    }
+
+    /// Starts `berth serve --config <config> <extra...>` and waits until `GET /v2/` answers.
+    pub async fn serve(config: &Path, extra: &[&str]) -> BerthProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut last = String::new();
         for attempt in 0..4 {
             let port = free_port();
             let log = dir.path().join(format!("serve-{attempt}.log"));
             let mut child = std::process::Command::new(BIN)
-                .args(["serve", "--offline", "--config"])
+                .arg("serve")
+                .args(extra)
+                .arg("--config")
                 .arg(config)
                 .args(["--set", &format!("server.listen=127.0.0.1:{port}")])
                 .env_remove("RUST_LOG")
@@ -311,7 +318,7 @@ impl BerthProcess {
                 }
             }
         }
-        panic!("berth serve --offline did not become ready: {last}");
+        panic!("berth serve {extra:?} did not become ready: {last}");
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -327,6 +334,11 @@ impl BerthProcess {
     /// What it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would: no shutdown, no flush.
+    pub fn kill_9(&mut self) {
+        self.kill();
     }
 
     fn kill(&mut self) {
