@@ -49,6 +49,7 @@ impl App {
                     metrics: self.metrics.clone(),
                 }) as Arc<dyn BlobFetcher>
             })
+            .await
             .map_err(io_err)?;
         match source {
             BlobSource::Cached(file, size) => {
@@ -130,15 +131,9 @@ impl App {
         sel: &Selected,
         digest: &Digest,
     ) -> Result<(Response<Body>, CacheResult), Error> {
-        let key = Key {
-            kind: Kind::Blob,
-            digest: digest.clone(),
-        };
-        if self.cache().index().contains(&key) {
-            if let Some((_, size)) = self.cache().store().open_blob(digest).map_err(io_err)? {
-                self.count_lookup("blob", "disk", true);
-                return Ok((blob_head(digest, size), CacheResult::Hit));
-            }
+        if let Some(size) = self.cache().blob_len(digest).await.map_err(io_err)? {
+            self.count_lookup("blob", "disk", true);
+            return Ok((blob_head(digest, size), CacheResult::Hit));
         }
         if let Some(fill) = self.cache().fills().get(digest) {
             if let Ok(Some(size)) = fill.ready().await {
@@ -265,6 +260,7 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 fn fill_err(e: FillError) -> Error {
     match e {
         FillError::Upstream(u) => not_found_as(u, "blob"),
+        e @ FillError::QueueTimeout { .. } => Error::TooManyRequests(e.to_string()),
         FillError::Internal(m) => Error::Internal(m),
     }
 }
