@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use prometheus::{
-    register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
-    register_int_counter_with_registry, register_int_gauge_vec_with_registry,
-    register_int_gauge_with_registry, Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Registry, TextEncoder,
+    register_histogram_vec_with_registry, register_histogram_with_registry,
+    register_int_counter_vec_with_registry, register_int_counter_with_registry,
+    register_int_gauge_vec_with_registry, register_int_gauge_with_registry, Encoder, Histogram,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
 
 /// Every metric berth exports.
@@ -52,6 +52,14 @@ pub struct Metrics {
     pub fills_in_flight: IntGauge,
     /// `berth_fill_waiters_total`: requests that joined a fill another request started.
     pub fill_waiters: IntCounter,
+    /// `berth_fills_queued`: fills waiting for a slot under `cache.max_concurrent_fills`.
+    pub fills_queued: IntGauge,
+    /// `berth_fill_queue_wait_seconds`: how long each fill waited for a slot (zero when one
+    /// was free).
+    pub fill_queue_wait: Histogram,
+    /// `berth_unverified_range_responses_total`: Range responses that carried bytes not yet
+    /// verified against the blob's digest (served from a running fill or passed through).
+    pub unverified_range_responses: IntCounter,
     /// `berth_fill_failures_total{reason}`.
     pub fill_failures: IntCounterVec,
     /// `berth_digest_mismatches_total{upstream}`.
@@ -165,7 +173,7 @@ impl Metrics {
                 "berth_upstream_request_duration_seconds",
                 "Origin time to response head.",
                 &["upstream"],
-                latency,
+                latency.clone(),
                 r
             )?,
             upstream_bytes: register_int_counter_vec_with_registry!(
@@ -188,6 +196,22 @@ impl Metrics {
             fill_waiters: register_int_counter_with_registry!(
                 "berth_fill_waiters_total",
                 "Requests that joined a fill another request started.",
+                r
+            )?,
+            fills_queued: register_int_gauge_with_registry!(
+                "berth_fills_queued",
+                "Blob fills waiting for a slot under cache.max_concurrent_fills.",
+                r
+            )?,
+            fill_queue_wait: register_histogram_with_registry!(
+                "berth_fill_queue_wait_seconds",
+                "Time each blob fill waited for a slot before fetching from its origin.",
+                latency,
+                r
+            )?,
+            unverified_range_responses: register_int_counter_with_registry!(
+                "berth_unverified_range_responses_total",
+                "Range responses carrying blob bytes not yet verified against the digest.",
                 r
             )?,
             fill_failures: register_int_counter_vec_with_registry!(
@@ -249,6 +273,7 @@ impl Metrics {
             "auth",
             "invalid",
             "offline",
+            "queue_timeout",
             "internal",
         ] {
             m.fill_failures.with_label_values(&[reason]);
@@ -319,5 +344,20 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The fills report queueing and unverified Range responses as they happen.
+impl crate::cache::FillObserver for Metrics {
+    fn fills_queued(&self, queued: usize) {
+        self.fills_queued.set(queued as i64);
+    }
+
+    fn fill_queue_wait(&self, waited: std::time::Duration) {
+        self.fill_queue_wait.observe(waited.as_secs_f64());
+    }
+
+    fn unverified_range_response(&self) {
+        self.unverified_range_responses.inc();
     }
 }

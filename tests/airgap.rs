@@ -1,7 +1,7 @@
 //! Air-gapped sites (issue 6): `berth warm` from a real docker-registry, serving offline,
 //! `berth export` / `berth import` of OCI layout bundles (refusing corrupt ones without touching
 //! the cache), pinning under a small disk budget, resumable warms, and warming a cache that a
-//! running berth holds (`--via`).
+//! running berth holds (`--via`), and a `berth warm --pin` killed with SIGKILL mid-write.
 //!
 //! warm / export / import / serve run as the real `berth` binary on a config file, as an
 //! operator runs them.
@@ -15,7 +15,8 @@ use common::airgap::{
     tar_members, tmp_files, upstream_table, warm_summary, write_config, BerthProcess, OciError,
 };
 use common::berth::Berth;
-use common::content::{pseudo_random, sha256_digest};
+use common::content::{pseudo_random, sha256_digest, OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST};
+use common::fault::{Fault, FaultUpstream};
 use common::{push_blob, push_oci_image, push_oci_index, Registry, Tap, TestImage, TestIndex};
 use reqwest::Method;
 use tempfile::TempDir;
@@ -1054,6 +1055,123 @@ async fn unpinned_images_are_evicted_again() {
         !layer.exists(),
         "the unpinned layer was evicted to make room"
     );
+}
+
+/// Serves a one-layer OCI image `repo:tag` from the fake origin; returns its layer's digest.
+fn fake_image(fault: &FaultUpstream, repo: &str, tag: &str, seed: u64, layer_len: usize) -> String {
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": [] },
+        "seed": seed,
+    }))
+    .unwrap();
+    let layer = pseudo_random(seed, layer_len);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": { "mediaType": OCI_CONFIG, "digest": sha256_digest(&config), "size": config.len() },
+        "layers": [{ "mediaType": OCI_LAYER_TAR, "digest": sha256_digest(&layer), "size": layer.len() }],
+    }))
+    .unwrap();
+    fault.add_blob(config);
+    let layer_digest = fault.add_blob(layer);
+    fault.add_manifest(repo, tag, OCI_MANIFEST, manifest);
+    layer_digest
+}
+
+/// A `berth warm --pin` killed with SIGKILL while it writes a blob leaves its temp file and the
+/// pins saved before; the cache opens again (the leftover deleted, the earlier pin kept), and
+/// even a pins.json damaged some other way does not stop berth from serving.
+#[tokio::test]
+async fn a_warm_killed_mid_write_leaves_a_cache_that_opens() {
+    use std::os::unix::process::ExitStatusExt;
+
+    let fault = FaultUpstream::start().await;
+    let host = fault.addr().to_string();
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let config = write_config(
+        &work.path().join("berth.toml"),
+        &cache,
+        "1GiB",
+        &fault.url(),
+        &host,
+    );
+    let c = config.display().to_string();
+    let kept = fake_image(&fault, "crash/kept", "1", 130, 200_000);
+    berth(&args(&["warm", "--config", &c, "--pin", "crash/kept:1"]))
+        .await
+        .expect_ok();
+    let pins_before = std::fs::read(cache.join("pins.json")).expect("pins saved");
+
+    // The next warm is held by the origin in the middle of its layer, then killed.
+    let held = fake_image(&fault, "crash/held", "1", 131, 1 << 20);
+    fault.set_blob_fault(&held, Fault::Hold(300_000));
+    let mut child = tokio::process::Command::new(common::airgap::BIN)
+        .args(args(&["warm", "--config", &c, "--pin", "crash/held:1"]))
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start berth warm");
+    tokio::time::timeout(std::time::Duration::from_secs(60), fault.wait_held(1))
+        .await
+        .expect("the warm reached the held layer");
+    // Its fill has a temp file (created before the first byte is read).
+    for _ in 0..3000 {
+        if !tmp_files(&cache).is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    child.start_kill().expect("SIGKILL");
+    let status = child.wait().await.unwrap();
+    assert_eq!(status.signal(), Some(9), "{status:?}");
+    assert!(
+        !tmp_files(&cache).is_empty(),
+        "the kill left the fill's temp file behind"
+    );
+    assert!(!blob_file(&cache, &held).exists());
+    assert_eq!(
+        std::fs::read(cache.join("pins.json")).unwrap(),
+        pins_before,
+        "pins.json is the one saved before the kill"
+    );
+
+    // berth serves from the cache the killed process left.
+    let upstream = upstream_table(&fault.url(), &host, false);
+    let online = Berth::with_upstreams(&upstream)
+        .cache_dir(&cache)
+        .start()
+        .await;
+    assert!(tmp_files(&cache).is_empty(), "{:?}", tmp_files(&cache));
+    let resp = reqwest::get(format!("{}/v2/crash/kept/blobs/{kept}", online.url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-berth-cache"], "hit");
+    assert_eq!(sha256_digest(&resp.bytes().await.unwrap()), kept);
+    online.stop().await;
+
+    // A pins.json cut short (not something berth's renames produce, but disks fail) is set
+    // aside and berth starts anyway.
+    std::fs::write(
+        cache.join("pins.json"),
+        &pins_before[..pins_before.len() / 2],
+    )
+    .unwrap();
+    let online = Berth::with_upstreams(&upstream)
+        .cache_dir(&cache)
+        .start()
+        .await;
+    assert!(cache.join("pins.json.damaged").is_file());
+    let resp = reqwest::get(format!("{}/v2/crash/kept/blobs/{kept}", online.url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    online.stop().await;
 }
 
 /// Memberships (which repository of which upstream holds which digest) are written as berth

@@ -2,7 +2,9 @@
 //! demand. Corrupt, truncated, reset and stalled transfers must never reach a client as a
 //! complete body nor land in the cache; errors come back quickly as OCI JSON; redirects never
 //! carry credentials to another host; one held fill streams to every waiting client; stale
-//! manifests are served when the origin fails, never when it says the tag is gone.
+//! manifests are served when the origin fails, never when it says the tag is gone; fills past
+//! `cache.max_concurrent_fills` wait their turn; a Range answered during a fill is counted as
+//! unverified and never stored.
 
 mod common;
 
@@ -565,9 +567,14 @@ async fn stale_manifests_on_origin_failure_but_not_after_a_404() {
 /// berth with a disk budget smaller than the test blobs, so they are passed through and never
 /// stored; started by hand since the harness builder has no knob for the budget.
 async fn start_with_tiny_disk(origin: &str) -> (berth::Running, tempfile::TempDir) {
+    start_with_cache(origin, "disk_bytes = \"100KiB\"\n").await
+}
+
+/// berth with extra `[cache]` lines, started by hand (the harness builder has no knob for them).
+async fn start_with_cache(origin: &str, cache: &str) -> (berth::Running, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\ndisk_bytes = \"100KiB\"\n[[upstream]]\nname = \"origin\"\nurl = \"{origin}\"\ndefault = true\nauth = \"public\"\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\n{cache}[[upstream]]\nname = \"origin\"\nurl = \"{origin}\"\ndefault = true\nauth = \"public\"\n",
         dir.path().join("cache").display()
     );
     let config = berth::Config::from_toml(&text)
@@ -743,6 +750,25 @@ async fn the_fault_upstream_does_what_it_says() {
     let last = fault.requests().pop().unwrap();
     assert_eq!(last.listener, Listener::Redirect);
     assert!(!last.authorization);
+
+    // Corrupt and held at once (a fresh fake: the gates above are open for good).
+    let fresh = FaultUpstream::start().await;
+    let digest = fresh.add_blob(bytes.clone());
+    fresh.set_blob_fault(&digest, Fault::CorruptHold(150_000));
+    let url = format!("{}/v2/{REPO}/blobs/{digest}", fresh.url());
+    let mut r = send(Method::GET, url).await.unwrap();
+    assert_eq!(r.content_length(), Some(bytes.len() as u64));
+    let first = read_at_least(&mut r, 150_000, "corrupt held").await;
+    within(10, "corrupt held", fresh.wait_held(1)).await;
+    fresh.release();
+    let all = read_rest(r, first, "corrupt held").await;
+    assert_eq!(all.len(), bytes.len());
+    let diff: Vec<usize> = (0..all.len()).filter(|&i| all[i] != bytes[i]).collect();
+    assert_eq!(
+        diff,
+        vec![bytes.len() / 2],
+        "exactly the middle byte flipped"
+    );
 }
 
 /// The cache engine's headline: 32 clients ask for one missing blob at once; the origin sees one
@@ -822,4 +848,196 @@ async fn a_range_on_a_missing_blob_is_served_as_its_bytes_arrive() {
         .expect("body");
     assert_eq!(&body[..], &bytes[1_500_000..]);
     assert_eq!(fault.blob_gets(&digest), 1, "{:?}", fault.requests());
+}
+
+/// The admin listener's `/metrics` text of a berth started by hand.
+async fn metrics_of(running: &berth::Running) -> String {
+    let admin = running.admin_addr.expect("admin listener");
+    let resp = within(
+        10,
+        "metrics",
+        reqwest::get(format!("http://{admin}/metrics")),
+    )
+    .await;
+    resp.expect("metrics reachable")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+/// Polls `/metrics` until the sample sum of `name` satisfies `ok` (a hang is a failure).
+async fn wait_metric(running: &berth::Running, name: &str, ok: impl Fn(f64) -> bool) {
+    within(10, name, async {
+        loop {
+            if ok(metric_sum(&metrics_of(running).await, name)) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+/// With one fill slot, a second cold blob waits until the first fill is done: its origin GET is
+/// not sent while the first is held, later requests for it join the waiting fill, and every
+/// client gets the right bytes once the slot frees.
+#[tokio::test]
+async fn fills_past_the_cap_wait_for_a_slot_and_still_coalesce() {
+    let fault = FaultUpstream::start().await;
+    let (running, _dir) = start_with_cache(&fault.url(), "max_concurrent_fills = 1\n").await;
+    let url = |d: &str| format!("http://{}/v2/{REPO}/blobs/{d}", running.addr);
+    let first_bytes = pseudo_random(110, 2 * MIB);
+    let first = fault.add_blob(first_bytes.clone());
+    fault.set_blob_fault(&first, Fault::Hold(MIB));
+    let second_bytes = pseudo_random(111, 300_000);
+    let second = fault.add_blob(second_bytes.clone());
+
+    let client = Client::new();
+    let mut a = within(10, "first blob", client.get(url(&first)).send())
+        .await
+        .expect("GET");
+    assert_eq!(a.status(), StatusCode::OK);
+    within(10, "origin holds the first blob", fault.wait_held(1)).await;
+    let got_a = read_at_least(&mut a, MIB, "first blob").await;
+
+    let fetch = |u: String| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let resp = client.get(&u).send().await.expect("GET");
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.bytes().await.expect("body")
+        })
+    };
+    let b1 = fetch(url(&second));
+    wait_metric(&running, "berth_fills_queued", |n| n == 1.0).await;
+    let waiters = metric_sum(&metrics_of(&running).await, "berth_fill_waiters_total");
+    let b2 = fetch(url(&second));
+    wait_metric(&running, "berth_fill_waiters_total", |n| n > waiters).await;
+    let text = metrics_of(&running).await;
+    assert_eq!(
+        metric_sum(&text, "berth_fills_queued"),
+        1.0,
+        "the second request joined the queued fill instead of queueing another"
+    );
+    assert_eq!(
+        fault.blob_gets(&second),
+        0,
+        "a queued fill fetched while the only slot was taken: {:?}",
+        fault.requests()
+    );
+
+    fault.release();
+    let all_a = read_rest(a, got_a, "first blob").await;
+    assert!(all_a == first_bytes, "first blob: wrong bytes");
+    for b in [b1, b2] {
+        let body = within(30, "second blob", b).await.expect("client task");
+        assert!(body == second_bytes, "second blob: wrong bytes");
+    }
+    assert_eq!(fault.blob_gets(&second), 1, "one fill for both clients");
+    assert_eq!(fault.blob_gets(&first), 1);
+    let log = fault.requests();
+    let at = |d: &str| {
+        log.iter()
+            .position(|r| r.path.ends_with(d))
+            .expect("fetched")
+    };
+    assert!(at(&first) < at(&second), "{log:?}");
+    let text = metrics_of(&running).await;
+    assert_eq!(metric_sum(&text, "berth_fills_queued"), 0.0);
+    assert_eq!(
+        metric_sum(&text, "berth_fill_queue_wait_seconds_count"),
+        2.0,
+        "both fills' waits observed"
+    );
+    assert!(metric_sum(&text, "berth_fill_queue_wait_seconds_sum") > 0.0);
+    running.shutdown().await;
+}
+
+/// A Range answered from a fill that has not verified yet carries the origin's bytes as they
+/// are, wrong ones included: it is counted, the bad blob is never stored, and the whole-body
+/// client of the same fill is cut off before its last byte.
+#[tokio::test]
+async fn a_range_during_a_corrupt_fill_is_counted_and_never_stored() {
+    const UNVERIFIED: &str = "berth_unverified_range_responses_total";
+    let (fault, berth) = setup().await;
+    let bytes = pseudo_random(120, 2 * MIB);
+    let digest = fault.add_blob(bytes.clone());
+    // The origin flips the middle byte (at MIB) and holds the body after 1.5 MiB.
+    fault.set_blob_fault(&digest, Fault::CorruptHold(3 * MIB / 2));
+    let url = blob_url(&berth, &digest);
+    let client = Client::new();
+    let mut full = within(10, "full GET", client.get(&url).send())
+        .await
+        .expect("GET");
+    assert_eq!(full.status(), StatusCode::OK);
+    assert_eq!(full.content_length(), Some(bytes.len() as u64));
+    within(10, "origin holds", fault.wait_held(1)).await;
+    // The flipped byte has reached the fill's file.
+    let mut got = read_at_least(&mut full, MIB + 1, "full GET").await;
+    let before = berth.metrics().await;
+
+    let range = within(
+        10,
+        "range",
+        client
+            .get(&url)
+            .header("range", format!("bytes={}-{}", MIB - 10, MIB + 9))
+            .send(),
+    )
+    .await
+    .expect("GET");
+    assert_eq!(range.status(), StatusCode::PARTIAL_CONTENT);
+    let part = within(10, "range body", range.bytes()).await.expect("body");
+    let mut expected = bytes[MIB - 10..MIB + 10].to_vec();
+    expected[10] ^= 0xff;
+    assert_eq!(
+        &part[..],
+        &expected[..],
+        "the origin's unverified bytes, as sent"
+    );
+    let after = berth.metrics().await;
+    assert_eq!(
+        metric_sum(&after, UNVERIFIED),
+        metric_sum(&before, UNVERIFIED) + 1.0,
+        "the unverified Range response is counted"
+    );
+
+    fault.release();
+    let mut failed = false;
+    loop {
+        match within(30, "full GET rest", full.chunk()).await {
+            Ok(Some(c)) => got.extend_from_slice(&c),
+            Ok(None) => break,
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        failed && got.len() < bytes.len(),
+        "the whole-body client got {} of {} bytes and {}",
+        got.len(),
+        bytes.len(),
+        if failed { "an error" } else { "a clean end" }
+    );
+    assert_not_stored(berth.cache_dir(), &digest);
+    let mismatched = berth.metrics().await;
+    assert!(metric_sum(&mismatched, MISMATCHES) > metric_sum(&after, MISMATCHES));
+
+    // Nothing of the bad fill (nor of the Range) was kept: the healed origin is asked again.
+    fault.set_blob_fault(&digest, Fault::None);
+    expect_blob(&url, &bytes, "miss").await;
+    assert_eq!(fault.blob_gets(&digest), 2);
+    // A Range on the verified, cached blob is not counted.
+    let counted = metric_sum(&berth.metrics().await, UNVERIFIED);
+    let cached = client
+        .get(&url)
+        .header("range", "bytes=0-99")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(cached.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(&cached.bytes().await.unwrap()[..], &bytes[..100]);
+    assert_eq!(metric_sum(&berth.metrics().await, UNVERIFIED), counted);
 }

@@ -7,6 +7,17 @@
 //! a full disk, a write error) clients are still served: readers continue from the upstream
 //! with a ranged request from where the file left them (pass-through), verifying whole-blob
 //! bodies themselves.
+//!
+//! A Range request answered while the fill still runs carries bytes not yet verified: the digest
+//! covers the whole blob, so a part of it cannot be checked before the last byte arrived. Such a
+//! response is served anyway (a client resuming a large layer should not wait for all of it),
+//! counted ([`FillObserver::unverified_range_response`]), and never feeds the cache: only the
+//! fill's own stream is written, hashed and committed, and only once the whole blob verified. A
+//! ranged read passed through from the origin is unverified in the same way and counted alike.
+//! A whole-blob response never completes with wrong bytes: its last bytes are held back until
+//! the digest checked out, and it is aborted if the check fails.
+//!
+//! At most `cache.max_concurrent_fills` fills fetch at once (see [`super::queue`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -24,6 +35,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
 
 use super::index::{DiskIndex, Key, Kind, ReserveError};
+use super::queue::{FillLimits, FillObserver, FillQueue};
 use super::store::DiskStore;
 use crate::oci::{Digest, Hasher};
 use crate::upstream::UpstreamError;
@@ -73,6 +85,12 @@ pub enum FillError {
     /// The origin failed or sent bad bytes: every waiter's response is aborted.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// Too many fills were fetching: this one waited `waited` for a slot and gave up.
+    #[error("too many blob fills in progress (waited {waited:?} for a slot); try again")]
+    QueueTimeout {
+        /// How long it waited.
+        waited: Duration,
+    },
     /// Local failure outside storage (a task panicked).
     #[error("fill failed: {0}")]
     Internal(String),
@@ -129,6 +147,16 @@ pub struct FillStats {
     pub pass_through: AtomicU64,
     /// Disk write or commit failures.
     pub write_failures: AtomicU64,
+    /// Told about queueing and unverified Range responses as they happen.
+    observer: Arc<OnceLock<Arc<dyn FillObserver>>>,
+}
+
+impl FillStats {
+    fn unverified_range_response(&self) {
+        if let Some(o) = self.observer.get() {
+            o.unverified_range_response();
+        }
+    }
 }
 
 // === impl Fill ===
@@ -144,6 +172,7 @@ impl FillError {
             FillError::Upstream(UpstreamError::Token { .. }) => "auth",
             FillError::Upstream(UpstreamError::Invalid { .. }) => "invalid",
             FillError::Upstream(UpstreamError::Offline { .. }) => "offline",
+            FillError::QueueTimeout { .. } => "queue_timeout",
             FillError::Internal(_) => "internal",
         }
     }
@@ -159,7 +188,7 @@ impl FillError {
                 | UpstreamError::Invalid { upstream, .. }
                 | UpstreamError::Offline { upstream },
             ) => upstream.clone(),
-            FillError::Internal(_) => String::new(),
+            FillError::QueueTimeout { .. } | FillError::Internal(_) => String::new(),
         }
     }
 }
@@ -232,6 +261,7 @@ impl Fill {
             verify: None,
             stats,
             upstream: String::new(),
+            counted_unverified: false,
         };
         futures_util::stream::unfold(init, |mut r| async move {
             match r.next().await {
@@ -271,9 +301,24 @@ struct Reader {
     verify: Option<Verify>,
     stats: Arc<FillStats>,
     upstream: String,
+    /// Whether this response was counted as carrying unverified bytes.
+    counted_unverified: bool,
 }
 
 impl Reader {
+    /// Whether this reader serves part of the blob (a Range), not all of it.
+    fn partial(&self) -> bool {
+        self.start > 0 || matches!((self.end, self.total), (Some(e), Some(t)) if e < t)
+    }
+
+    /// Counts this response once as carrying bytes not verified against the digest.
+    fn unverified(&mut self) {
+        if !self.counted_unverified {
+            self.counted_unverified = true;
+            self.stats.unverified_range_response();
+        }
+    }
+
     async fn next(&mut self) -> io::Result<Option<Bytes>> {
         loop {
             if self.end.is_some_and(|e| self.offset >= e) && self.verify.is_none() {
@@ -329,6 +374,11 @@ impl Reader {
                 (limit - self.offset).min(CHUNK as u64) as usize,
             )
             .await?;
+            // Bytes of a fill that has not verified yet (or never will: pass-through). A whole
+            // body is safe (its last bytes wait for the check); a part is not.
+            if !matches!(state, FillState::Done { .. }) && self.partial() {
+                self.unverified();
+            }
             self.offset += b.len() as u64;
             return Ok(Some(b));
         }
@@ -402,7 +452,11 @@ impl Reader {
                     }
                     self.offset += b.len() as u64;
                     match &mut self.verify {
-                        None => return Ok(Some(b)),
+                        None => {
+                            // A ranged read from the origin: nothing can verify it.
+                            self.unverified();
+                            return Ok(Some(b));
+                        }
                         Some(v) => {
                             v.hasher.update(&b);
                             if let Some(prev) = v.held.replace(b) {
@@ -495,21 +549,36 @@ pub struct Fills {
     settled: watch::Sender<usize>,
     stats: Arc<FillStats>,
     last_warn: Mutex<Option<Instant>>,
+    /// Slots for fetching from origins.
+    queue: FillQueue,
 }
 
 // === impl Fills ===
 
 impl Fills {
-    /// No fills yet.
-    pub fn new(store: Arc<DiskStore>, index: Arc<DiskIndex>) -> Arc<Fills> {
+    /// No fills yet; at most `limits.max_concurrent` will fetch at once.
+    pub fn new(store: Arc<DiskStore>, index: Arc<DiskIndex>, limits: FillLimits) -> Arc<Fills> {
+        let stats = Arc::new(FillStats::default());
         Arc::new(Fills {
             store,
             index,
             map: Mutex::new(HashMap::new()),
             settled: watch::channel(0).0,
-            stats: Arc::new(FillStats::default()),
+            queue: FillQueue::new(limits, stats.observer.clone()),
+            stats,
             last_warn: Mutex::new(None),
         })
+    }
+
+    /// Installs the observer of queueing and unverified Range responses (once; later calls
+    /// are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn FillObserver>) {
+        let _ = self.stats.observer.set(observer);
+    }
+
+    /// Fills waiting for a slot to fetch from their origin.
+    pub fn queued(&self) -> usize {
+        self.queue.queued()
     }
 
     /// Counters for metrics.
@@ -551,7 +620,9 @@ impl Fills {
             .cloned()
     }
 
-    fn open_indexed(&self, d: &Digest) -> io::Result<Option<(File, u64)>> {
+    /// Opens blob `d` if the index has it, on the blocking pool. A file deleted behind berth's
+    /// back is forgotten.
+    async fn open_indexed(&self, d: &Digest) -> io::Result<Option<(File, u64)>> {
         let key = Key {
             kind: Kind::Blob,
             digest: d.clone(),
@@ -559,13 +630,16 @@ impl Fills {
         if !self.index.contains(&key) {
             return Ok(None);
         }
-        match self.store.open_blob(d)? {
+        let (store, digest) = (self.store.clone(), d.clone());
+        let opened = tokio::task::spawn_blocking(move || store.open_blob(&digest))
+            .await
+            .map_err(io::Error::other)??;
+        match opened {
             Some(x) => {
                 self.index.touch(&key);
                 Ok(Some(x))
             }
             None => {
-                // Deleted behind our back: forget it.
                 self.index.remove(&key);
                 Ok(None)
             }
@@ -573,26 +647,34 @@ impl Fills {
     }
 
     /// The blob from disk, or a fill to read: an existing one, or a new one that runs in its
-    /// own task (so it completes even if this client goes away).
-    pub fn blob_or_fill(
+    /// own task (so it completes even if this client goes away). Files are opened on the
+    /// blocking pool, never under the map's lock.
+    pub async fn blob_or_fill(
         self: &Arc<Self>,
         d: &Digest,
         fetcher: impl FnOnce() -> Arc<dyn BlobFetcher>,
     ) -> io::Result<BlobSource> {
-        if let Some((f, len)) = self.open_indexed(d)? {
-            return Ok(BlobSource::Cached(f, len));
-        }
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(fill) = map.get(d) {
-            return Ok(BlobSource::Filling {
-                fill: fill.clone(),
-                leader: false,
-            });
-        }
-        // Re-check under the lock: a fill may have committed and left the map just now.
-        if let Some((f, len)) = self.open_indexed(d)? {
-            return Ok(BlobSource::Cached(f, len));
-        }
+        let key = Key {
+            kind: Kind::Blob,
+            digest: d.clone(),
+        };
+        let mut map = loop {
+            if let Some((f, len)) = self.open_indexed(d).await? {
+                return Ok(BlobSource::Cached(f, len));
+            }
+            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(fill) = map.get(d) {
+                return Ok(BlobSource::Filling {
+                    fill: fill.clone(),
+                    leader: false,
+                });
+            }
+            // A fill commits (indexes its blob) before it leaves the map: one that left just
+            // now is found by opening the file again. Otherwise this request starts the fill.
+            if !self.index.contains(&key) {
+                break map;
+            }
+        };
         let fill = Fill::new(d.clone(), fetcher());
         map.insert(d.clone(), fill.clone());
         drop(map);
@@ -658,6 +740,12 @@ impl Fills {
 
     /// Runs one fill. Returns the final state to publish (`None` when already published).
     async fn run(&self, fill: &Arc<Fill>) -> Result<Option<FillState>, FillError> {
+        // Held until the fill ends: at most `max_concurrent` fills fetch at once.
+        let _slot = self
+            .queue
+            .acquire()
+            .await
+            .map_err(|t| FillError::QueueTimeout { waited: t.waited })?;
         let fetched = fill.fetcher.fetch(0, None).await?;
         let total = fetched.total;
         let pass_through = |fetched: Fetched| {

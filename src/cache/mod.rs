@@ -1,12 +1,17 @@
 //! The cache (DESIGN §4): content-addressed manifests and blobs in a memory and a disk tier,
 //! tag mappings with a freshness lifetime, and one fill per missing blob. It knows nothing of
 //! HTTP routing; the proxy hands it digests and a way to fetch.
+//!
+//! File access stays off the async workers on request paths: the `async` methods answer a
+//! memory hit at once and run every read, open, scan or write on the blocking pool. The plain
+//! (blocking) methods are for startup and the commands that own the cache directory.
 
 pub mod fill;
 pub mod index;
 pub mod membership;
 pub mod memory;
 pub mod pins;
+pub mod queue;
 pub mod readbuf;
 pub mod store;
 pub mod tags;
@@ -22,6 +27,7 @@ pub use fill::{BlobFetcher, BlobSource, BlobStream, Fetched, Fill, FillError, Fi
 pub use index::{DiskIndex, Key, Kind, PinError, Usage};
 pub use membership::Memberships;
 pub use pins::PinnedImage;
+pub use queue::{FillLimits, FillObserver};
 pub use store::{DiskStore, StoredManifest};
 pub use tags::{accept_key, TagEntry, TagKey, TagStore};
 
@@ -124,7 +130,14 @@ impl Cache {
             pins: std::sync::Mutex::new(pinned),
             memory: memory::MemoryTier::new(cfg.memory_bytes, cfg.memory_max_object_bytes),
             tags: TagStore::new(store.clone()),
-            fills: Fills::new(store.clone(), index.clone()),
+            fills: Fills::new(
+                store.clone(),
+                index.clone(),
+                FillLimits {
+                    max_concurrent: cfg.max_concurrent_fills,
+                    queue_timeout: cfg.fill_queue_timeout,
+                },
+            ),
             memberships,
             index,
             store,
@@ -170,14 +183,16 @@ impl Cache {
         let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
         pins.retain(|p| p.reference != image.reference);
         pins.push(image);
-        let text = serde_json::to_vec_pretty(&*pins).expect("plain records serialize");
-        if let Err(e) = self
-            .store
-            .write_small(&self.store.root().join(pins::PINS_FILE), &text)
-        {
-            tracing::warn!(error = %e, "could not save pins");
-        }
+        self.save_pins(&pins);
         Ok(())
+    }
+
+    /// Saves the pin records crash-safely (see [`DiskStore::write_small`]).
+    fn save_pins(&self, pins: &[PinnedImage]) {
+        let path = self.store.root().join(pins::PINS_FILE);
+        if let Err(e) = self.store.write_small(&path, &pins::encode(pins)) {
+            tracing::warn!(path = %path.display(), error = %e, "could not save pins");
+        }
     }
 
     /// Unpins the images recorded under `reference`: their objects become ordinary cache
@@ -195,13 +210,7 @@ impl Cache {
             .filter(|k| !still.contains(k))
             .collect();
         self.index.unpin(&release);
-        let text = serde_json::to_vec_pretty(&*pins).expect("plain records serialize");
-        if let Err(e) = self
-            .store
-            .write_small(&self.store.root().join(pins::PINS_FILE), &text)
-        {
-            tracing::warn!(error = %e, "could not save pins");
-        }
+        self.save_pins(&pins);
         before - pins.len()
     }
 
@@ -218,30 +227,83 @@ impl Cache {
         self.store.write_recency(&self.index.snapshot())
     }
 
-    /// A manifest by digest from memory, else disk (promoted to memory).
+    /// A manifest by digest from memory, else disk (promoted to memory). Blocking on a memory
+    /// miss: request handlers use [`Cache::manifest_async`].
     pub fn manifest(&self, d: &Digest) -> io::Result<Option<(Arc<StoredManifest>, Tier)>> {
         if let Some(m) = self.memory.manifest(d) {
             return Ok(Some((m, Tier::Memory)));
         }
+        let Some(key) = self.indexed_manifest(d) else {
+            return Ok(None);
+        };
+        let read = self.store.read_manifest(d)?;
+        Ok(self.found_on_disk(key, read))
+    }
+
+    /// A manifest by digest from memory at once, else read from disk on the blocking pool
+    /// (and promoted to memory).
+    pub async fn manifest_async(
+        &self,
+        d: &Digest,
+    ) -> io::Result<Option<(Arc<StoredManifest>, Tier)>> {
+        if let Some(m) = self.memory.manifest(d) {
+            return Ok(Some((m, Tier::Memory)));
+        }
+        let Some(key) = self.indexed_manifest(d) else {
+            return Ok(None);
+        };
+        let (store, digest) = (self.store.clone(), d.clone());
+        let read = tokio::task::spawn_blocking(move || store.read_manifest(&digest))
+            .await
+            .map_err(io::Error::other)??;
+        Ok(self.found_on_disk(key, read))
+    }
+
+    /// The index key of manifest `d` if the disk tier has it.
+    fn indexed_manifest(&self, d: &Digest) -> Option<Key> {
         let key = Key {
             kind: Kind::Manifest,
+            digest: d.clone(),
+        };
+        self.index.contains(&key).then_some(key)
+    }
+
+    /// Files what a disk read of an indexed manifest found: promoted to memory, or forgotten
+    /// when the file is gone or bad.
+    fn found_on_disk(
+        &self,
+        key: Key,
+        read: Option<StoredManifest>,
+    ) -> Option<(Arc<StoredManifest>, Tier)> {
+        match read {
+            Some(m) => {
+                self.index.touch(&key);
+                let m = Arc::new(m);
+                self.memory.put_manifest(key.digest, m.clone());
+                Some((m, Tier::Disk))
+            }
+            None => {
+                self.index.remove(&key);
+                None
+            }
+        }
+    }
+
+    /// The length of committed blob `d`, checked on the blocking pool (the index may name a
+    /// file deleted behind berth's back).
+    pub async fn blob_len(&self, d: &Digest) -> io::Result<Option<u64>> {
+        let key = Key {
+            kind: Kind::Blob,
             digest: d.clone(),
         };
         if !self.index.contains(&key) {
             return Ok(None);
         }
-        match self.store.read_manifest(d)? {
-            Some(m) => {
-                self.index.touch(&key);
-                let m = Arc::new(m);
-                self.memory.put_manifest(d.clone(), m.clone());
-                Ok(Some((m, Tier::Disk)))
-            }
-            None => {
-                self.index.remove(&key);
-                Ok(None)
-            }
-        }
+        let (store, digest) = (self.store.clone(), d.clone());
+        let opened = tokio::task::spawn_blocking(move || store.open_blob(&digest))
+            .await
+            .map_err(io::Error::other)??;
+        Ok(opened.map(|(_, len)| len))
     }
 
     /// Stores a manifest already verified against `d` in both tiers (the fsynced disk write
@@ -276,8 +338,14 @@ impl Cache {
         match written {
             Ok(()) => {
                 let evicted = reservation.commit(key, size);
-                for k in &evicted {
-                    self.store.delete(k);
+                if !evicted.is_empty() {
+                    let store = self.store.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for k in &evicted {
+                            store.delete(k);
+                        }
+                    })
+                    .await;
                 }
             }
             Err(e) => {
@@ -363,4 +431,179 @@ fn lock_dir(dir: &std::path::Path) -> io::Result<std::fs::File> {
             dir.display()
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Crash safety of the state files: whatever a crash or a disk fault left behind, the cache
+    //! opens, says what it set aside, and keeps what was whole.
+
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    fn config(dir: &std::path::Path) -> CacheConfig {
+        CacheConfig {
+            dir: dir.to_owned(),
+            disk_bytes: 1 << 30,
+            memory_bytes: 1 << 20,
+            memory_max_object_bytes: 1 << 10,
+            tag_ttl: Duration::from_secs(60),
+            max_concurrent_fills: 4,
+            fill_queue_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Runs `f` with warnings captured; returns its result and the log text.
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+        (out, text)
+    }
+
+    fn pin(reference: &str) -> PinnedImage {
+        let d = Digest::sha256_of(reference.as_bytes()).to_string();
+        PinnedImage {
+            reference: reference.into(),
+            upstream: "origin".into(),
+            repository: "a/b".into(),
+            tag: Some("v1".into()),
+            manifest: d.clone(),
+            manifests: vec![d],
+            blobs: vec![],
+        }
+    }
+
+    fn tag_key() -> TagKey {
+        TagKey {
+            upstream: "origin".into(),
+            repo: "a/b".parse().unwrap(),
+            tag: "v1".parse().unwrap(),
+            accept: "x".into(),
+        }
+    }
+
+    #[test]
+    fn garbage_in_every_state_file_is_logged_and_survived() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        {
+            let cache = Cache::open(&cfg).unwrap();
+            cache
+                .tags()
+                .put(&tag_key(), Digest::sha256_of(b"m"), "t".into());
+        }
+        let tag_files: Vec<_> = walk(&dir.path().join("tags"));
+        assert_eq!(tag_files.len(), 1, "{tag_files:?}");
+        let garbage = b"\x00\xff{not json";
+        for f in [
+            dir.path().join(pins::PINS_FILE),
+            dir.path().join("recency"),
+            tag_files[0].clone(),
+        ] {
+            std::fs::write(f, garbage).unwrap();
+        }
+
+        let (cache, log) = logged(|| {
+            let cache = Cache::open(&cfg).expect("damaged state files never stop the cache");
+            let tag = cache.tags().get(&tag_key());
+            (cache, tag)
+        });
+        let (cache, tag) = cache;
+        assert!(cache.pinned_images().is_empty());
+        assert!(tag.is_none(), "a damaged mapping is absent, not misread");
+        for (what, needle) in [
+            ("pins", pins::PINS_FILE),
+            ("recency", "recency snapshot is damaged"),
+            ("tag", "damaged tag mapping file"),
+        ] {
+            assert!(log.contains(needle), "{what} not logged:\n{log}");
+        }
+        assert!(
+            log.contains(&dir.path().join(pins::PINS_FILE).display().to_string()),
+            "the log names the file:\n{log}"
+        );
+        // The damaged pins are kept for the operator; the damaged mapping is gone.
+        assert_eq!(
+            std::fs::read(dir.path().join(pins::DAMAGED_PINS_FILE)).unwrap(),
+            garbage
+        );
+        assert!(!tag_files[0].exists());
+        // New state is written whole again.
+        cache.unpin_image("nothing");
+        assert_eq!(pins::read(dir.path()).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_truncated_pins_file_and_a_leftover_temp_file_are_survived() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let whole = pins::encode(&[pin("a:1"), pin("b:2")]);
+        std::fs::write(dir.path().join(pins::PINS_FILE), &whole).unwrap();
+        // What a crash between writing the temp file and renaming it leaves behind.
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        let leftover = dir.path().join("tmp").join("1-0-42");
+        std::fs::write(&leftover, &whole[..whole.len() / 3]).unwrap();
+        {
+            let cache = Cache::open(&cfg).unwrap();
+            assert_eq!(cache.pinned_images(), vec![pin("a:1"), pin("b:2")]);
+            assert!(!leftover.exists(), "leftover temp files are deleted");
+        }
+
+        // A file cut short (a disk fault; berth's own writes are renamed whole).
+        std::fs::write(dir.path().join(pins::PINS_FILE), &whole[..whole.len() / 2]).unwrap();
+        let (cache, log) = logged(|| Cache::open(&cfg).expect("opens"));
+        assert!(cache.pinned_images().is_empty());
+        assert!(log.contains("pin records are damaged"), "{log}");
+    }
+
+    #[test]
+    fn state_writes_leave_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&config(dir.path())).unwrap();
+        cache.save_pins(&[pin("a:1")]);
+        cache
+            .store()
+            .write_recency(&[(
+                Key {
+                    kind: Kind::Blob,
+                    digest: Digest::sha256_of(b"x"),
+                },
+                true,
+            )])
+            .unwrap();
+        assert!(walk(&dir.path().join("tmp")).is_empty());
+        assert_eq!(pins::read(dir.path()).unwrap(), vec![pin("a:1")]);
+        assert_eq!(cache.store().read_recency().len(), 1);
+    }
+
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+        out
+    }
 }

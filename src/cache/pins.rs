@@ -1,5 +1,8 @@
 //! Pinned images: what `berth warm --pin` or `berth import --pin` promised to keep whatever the
-//! budget pressure (an air-gapped site cannot refetch). Recorded in `<dir>/pins.json`.
+//! budget pressure (an air-gapped site cannot refetch). Recorded in `<dir>/pins.json`, written
+//! crash-safely (temp file, fsync, rename, directory fsync) so a killed `warm --pin` or `unpin`
+//! leaves the old records or the new ones. A file damaged anyway is set aside as
+//! `pins.json.damaged` (for the operator to restore from) and berth starts with no pins.
 
 use std::path::Path;
 
@@ -42,13 +45,38 @@ impl PinnedImage {
     }
 }
 
-/// Reads the pin records (none when the file is absent).
+/// Where a damaged pins file is moved, so the next save does not overwrite what an operator
+/// might still recover.
+pub const DAMAGED_PINS_FILE: &str = "pins.json.damaged";
+
+/// Reads the pin records (none when the file is absent). A file that does not parse (truncated,
+/// garbage) is logged, moved to [`DAMAGED_PINS_FILE`] and read as no pins: a damaged state file
+/// never stops berth from starting. Other read errors (permissions, I/O) are returned.
 pub fn read(dir: &Path) -> std::io::Result<Vec<PinnedImage>> {
-    match std::fs::read(dir.join(PINS_FILE)) {
-        Ok(raw) => serde_json::from_slice(&raw).map_err(|e| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{PINS_FILE}: {e}"))
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e),
+    let path = dir.join(PINS_FILE);
+    let raw = match std::fs::read(&path) {
+        Ok(raw) => raw,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    match serde_json::from_slice(&raw) {
+        Ok(pins) => Ok(pins),
+        Err(e) => {
+            let aside = dir.join(DAMAGED_PINS_FILE);
+            let moved = std::fs::rename(&path, &aside);
+            tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                moved_to = %aside.display(),
+                moved = moved.is_ok(),
+                "pin records are damaged; starting with no pinned images (pin them again)"
+            );
+            Ok(Vec::new())
+        }
     }
+}
+
+/// The pin records as saved.
+pub fn encode(pins: &[PinnedImage]) -> Vec<u8> {
+    serde_json::to_vec_pretty(pins).expect("plain records serialize")
 }

@@ -7,7 +7,13 @@
 //! <dir>/tags/<upstream>/<repo>/_tags/<tag>/<accept-key>.json
 //! <dir>/tmp/                          fills in progress; emptied at startup
 //! <dir>/recency                       the index's eviction order, saved periodically
+//! <dir>/pins.json                     pinned images (see `pins.rs`)
 //! ```
+//!
+//! State files (tag mappings, `recency`, `pins.json`) go through [`DiskStore::write_small`]:
+//! temp file, fsync, rename, directory fsync, so a crash leaves the old or the new version,
+//! never a torn one. A file damaged anyway (a disk fault, a hand edit) is logged and treated as
+//! absent by its reader; it never stops berth from starting.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -135,29 +141,33 @@ impl DiskStore {
         Ok(out)
     }
 
-    /// Reads the recency snapshot: keys in eviction order with their protected flag.
+    /// Reads the recency snapshot: keys in eviction order with their protected flag. Lines
+    /// that do not parse (a damaged file) are skipped with a warning: objects the snapshot
+    /// does not name are ordered by modification time instead.
     pub fn read_recency(&self) -> Vec<(Key, bool)> {
-        let Ok(text) = fs::read_to_string(self.root.join(RECENCY_FILE)) else {
-            return Vec::new();
+        let path = self.root.join(RECENCY_FILE);
+        let raw = match fs::read(&path) {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the recency snapshot; ordering by modification time");
+                return Vec::new();
+            }
         };
-        text.lines()
+        let text = String::from_utf8_lossy(&raw);
+        let mut damaged = 0usize;
+        let order: Vec<(Key, bool)> = text
+            .lines()
             .filter_map(|l| {
-                let mut it = l.split(' ');
-                let (seg, kind, digest) = (it.next()?, it.next()?, it.next()?);
-                let kind = match kind {
-                    "b" => Kind::Blob,
-                    "m" => Kind::Manifest,
-                    _ => return None,
-                };
-                Some((
-                    Key {
-                        kind,
-                        digest: digest.parse().ok()?,
-                    },
-                    seg == "p",
-                ))
+                let parsed = parse_recency_line(l);
+                damaged += usize::from(parsed.is_none());
+                parsed
             })
-            .collect()
+            .collect();
+        if damaged > 0 {
+            tracing::warn!(path = %path.display(), damaged, kept = order.len(), "recency snapshot is damaged; skipping the lines that do not parse");
+        }
+        order
     }
 
     /// Writes the recency snapshot atomically.
@@ -224,16 +234,18 @@ impl DiskStore {
         }
     }
 
-    /// Reads a stored manifest.
+    /// Reads a stored manifest (blocking: call it from the blocking pool).
     pub fn read_manifest(&self, d: &Digest) -> io::Result<Option<StoredManifest>> {
-        let raw = match fs::read(self.object_path("manifests", d)) {
+        let path = self.object_path("manifests", d);
+        let raw = match fs::read(&path) {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let nl = raw.iter().position(|&b| b == b'\n').ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, "manifest file has no header")
-        })?;
+        let Some(nl) = raw.iter().position(|&b| b == b'\n') else {
+            tracing::warn!(path = %path.display(), "manifest file has no header; treated as absent");
+            return Ok(None);
+        };
         let media_type = String::from_utf8_lossy(&raw[..nl]).into_owned();
         let bytes = Bytes::from(raw).slice(nl + 1..);
         // A manifest file is only ever renamed into place whole, but check anyway: a bad file is
@@ -266,17 +278,47 @@ impl DiskStore {
         r
     }
 
-    /// Writes a small file atomically (temp + rename, no fsync: used for re-derivable state).
+    /// Writes a small state file crash-safely: temp file, fsync, rename over `dest`, fsync of
+    /// the directory. A crash at any point leaves the old file or the new one whole; a
+    /// leftover temp file is deleted at the next start. Blocking: call it from the blocking
+    /// pool on a request path.
     pub fn write_small(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
         let (mut f, temp) = self.temp_file()?;
         let r = f
             .write_all(bytes)
+            .and_then(|_| f.sync_all())
             .and_then(|_| rename_into_place(&temp, dest));
         if r.is_err() {
             let _ = fs::remove_file(&temp);
         }
         r
     }
+}
+
+/// One line of the recency snapshot: `p|o b|m <digest>`.
+fn parse_recency_line(l: &str) -> Option<(Key, bool)> {
+    let mut it = l.split(' ');
+    let (seg, kind, digest) = (it.next()?, it.next()?, it.next()?);
+    let protected = match seg {
+        "p" => true,
+        "o" => false,
+        _ => return None,
+    };
+    let kind = match kind {
+        "b" => Kind::Blob,
+        "m" => Kind::Manifest,
+        _ => return None,
+    };
+    if it.next().is_some() {
+        return None;
+    }
+    Some((
+        Key {
+            kind,
+            digest: digest.parse().ok()?,
+        },
+        protected,
+    ))
 }
 
 fn rename_into_place(temp: &Path, dest: &Path) -> io::Result<()> {

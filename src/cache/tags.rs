@@ -1,5 +1,11 @@
 //! Tag → digest mappings: small mutable pointers with a freshness lifetime, kept in memory and
 //! persisted so that a restarted berth can still serve by tag when the origin is down.
+//!
+//! Request handlers use the `async` methods: a memory hit answers at once, anything that
+//! touches a file (a read after a restart, a directory scan, a write) runs on the blocking
+//! pool, never on an async worker. The plain methods do the same work on the calling thread,
+//! for the commands (`import`, `export`) that run outside request handling. A damaged mapping
+//! file is logged, deleted and treated as absent (the origin is asked again).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -72,7 +78,8 @@ pub fn accept_key(values: &[String]) -> String {
     v.join(",")
 }
 
-/// The tag mappings.
+/// The tag mappings. Cloning is cheap (shared memory tier and store).
+#[derive(Clone)]
 pub struct TagStore {
     mem: Cache<TagKey, TagEntry>,
     store: Arc<DiskStore>,
@@ -99,17 +106,34 @@ impl TagStore {
             .join(format!("{}.json", &accept.hex()[..16]))
     }
 
-    /// The mapping for `k`, from memory or disk.
+    /// The mapping for `k`, from memory or disk (blocking on a memory miss).
     pub fn get(&self, k: &TagKey) -> Option<TagEntry> {
         if let Some(e) = self.mem.get(k) {
             return Some(e);
         }
-        let raw = std::fs::read(self.path(k)).ok()?;
-        let d: OnDisk = serde_json::from_slice(&raw).ok()?;
-        let e = TagEntry {
-            digest: d.digest.parse().ok()?,
-            media_type: d.media_type,
-            confirmed: None,
+        self.load(k)
+    }
+
+    /// The mapping for `k`: from memory at once, else read from disk on the blocking pool.
+    pub async fn get_async(&self, k: &TagKey) -> Option<TagEntry> {
+        if let Some(e) = self.mem.get(k) {
+            return Some(e);
+        }
+        let (this, k) = (self.clone(), k.clone());
+        tokio::task::spawn_blocking(move || this.load(&k))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Reads `k`'s file into memory. A file that does not parse is removed.
+    fn load(&self, k: &TagKey) -> Option<TagEntry> {
+        let path = self.path(k);
+        let raw = std::fs::read(&path).ok()?;
+        let Some(e) = parse(&raw) else {
+            tracing::warn!(path = %path.display(), "damaged tag mapping file; removed");
+            let _ = std::fs::remove_file(&path);
+            return None;
         };
         self.mem.insert(k.clone(), e.clone());
         Some(e)
@@ -118,6 +142,8 @@ impl TagStore {
     /// Any known mapping of `tag` whose manifest a client with `accept` can take, whatever Accept
     /// it was recorded under: for a mirror that cannot ask the origin (offline, or the origin is
     /// down), a tag warmed with one Accept must still serve clients sending another.
+    ///
+    /// Blocking (a directory scan); request handlers use [`TagStore::any_acceptable_async`].
     pub fn any_acceptable(&self, k: &TagKey, accept: &[String]) -> Option<TagEntry> {
         let dir = self.path(k).parent()?.to_owned();
         let mut found: Vec<(std::time::SystemTime, TagEntry)> = Vec::new();
@@ -125,61 +151,100 @@ impl TagStore {
             let Ok(raw) = std::fs::read(e.path()) else {
                 continue;
             };
-            let Ok(d) = serde_json::from_slice::<OnDisk>(&raw) else {
+            let Some(entry) = parse(&raw) else {
+                tracing::warn!(path = %e.path().display(), "damaged tag mapping file; skipped");
                 continue;
             };
-            let Ok(digest) = d.digest.parse() else {
-                continue;
-            };
-            if !crate::oci::media::accepts(accept, &d.media_type) {
+            if !crate::oci::media::accepts(accept, &entry.media_type) {
                 continue;
             }
             let mtime = e
                 .metadata()
                 .and_then(|m| m.modified())
                 .unwrap_or(std::time::UNIX_EPOCH);
-            found.push((
-                mtime,
-                TagEntry {
-                    digest,
-                    media_type: d.media_type,
-                    confirmed: None,
-                },
-            ));
+            found.push((mtime, entry));
         }
         // The most recently recorded mapping wins.
         found.into_iter().max_by_key(|(m, _)| *m).map(|(_, e)| e)
     }
 
-    /// Records a mapping the origin just confirmed.
+    /// Any known mapping of `tag` a client with `accept` can take (see
+    /// [`TagStore::any_acceptable`]), scanned on the blocking pool.
+    pub async fn any_acceptable_async(&self, k: &TagKey, accept: &[String]) -> Option<TagEntry> {
+        let (this, k, accept) = (self.clone(), k.clone(), accept.to_vec());
+        tokio::task::spawn_blocking(move || this.any_acceptable(&k, &accept))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Records a mapping the origin just confirmed (blocking when the mapping changed).
     pub fn put(&self, k: &TagKey, digest: Digest, media_type: String) {
+        if let Some(body) = self.confirm(k, digest, media_type) {
+            self.persist(k, &body);
+        }
+    }
+
+    /// Records a mapping the origin just confirmed; a changed mapping is written on the
+    /// blocking pool (a confirmation of what is known costs no file access).
+    pub async fn put_async(&self, k: &TagKey, digest: Digest, media_type: String) {
+        if let Some(body) = self.confirm(k, digest, media_type) {
+            let (this, k) = (self.clone(), k.clone());
+            let _ = tokio::task::spawn_blocking(move || this.persist(&k, &body)).await;
+        }
+    }
+
+    /// Updates memory; returns the file's new contents when the mapping changed (what memory
+    /// held came from the file or was written to it, so an unchanged mapping is on disk).
+    fn confirm(&self, k: &TagKey, digest: Digest, media_type: String) -> Option<Vec<u8>> {
         let changed = self
             .mem
             .get(k)
             .is_none_or(|old| old.digest != digest || old.media_type != media_type);
+        let body = changed.then(|| {
+            serde_json::to_vec(&OnDisk {
+                digest: digest.to_string(),
+                media_type: media_type.clone(),
+            })
+            .expect("plain struct serializes")
+        });
         let entry = TagEntry {
-            digest: digest.clone(),
-            media_type: media_type.clone(),
+            digest,
+            media_type,
             confirmed: Some(Instant::now()),
         };
         self.mem.insert(k.clone(), entry);
-        if changed || !self.path(k).is_file() {
-            let body = serde_json::to_vec(&OnDisk {
-                digest: digest.to_string(),
-                media_type,
-            })
-            .expect("plain struct serializes");
-            if let Err(e) = self.store.write_small(&self.path(k), &body) {
-                tracing::warn!(error = %e, "could not persist tag mapping");
-            }
+        body
+    }
+
+    fn persist(&self, k: &TagKey, body: &[u8]) {
+        if let Err(e) = self.store.write_small(&self.path(k), body) {
+            tracing::warn!(error = %e, "could not persist tag mapping");
         }
     }
 
-    /// Forgets a mapping (the origin says the tag no longer exists).
+    /// Forgets a mapping (the origin says the tag no longer exists). Blocking.
     pub fn remove(&self, k: &TagKey) {
         self.mem.invalidate(k);
         let _ = std::fs::remove_file(self.path(k));
     }
+
+    /// Forgets a mapping; the file is deleted on the blocking pool.
+    pub async fn remove_async(&self, k: &TagKey) {
+        self.mem.invalidate(k);
+        let path = self.path(k);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+    }
+}
+
+/// A mapping file's contents, if they parse.
+fn parse(raw: &[u8]) -> Option<TagEntry> {
+    let d: OnDisk = serde_json::from_slice(raw).ok()?;
+    Some(TagEntry {
+        digest: d.digest.parse().ok()?,
+        media_type: d.media_type,
+        confirmed: None,
+    })
 }
 
 #[cfg(test)]

@@ -113,6 +113,10 @@ pub struct CacheConfig {
     pub memory_max_object_bytes: u64,
     /// How long a tag → digest mapping is fresh before it is revalidated with the origin.
     pub tag_ttl: Duration,
+    /// Most blob fills fetching from origins at once; further fills wait for a slot.
+    pub max_concurrent_fills: usize,
+    /// Longest a fill waits for a slot before its clients get 429.
+    pub fill_queue_timeout: Duration,
 }
 
 /// How clients of an upstream are authorized (DESIGN §5).
@@ -315,7 +319,16 @@ impl Config {
             tag_ttl: e
                 .duration(&mut cache_t, "cache.tag_ttl")
                 .unwrap_or(Duration::from_secs(300)),
+            max_concurrent_fills: e
+                .count(&mut cache_t, "cache.max_concurrent_fills", 1..=65_536)
+                .unwrap_or(64),
+            fill_queue_timeout: e
+                .duration(&mut cache_t, "cache.fill_queue_timeout")
+                .unwrap_or(Duration::from_secs(60)),
         };
+        if cache.fill_queue_timeout.is_zero() {
+            e.push("cache.fill_queue_timeout: must be greater than zero".into());
+        }
         if cache.disk_bytes == 0 {
             e.push("cache.disk_bytes: must be greater than zero".into());
         }
@@ -514,6 +527,31 @@ impl Errors {
             other => Err(format!("expected a size such as \"512MiB\", found {other}")),
         };
         r.map_err(|m| self.push(format!("{key}: {m}"))).ok()
+    }
+
+    fn count(
+        &mut self,
+        t: &mut Table,
+        key: &str,
+        range: std::ops::RangeInclusive<usize>,
+    ) -> Option<usize> {
+        let field = key.rsplit('.').next().unwrap_or(key);
+        let n = match t.remove(field)? {
+            Value::Integer(i) => usize::try_from(i).ok(),
+            Value::String(s) => s.trim().parse::<usize>().ok(),
+            _ => None,
+        };
+        match n {
+            Some(n) if range.contains(&n) => Some(n),
+            _ => {
+                self.push(format!(
+                    "{key}: expected a number from {} to {}",
+                    range.start(),
+                    range.end()
+                ));
+                None
+            }
+        }
     }
 
     fn duration(&mut self, t: &mut Table, key: &str) -> Option<Duration> {
@@ -731,6 +769,12 @@ mod tests {
         let c = Config::from_toml(GOOD).unwrap();
         assert_eq!(c.cache.disk_bytes, 1 << 30);
         assert_eq!(c.cache.tag_ttl, Duration::from_secs(60));
+        assert_eq!(c.cache.max_concurrent_fills, 64, "default");
+        assert_eq!(
+            c.cache.fill_queue_timeout,
+            Duration::from_secs(60),
+            "default"
+        );
         assert_eq!(c.upstreams.len(), 1);
         assert!(c.upstreams[0].docker_hub);
         assert!(c.upstreams[0].default);
@@ -747,6 +791,8 @@ mod tests {
             [cache]
             disk_bytes = "12XB"
             tag_ttl = "soon"
+            max_concurrent_fills = 0
+            fill_queue_timeout = "0s"
             [[upstream]]
             url = "ftp://x"
             auth = "maybe"
@@ -759,6 +805,8 @@ mod tests {
             "server.colour: unknown key",
             "cache.disk_bytes",
             "cache.tag_ttl",
+            "cache.max_concurrent_fills: expected a number from 1 to 65536",
+            "cache.fill_queue_timeout: must be greater than zero",
             "upstream[0].name: required",
             "upstream[0].url",
             "upstream[0].auth",

@@ -61,8 +61,14 @@ impl App {
                     upstream: sel.upstream.clone(),
                     request: blob_request(sel, Method::GET, &digest),
                     metrics: self.metrics.clone(),
+                    evidence: (
+                        self.cache().memberships().clone(),
+                        sel.name.to_string(),
+                        digest.clone(),
+                    ),
                 }) as Arc<dyn BlobFetcher>
             })
+            .await
             .map_err(io_err)?;
         match source {
             BlobSource::Cached(file, size) => {
@@ -94,8 +100,13 @@ impl App {
                 Ok((sourced(resp, Source::Disk), CacheResult::Hit))
             }
             BlobSource::Filling { fill, leader } => {
-                if !leader {
-                    confirm().await?;
+                if !leader && !member {
+                    // A fill of this repository records its evidence when the origin answers;
+                    // a fill another upstream or repository started proves nothing here.
+                    let _ = fill.ready().await;
+                    if !self.auth.is_member(sel, &digest) {
+                        self.auth.require_member(sel, Target::Blob(&digest)).await?;
+                    }
                 }
                 // A fill that is verified and only being committed is as good as cached.
                 let verified = !leader && fill.verified();
@@ -105,10 +116,6 @@ impl App {
                 }
                 let stats = self.cache().fills().stats().clone();
                 let total = fill.ready().await.map_err(fill_err)?;
-                if leader && !member {
-                    // The origin answered this repository's GET with the blob.
-                    self.auth.record_member(sel, &digest);
-                }
                 let resp = match total {
                     None => {
                         // Unknown length: a Range cannot be checked before the end; serve the
@@ -152,23 +159,17 @@ impl App {
         sel: &Selected,
         digest: &Digest,
     ) -> Result<(Response<Body>, CacheResult), Error> {
-        let key = Key {
-            kind: Kind::Blob,
-            digest: digest.clone(),
-        };
         let member = self.auth.is_member(sel, digest);
-        let cached =
-            self.cache().index().contains(&key) || self.cache().fills().get(digest).is_some();
-        if cached && !member {
+        let size = self.cache().blob_len(digest).await.map_err(io_err)?;
+        let filling = self.cache().fills().get(digest);
+        if (size.is_some() || filling.is_some()) && !member {
             self.auth.require_member(sel, Target::Blob(digest)).await?;
         }
-        if self.cache().index().contains(&key) {
-            if let Some((_, size)) = self.cache().store().open_blob(digest).map_err(io_err)? {
-                self.count_lookup("blob", "disk", true);
-                return Ok((blob_head(digest, size), CacheResult::Hit));
-            }
+        if let Some(size) = size {
+            self.count_lookup("blob", "disk", true);
+            return Ok((blob_head(digest, size), CacheResult::Hit));
         }
-        if let Some(fill) = self.cache().fills().get(digest) {
+        if let Some(fill) = filling {
             if let Ok(Some(size)) = fill.ready().await {
                 return Ok((blob_head(digest, size), CacheResult::Miss));
             }
@@ -195,6 +196,8 @@ struct UpstreamBlob {
     upstream: Arc<Upstream>,
     request: UpstreamRequest,
     metrics: Arc<Metrics>,
+    /// Where the origin's 2xx is recorded as evidence: the repository this fetch asks in.
+    evidence: (Arc<crate::cache::Memberships>, String, Digest),
 }
 
 impl BlobFetcher for UpstreamBlob {
@@ -206,6 +209,7 @@ impl BlobFetcher for UpstreamBlob {
         let upstream = self.upstream.clone();
         let mut request = self.request.clone();
         let metrics = self.metrics.clone();
+        let evidence = self.evidence.clone();
         Box::pin(async move {
             let ranged = start > 0 || end.is_some();
             if ranged {
@@ -225,6 +229,10 @@ impl BlobFetcher for UpstreamBlob {
                 StatusCode::PARTIAL_CONTENT if ranged => 0,
                 _ => return Err(upstream.status_error(&resp)),
             };
+            // The origin answered this repository's GET with the blob: evidence, recorded
+            // before any waiter of this fill is released.
+            let (members, repo, digest) = evidence;
+            members.record(upstream.name(), &repo, &digest);
             let total = content_length(resp.headers()).map(|l| l.saturating_sub(skip));
             let name = upstream.name().to_owned();
             let body = resp.into_body();
@@ -294,6 +302,7 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 fn fill_err(e: FillError) -> Error {
     match e {
         FillError::Upstream(u) => not_found_as(u, "blob"),
+        e @ FillError::QueueTimeout { .. } => Error::TooManyRequests(e.to_string()),
         FillError::Internal(m) => Error::Internal(m),
     }
 }

@@ -24,7 +24,7 @@ impl App {
     ) -> Result<(Response<Body>, CacheResult), Error> {
         match reference {
             Reference::Digest(d) => {
-                let found = self.cache().manifest(&d).map_err(io_err)?;
+                let found = self.cache().manifest_async(&d).await.map_err(io_err)?;
                 self.count_lookup(
                     "manifest",
                     "memory",
@@ -67,12 +67,20 @@ impl App {
             accept: accept_key(&accept),
         };
         let offline = sel.upstream.config().offline;
-        let mut known = self.cache().tags().get(&key);
+        let mut known = self.cache().tags().get_async(&key).await;
         if known.is_none() && offline {
-            known = self.cache().tags().any_acceptable(&key, &accept);
+            known = self
+                .cache()
+                .tags()
+                .any_acceptable_async(&key, &accept)
+                .await;
         }
         let cached = match &known {
-            Some(e) => self.cache().manifest(&e.digest).map_err(io_err)?,
+            Some(e) => self
+                .cache()
+                .manifest_async(&e.digest)
+                .await
+                .map_err(io_err)?,
             None => None,
         };
         self.count_lookup(
@@ -94,7 +102,8 @@ impl App {
                 Ok(Some(d)) if d == e.digest => {
                     self.cache()
                         .tags()
-                        .put(&key, d.clone(), m.media_type.clone());
+                        .put_async(&key, d.clone(), m.media_type.clone())
+                        .await;
                     return Ok((
                         sourced(self.respond(sel, &d, m, head), tier.into()),
                         CacheResult::Hit,
@@ -105,7 +114,7 @@ impl App {
                     return Ok(self.stale(sel, &e.digest, m, tier, head, &err));
                 }
                 Err(err) if err.is_not_found() => {
-                    self.cache().tags().remove(&key);
+                    self.cache().tags().remove_async(&key).await;
                     return Err(not_found_as(err, "manifest"));
                 }
                 Err(err) => return Err(err.into()),
@@ -115,7 +124,10 @@ impl App {
             Ok((d, m)) => {
                 let media_type = m.media_type.clone();
                 let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
-                self.cache().tags().put(&key, d.clone(), media_type);
+                self.cache()
+                    .tags()
+                    .put_async(&key, d.clone(), media_type)
+                    .await;
                 Ok((
                     sourced(self.respond(sel, &d, &m, head), Source::Upstream),
                     CacheResult::Miss,
@@ -127,8 +139,14 @@ impl App {
                 }
                 // The origin is down and this exact Accept was never seen: any mapping of the
                 // tag the client can take still beats an error.
-                if let Some(e) = self.cache().tags().any_acceptable(&key, &accept) {
-                    if let Some((m, tier)) = self.cache().manifest(&e.digest).map_err(io_err)? {
+                if let Some(e) = self
+                    .cache()
+                    .tags()
+                    .any_acceptable_async(&key, &accept)
+                    .await
+                {
+                    let found = self.cache().manifest_async(&e.digest).await;
+                    if let Some((m, tier)) = found.map_err(io_err)? {
                         return Ok(self.stale(sel, &e.digest, &m, tier, head, &err));
                     }
                 }
@@ -136,7 +154,7 @@ impl App {
             }
             Err(err) => {
                 if err.is_not_found() {
-                    self.cache().tags().remove(&key);
+                    self.cache().tags().remove_async(&key).await;
                 }
                 Err(not_found_as(err, "manifest"))
             }

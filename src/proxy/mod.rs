@@ -129,6 +129,7 @@ impl App {
         metrics: Arc<Metrics>,
         auth: Authorizer,
     ) -> Arc<App> {
+        cache.fills().set_observer(metrics.clone());
         Arc::new(App {
             config,
             auth,
@@ -381,7 +382,10 @@ impl App {
                         v.split(',')
                             .any(|d| d.trim().eq_ignore_ascii_case("only-if-cached"))
                     });
-                if only_if_cached && head && !self.cache.store().has_blob(&digest) {
+                if only_if_cached
+                    && head
+                    && !matches!(self.cache.blob_len(&digest).await, Ok(Some(_)))
+                {
                     return Err(Error::NotCached);
                 }
                 let (resp, cache) = self.blob(&sel, digest, range.as_deref(), head).await?;

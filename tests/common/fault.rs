@@ -84,6 +84,10 @@ pub enum Fault {
     Redirect,
     /// Send this many bytes, then wait until [`FaultUpstream::release`] is called.
     Hold(usize),
+    /// [`Fault::Corrupt`] and [`Fault::Hold`] at once: the middle byte flipped, and the body
+    /// stops after this many bytes until [`FaultUpstream::release`] (a fill of bad bytes that
+    /// is still running).
+    CorruptHold(usize),
     /// Right bytes, but a `Docker-Content-Digest` that is not theirs.
     WrongDigestHeader,
     /// Serve these bytes instead of the object, with honest `Content-Length` and
@@ -662,7 +666,7 @@ fn serve(conn: &Conn, object: Object, fault: &Fault, head: bool) -> Response<Bod
             digest = sha256_digest(&other);
             bytes.len()
         }
-        Fault::Corrupt if !bytes.is_empty() => {
+        Fault::Corrupt | Fault::CorruptHold(_) if !bytes.is_empty() => {
             let mut flipped = bytes.to_vec();
             let middle = flipped.len() / 2;
             flipped[middle] ^= 0xff;
@@ -693,7 +697,7 @@ fn serve(conn: &Conn, object: Object, fault: &Fault, head: bool) -> Response<Bod
                     steps.push_back(Step::Data(bytes.slice_ref(piece)));
                 }
             }
-            Fault::Hold(n) => {
+            Fault::Hold(n) | Fault::CorruptHold(n) => {
                 let n = (*n).min(bytes.len());
                 frames(&mut steps, bytes.slice(..n), FRAME);
                 steps.push_back(Step::Flushed);
