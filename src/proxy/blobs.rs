@@ -100,19 +100,20 @@ impl App {
                 Ok((sourced(resp, Source::Disk), CacheResult::Hit))
             }
             BlobSource::Filling { fill, leader } => {
-                if !leader && !member {
-                    // A fill of this repository records its evidence when the origin answers;
-                    // a fill another upstream or repository started proves nothing here.
-                    let _ = fill.ready().await;
-                    if !self.auth.is_member(sel, &digest) {
-                        self.auth.require_member(sel, Target::Blob(&digest)).await?;
-                    }
-                }
                 // A fill that is verified and only being committed is as good as cached.
                 let verified = !leader && fill.verified();
                 self.count_lookup("blob", "disk", verified);
                 if !leader && !verified {
                     self.metrics.fill_waiters.inc();
+                }
+                if !leader && !member {
+                    // A fill of this repository records its evidence when the origin answers;
+                    // a fill another upstream or repository started proves nothing here. No
+                    // byte is handed out before this is settled.
+                    let _ = fill.ready().await;
+                    if !self.auth.is_member(sel, &digest) {
+                        self.auth.require_member(sel, Target::Blob(&digest)).await?;
+                    }
                 }
                 let stats = self.cache().fills().stats().clone();
                 let total = fill.ready().await.map_err(fill_err)?;

@@ -1,7 +1,6 @@
 //! Docker / OAuth2 token dance with an origin's token service, and the per-scope token cache.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -16,31 +15,38 @@ use super::{HttpClient, UpstreamError};
 use crate::config::Credentials;
 use crate::secret::Secret;
 
-/// Most tokens berth keeps per upstream before it starts over (bounds memory).
-const MAX_TOKENS: usize = 10_000;
+/// Most tokens berth keeps per upstream (bounds memory; the least used go first).
+const MAX_TOKENS: u64 = 10_000;
 /// Largest token response accepted.
 const MAX_TOKEN_RESPONSE: usize = 1 << 20;
 
 /// How long a refused login is remembered, so that a wrong password does not send every
 /// client request to the token service.
 const REFUSAL_MEMORY: Duration = Duration::from_secs(10);
-/// Lock stripes serializing token fetches per scope.
-const STRIPES: usize = 64;
 
 /// Tokens per scope, valid until shortly before their `expires_in`. Concurrent requests that
-/// need a token for the same scope share one fetch.
+/// need a token for the same scope share one fetch; requests for other scopes never wait for
+/// it (one lock per scope, not a shared one).
 pub struct TokenCache {
-    tokens: Mutex<HashMap<String, (Secret, Instant)>>,
-    refusals: Mutex<HashMap<String, (UpstreamError, Instant)>>,
-    stripes: Vec<tokio::sync::Mutex<()>>,
+    tokens: moka::sync::Cache<String, (Secret, Instant)>,
+    refusals: moka::sync::Cache<String, UpstreamError>,
+    fetching: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Default for TokenCache {
     fn default() -> Self {
         TokenCache {
-            tokens: Mutex::default(),
-            refusals: Mutex::default(),
-            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            tokens: moka::sync::Cache::builder()
+                .max_capacity(MAX_TOKENS)
+                .build(),
+            refusals: moka::sync::Cache::builder()
+                .max_capacity(MAX_TOKENS)
+                .time_to_live(REFUSAL_MEMORY)
+                .build(),
+            fetching: moka::sync::Cache::builder()
+                .max_capacity(MAX_TOKENS)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
         }
     }
 }
@@ -59,26 +65,17 @@ impl TokenCache {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<(Secret, Duration), UpstreamError>>,
     {
-        let stripe = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            scope.hash(&mut h);
-            (h.finish() as usize) % STRIPES
-        };
-        let _guard = self.stripes[stripe].lock().await;
+        let lock = self
+            .fetching
+            .get_with_by_ref(scope, || Arc::new(tokio::sync::Mutex::new(())));
+        let _guard = lock.lock().await;
         if let Some(t) = self.get(scope) {
             if Some(t.expose()) != failed {
                 return Ok(t);
             }
         }
-        {
-            let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((e, at)) = refusals.get(scope) {
-                if at.elapsed() < REFUSAL_MEMORY {
-                    return Err(e.clone());
-                }
-                refusals.remove(scope);
-            }
+        if let Some(e) = self.refusals.get(scope) {
+            return Err(e);
         }
         match fetch().await {
             Ok((token, life)) => {
@@ -88,11 +85,7 @@ impl TokenCache {
             Err(e) => {
                 if matches!(&e, UpstreamError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN)
                 {
-                    let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-                    if refusals.len() >= MAX_TOKENS {
-                        refusals.clear();
-                    }
-                    refusals.insert(scope.to_owned(), (e.clone(), Instant::now()));
+                    self.refusals.insert(scope.to_owned(), e.clone());
                 }
                 Err(e)
             }
@@ -101,23 +94,16 @@ impl TokenCache {
 
     /// A cached, still valid token for `scope`.
     pub fn get(&self, scope: &str) -> Option<Secret> {
-        let map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(scope)
+        self.tokens
+            .get(scope)
             .filter(|(_, until)| *until > Instant::now())
-            .map(|(t, _)| t.clone())
+            .map(|(t, _)| t)
     }
 
     /// Keeps `token` for `scope` for `lifetime`.
     pub fn put(&self, scope: &str, token: Secret, lifetime: Duration) {
-        let mut map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_TOKENS {
-            let now = Instant::now();
-            map.retain(|_, (_, until)| *until > now);
-            if map.len() >= MAX_TOKENS {
-                map.clear();
-            }
-        }
-        map.insert(scope.to_owned(), (token, Instant::now() + lifetime));
+        self.tokens
+            .insert(scope.to_owned(), (token, Instant::now() + lifetime));
     }
 }
 
@@ -271,5 +257,49 @@ mod tests {
         assert_eq!(c.get("s").unwrap().expose(), "t");
         c.put("s", Secret::new("t".into()), Duration::ZERO);
         assert!(c.get("s").is_none());
+    }
+
+    /// One slow token service call holds up only the requests for its own scope.
+    #[tokio::test]
+    async fn a_slow_fetch_blocks_only_its_own_scope() {
+        let c = Arc::new(TokenCache::default());
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let (entered, started) = tokio::sync::oneshot::channel::<()>();
+        let slow = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.get_or_fetch("repository:a:pull", None, || async move {
+                    let _ = entered.send(());
+                    let _ = held.await;
+                    Ok((Secret::new("ta".into()), Duration::from_secs(60)))
+                })
+                .await
+            })
+        };
+        started.await.unwrap();
+        // Another scope: answered while the first fetch is still held.
+        let other = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.get_or_fetch("repository:b:pull", None, || async {
+                Ok((Secret::new("tb".into()), Duration::from_secs(60)))
+            }),
+        )
+        .await
+        .expect("another scope does not wait for a slow fetch")
+        .unwrap();
+        assert_eq!(other.expose(), "tb");
+        // The same scope shares the slow fetch once it lands.
+        let same = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.get_or_fetch("repository:a:pull", None, || async {
+                    Ok((Secret::new("second fetch".into()), Duration::from_secs(60)))
+                })
+                .await
+            })
+        };
+        release.send(()).unwrap();
+        assert_eq!(slow.await.unwrap().unwrap().expose(), "ta");
+        assert_eq!(same.await.unwrap().unwrap().expose(), "ta");
     }
 }
