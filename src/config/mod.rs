@@ -858,6 +858,47 @@ mod tests {
     }
 
     #[test]
+    fn connection_keys_have_defaults_and_are_validated() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(c.server.connections, ConnectionLimits::default());
+        assert_eq!(c.server.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.admin.max_connections, DEFAULT_ADMIN_MAX_CONNECTIONS);
+        let custom = GOOD.replace(
+            "listen = \"127.0.0.1:5000\"",
+            "listen = \"127.0.0.1:5000\"\nhandshake_timeout = \"5s\"\nheader_timeout = 7\nidle_timeout = \"1m\"\nhttp2_keepalive_interval = \"3s\"\nhttp2_keepalive_timeout = \"4s\"\nmax_connections = \"500\"",
+        );
+        let c = Config::from_toml(&custom).unwrap();
+        let l = c.server.connections;
+        assert_eq!(l.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(l.header_timeout, Duration::from_secs(7));
+        assert_eq!(l.idle_timeout, Duration::from_secs(60));
+        assert_eq!(l.http2_keepalive_interval, Duration::from_secs(3));
+        assert_eq!(l.http2_keepalive_timeout, Duration::from_secs(4));
+        assert_eq!(c.server.max_connections, 500);
+
+        let bad = r#"
+            [server]
+            handshake_timeout = "0s"
+            idle_timeout = "soon"
+            max_connections = 0
+            [admin]
+            max_connections = "many"
+            [[upstream]]
+            name = "a"
+            url = "http://a"
+        "#;
+        let all = Config::from_toml(bad).unwrap_err().0.join("\n");
+        for needle in [
+            "server.handshake_timeout: must be greater than zero",
+            "server.idle_timeout",
+            "server.max_connections: expected a number from 1 to",
+            "admin.max_connections: expected a number from 1 to",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
     fn rejects_two_defaults_and_duplicate_names() {
         let t = r#"
             [[upstream]]
