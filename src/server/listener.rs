@@ -29,6 +29,11 @@ use crate::metrics::Metrics;
 /// Least time between two log lines about the same listener trouble.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Connections shed at once when the cap is reached: a burst of new connections then finds
+/// slots without a round trip to a closing connection each, and the kernel's accept queue does
+/// not overflow (clients whose SYN is dropped wait a second or more to retry).
+const SHED_BATCH: usize = 8;
+
 /// How long to wait for a shed connection to free its slot before shedding another.
 const SHED_WAIT: Duration = Duration::from_millis(100);
 
@@ -116,7 +121,7 @@ pub(crate) async fn run<H, F>(
                     .listener_pauses
                     .with_label_values(&[kind, "accept_error"])
                     .inc();
-                let shed = open.shed_oldest();
+                let shed = open.shed_oldest(1);
                 if let Some(suppressed) = error_log.ready() {
                     tracing::warn!(
                         listener = kind, error = %e, open = gauge.get(), shed,
@@ -205,8 +210,8 @@ impl Room {
         let kind = self.kind.as_str();
         let mut paused = false;
         loop {
-            let shed = open.shed_oldest();
-            let wait = if shed {
+            let shed = open.shed_oldest(SHED_BATCH);
+            let wait = if shed > 0 {
                 if let Some(suppressed) = self.shed_log.ready() {
                     tracing::warn!(
                         listener = kind,
@@ -263,15 +268,20 @@ impl Open {
         self.conns.lock().expect("open set").remove(&id);
     }
 
-    /// Asks the connection idle the longest to close; false when none is idle.
-    fn shed_oldest(&self) -> bool {
+    /// Asks up to `n` of the connections idle the longest to close; returns how many were
+    /// asked (zero when none is idle).
+    fn shed_oldest(&self, n: usize) -> usize {
         let conns = self.conns.lock().expect("open set");
-        let oldest = conns
+        let mut idle: Vec<_> = conns
             .values()
             .filter(|a| !a.is_shedding())
             .filter_map(|a| a.idle_since().map(|since| (since, a)))
-            .min_by_key(|(since, _)| *since);
-        oldest.is_some_and(|(_, a)| a.shed())
+            .collect();
+        if idle.len() > n {
+            idle.select_nth_unstable_by_key(n, |(since, _)| *since);
+            idle.truncate(n);
+        }
+        idle.into_iter().filter(|(_, a)| a.shed()).count()
     }
 }
 
