@@ -294,9 +294,12 @@ where
             deadline.map_or_else(|| Instant::now() + setup.limits.idle_timeout, |(at, _)| at);
         tokio::select! {
             r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                let Err(e) = r else { return None };
+                // hyper's own HTTP/1 header timeout (the same header_timeout) may fire first.
+                if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
+                    return Some(CloseReason::HeaderTimeout);
                 }
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
                 return None;
             }
             _ = shutdown.changed(), if !stopping => {
