@@ -395,6 +395,7 @@ async fn warm(mut cfg: Config, opts: crate::warm::WarmOptions) -> i32 {
 }
 
 async fn serve(cfg: Config) -> i32 {
+    raise_fd_limit();
     let running = match crate::server::start(cfg, prometheus::Registry::new()).await {
         Ok(r) => r,
         Err(e) => {
@@ -411,6 +412,19 @@ async fn serve(cfg: Config) -> i32 {
     });
     running.wait().await;
     0
+}
+
+/// Every connection holds a file descriptor: take all the open-file limit allows.
+fn raise_fd_limit() {
+    match crate::server::fd_limit::raise() {
+        Ok((before, after)) => tracing::info!(
+            soft = after.soft,
+            hard = after.hard,
+            soft_before = before.soft,
+            "open-file limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
 }
 
 async fn wait_for_signal() {

@@ -70,6 +70,17 @@ pub struct Metrics {
     pub auth_decisions: IntCounterVec,
     /// `berth_build_info{version}`.
     pub build_info: IntGaugeVec,
+    /// `berth_connections_open{listener}`: connections held now (each holds a file descriptor).
+    pub connections_open: IntGaugeVec,
+    /// `berth_connections_total{listener,result}`: `accepted`, or `refused` when accept failed
+    /// for lack of resources (file descriptors, memory).
+    pub connections: IntCounterVec,
+    /// `berth_connections_closed_total{listener,reason}`: connections berth closed itself
+    /// (`handshake_timeout`, `header_timeout`, `idle_timeout`, `shed`).
+    pub connections_closed: IntCounterVec,
+    /// `berth_listener_pauses_total{listener,reason}`: times a listener stopped accepting
+    /// (`at_capacity`, `accept_error`).
+    pub listener_pauses: IntCounterVec,
     /// Last values copied into counters by `refresh`, to add only the difference.
     last: Mutex<HashMap<String, u64>>,
 }
@@ -244,6 +255,30 @@ impl Metrics {
                 &["version"],
                 r
             )?,
+            connections_open: register_int_gauge_vec_with_registry!(
+                "berth_connections_open",
+                "Client or admin connections open now.",
+                &["listener"],
+                r
+            )?,
+            connections: register_int_counter_vec_with_registry!(
+                "berth_connections_total",
+                "Connections accepted, or refused for lack of resources, by listener.",
+                &["listener", "result"],
+                r
+            )?,
+            connections_closed: register_int_counter_vec_with_registry!(
+                "berth_connections_closed_total",
+                "Connections berth closed itself, by listener and reason.",
+                &["listener", "reason"],
+                r
+            )?,
+            listener_pauses: register_int_counter_vec_with_registry!(
+                "berth_listener_pauses_total",
+                "Times a listener stopped accepting, by listener and reason.",
+                &["listener", "reason"],
+                r
+            )?,
             last: Mutex::new(HashMap::new()),
             registry,
         };
@@ -277,6 +312,23 @@ impl Metrics {
             "internal",
         ] {
             m.fill_failures.with_label_values(&[reason]);
+        }
+        for listener in ["client", "admin"] {
+            m.connections_open.with_label_values(&[listener]);
+            for result in ["accepted", "refused"] {
+                m.connections.with_label_values(&[listener, result]);
+            }
+            for reason in [
+                "handshake_timeout",
+                "header_timeout",
+                "idle_timeout",
+                "shed",
+            ] {
+                m.connections_closed.with_label_values(&[listener, reason]);
+            }
+            for reason in ["at_capacity", "accept_error"] {
+                m.listener_pauses.with_label_values(&[listener, reason]);
+            }
         }
         for result in ["allow", "deny", "error"] {
             for source in ["public", "local", "cache", "origin", "grace"] {

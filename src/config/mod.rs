@@ -82,7 +82,48 @@ pub struct ServerConfig {
     /// Async worker threads; one per CPU when unset. Fewer than the CPUs cuts tail latency when
     /// berth shares its machine with busy neighbours.
     pub worker_threads: Option<usize>,
+    /// Timeouts and keep-alive of client connections (the admin listener uses them too).
+    pub connections: ConnectionLimits,
+    /// Most client connections held at once; more wait in the kernel's accept queue. Lowered at
+    /// start to fit the open-file limit.
+    pub max_connections: usize,
 }
+
+/// How long a connection may take at each stage before berth closes it, so that clients that
+/// connect and say nothing (or too little) cannot hold file descriptors for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// From accept to the first byte (plain) or to a completed TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time to send a complete request head: the first one counted from the end of the
+    /// handshake (including HTTP/2's preface), later HTTP/1 ones from the previous response.
+    pub header_timeout: Duration,
+    /// How long a connection with no request in flight stays open (HTTP/2: no open stream).
+    pub idle_timeout: Duration,
+    /// Interval of HTTP/2 PING frames that check a quiet peer is still there.
+    pub http2_keepalive_interval: Duration,
+    /// How long an HTTP/2 PING may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            http2_keepalive_interval: Duration::from_secs(20),
+            http2_keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Default of `server.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default of `admin.max_connections`: scrapers and probes need few.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Largest accepted `max_connections`.
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 
 /// `[server.tls]`: PEM files for the client-facing listener.
 #[derive(Debug, Clone)]
@@ -98,6 +139,8 @@ pub struct TlsConfig {
 pub struct AdminConfig {
     /// Address of `/metrics`, `/healthz`, `/readyz`; disabled when absent.
     pub listen: Option<SocketAddr>,
+    /// Most admin connections held at once (timeouts are the `[server]` ones).
+    pub max_connections: usize,
 }
 
 /// `[cache]`: where and how much berth keeps.
@@ -239,70 +282,8 @@ impl Config {
     /// Validates a parsed table; relative file paths are resolved against `base`.
     pub fn from_table(mut table: Table, base: &Path) -> Result<Config, ConfigErrors> {
         let mut e = Errors::default();
-        let mut server_t = e.table(&mut table, "server");
-        let mut tls_t = server_t.remove("tls");
-        let listen = e
-            .addr(&mut server_t, "server.listen")
-            .unwrap_or_else(|| "0.0.0.0:5000".parse().unwrap());
-        let external_url = e.string(&mut server_t, "server.external_url").map(|u| {
-            let u = u.trim_end_matches('/').to_owned();
-            if !(u.starts_with("http://") || u.starts_with("https://")) || u.parse::<Uri>().is_err()
-            {
-                e.push(format!("server.external_url: {u:?} is not an http(s) URL"));
-            }
-            u
-        });
-        let shutdown_grace = e
-            .duration(&mut server_t, "server.shutdown_grace")
-            .unwrap_or(Duration::from_secs(30));
-        let worker_threads = match server_t.remove("worker_threads") {
-            None => None,
-            Some(Value::Integer(n)) if (1..=1024).contains(&n) => Some(n as usize),
-            Some(Value::String(s)) if s.parse::<usize>().is_ok_and(|n| (1..=1024).contains(&n)) => {
-                s.parse().ok()
-            }
-            Some(other) => {
-                e.push(format!(
-                    "server.worker_threads: expected a number from 1 to 1024, found {other}"
-                ));
-                None
-            }
-        };
-        let tls = match tls_t.take() {
-            None => None,
-            Some(Value::Table(mut t)) => {
-                let cert = e.path(&mut t, "server.tls.cert", base);
-                let key = e.path(&mut t, "server.tls.key", base);
-                e.unknown(&t, "server.tls");
-                for (k, p) in [("cert", &cert), ("key", &key)] {
-                    match p {
-                        None => e.push(format!(
-                            "server.tls.{k}: required when [server.tls] is present"
-                        )),
-                        Some(p) if !p.is_file() => e.push(format!(
-                            "server.tls.{k}: {} is not a readable file",
-                            p.display()
-                        )),
-                        _ => {}
-                    }
-                }
-                match (cert, key) {
-                    (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),
-                    _ => None,
-                }
-            }
-            Some(_) => {
-                e.push("server.tls: must be a table".into());
-                None
-            }
-        };
-        e.unknown(&server_t, "server");
-
-        let mut admin_t = e.table(&mut table, "admin");
-        let admin = AdminConfig {
-            listen: e.addr(&mut admin_t, "admin.listen"),
-        };
-        e.unknown(&admin_t, "admin");
+        let server = e.server(&mut table, base);
+        let admin = e.admin(&mut table);
 
         let mut cache_t = e.table(&mut table, "cache");
         let cache = CacheConfig {
@@ -422,13 +403,7 @@ impl Config {
 
         if e.0.is_empty() {
             Ok(Config {
-                server: ServerConfig {
-                    listen,
-                    external_url,
-                    tls,
-                    shutdown_grace,
-                    worker_threads,
-                },
+                server,
                 admin,
                 cache,
                 upstreams,
@@ -468,6 +443,121 @@ impl Errors {
                 format!("{prefix}.{k}")
             };
             self.push(format!("{full}: unknown key"));
+        }
+    }
+
+    /// `[server]`, with its `[server.tls]` table.
+    fn server(&mut self, table: &mut Table, base: &Path) -> ServerConfig {
+        let mut t = self.table(table, "server");
+        let tls_t = t.remove("tls");
+        let listen = self
+            .addr(&mut t, "server.listen")
+            .unwrap_or_else(|| "0.0.0.0:5000".parse().unwrap());
+        let external_url = self.string(&mut t, "server.external_url").map(|u| {
+            let u = u.trim_end_matches('/').to_owned();
+            if !(u.starts_with("http://") || u.starts_with("https://")) || u.parse::<Uri>().is_err()
+            {
+                self.push(format!("server.external_url: {u:?} is not an http(s) URL"));
+            }
+            u
+        });
+        let shutdown_grace = self
+            .duration(&mut t, "server.shutdown_grace")
+            .unwrap_or(Duration::from_secs(30));
+        let worker_threads = self.count(&mut t, "server.worker_threads", 1024);
+        let d = ConnectionLimits::default();
+        let mut timeout =
+            |key: &str, default: Duration| match self.duration(&mut t, &format!("server.{key}")) {
+                Some(v) if v.is_zero() => {
+                    self.push(format!("server.{key}: must be greater than zero"));
+                    default
+                }
+                Some(v) => v,
+                None => default,
+            };
+        let connections = ConnectionLimits {
+            handshake_timeout: timeout("handshake_timeout", d.handshake_timeout),
+            header_timeout: timeout("header_timeout", d.header_timeout),
+            idle_timeout: timeout("idle_timeout", d.idle_timeout),
+            http2_keepalive_interval: timeout(
+                "http2_keepalive_interval",
+                d.http2_keepalive_interval,
+            ),
+            http2_keepalive_timeout: timeout("http2_keepalive_timeout", d.http2_keepalive_timeout),
+        };
+        let max_connections = self
+            .count(&mut t, "server.max_connections", MAX_CONNECTIONS_LIMIT)
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        let tls = self.tls(tls_t, base);
+        self.unknown(&t, "server");
+        ServerConfig {
+            listen,
+            external_url,
+            tls,
+            shutdown_grace,
+            worker_threads,
+            connections,
+            max_connections,
+        }
+    }
+
+    /// `[server.tls]`: both files required and readable.
+    fn tls(&mut self, tls_t: Option<Value>, base: &Path) -> Option<TlsConfig> {
+        let mut t = match tls_t? {
+            Value::Table(t) => t,
+            _ => {
+                self.push("server.tls: must be a table".into());
+                return None;
+            }
+        };
+        let cert = self.path(&mut t, "server.tls.cert", base);
+        let key = self.path(&mut t, "server.tls.key", base);
+        self.unknown(&t, "server.tls");
+        for (k, p) in [("cert", &cert), ("key", &key)] {
+            match p {
+                None => self.push(format!(
+                    "server.tls.{k}: required when [server.tls] is present"
+                )),
+                Some(p) if !p.is_file() => self.push(format!(
+                    "server.tls.{k}: {} is not a readable file",
+                    p.display()
+                )),
+                _ => {}
+            }
+        }
+        Some(TlsConfig {
+            cert: cert?,
+            key: key?,
+        })
+    }
+
+    /// `[admin]`.
+    fn admin(&mut self, table: &mut Table) -> AdminConfig {
+        let mut t = self.table(table, "admin");
+        let admin = AdminConfig {
+            listen: self.addr(&mut t, "admin.listen"),
+            max_connections: self
+                .count(&mut t, "admin.max_connections", MAX_CONNECTIONS_LIMIT)
+                .unwrap_or(DEFAULT_ADMIN_MAX_CONNECTIONS),
+        };
+        self.unknown(&t, "admin");
+        admin
+    }
+
+    /// A whole number from 1 to `max` (a string too, as `--set` and the environment give).
+    fn count(&mut self, t: &mut Table, key: &str, max: usize) -> Option<usize> {
+        let field = key.rsplit('.').next().unwrap_or(key);
+        let n = match t.remove(field)? {
+            Value::Integer(n) => usize::try_from(n).ok(),
+            Value::String(s) => s.trim().parse::<usize>().ok(),
+            _ => None,
+        };
+        match n {
+            Some(n) if (1..=max).contains(&n) => Some(n),
+            _ => {
+                self.push(format!("{key}: expected a number from 1 to {max}"));
+                None
+            }
         }
     }
 
@@ -810,6 +900,47 @@ mod tests {
             "upstream[0].name: required",
             "upstream[0].url",
             "upstream[0].auth",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn connection_keys_have_defaults_and_are_validated() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(c.server.connections, ConnectionLimits::default());
+        assert_eq!(c.server.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.admin.max_connections, DEFAULT_ADMIN_MAX_CONNECTIONS);
+        let custom = GOOD.replace(
+            "listen = \"127.0.0.1:5000\"",
+            "listen = \"127.0.0.1:5000\"\nhandshake_timeout = \"5s\"\nheader_timeout = 7\nidle_timeout = \"1m\"\nhttp2_keepalive_interval = \"3s\"\nhttp2_keepalive_timeout = \"4s\"\nmax_connections = \"500\"",
+        );
+        let c = Config::from_toml(&custom).unwrap();
+        let l = c.server.connections;
+        assert_eq!(l.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(l.header_timeout, Duration::from_secs(7));
+        assert_eq!(l.idle_timeout, Duration::from_secs(60));
+        assert_eq!(l.http2_keepalive_interval, Duration::from_secs(3));
+        assert_eq!(l.http2_keepalive_timeout, Duration::from_secs(4));
+        assert_eq!(c.server.max_connections, 500);
+
+        let bad = r#"
+            [server]
+            handshake_timeout = "0s"
+            idle_timeout = "soon"
+            max_connections = 0
+            [admin]
+            max_connections = "many"
+            [[upstream]]
+            name = "a"
+            url = "http://a"
+        "#;
+        let all = Config::from_toml(bad).unwrap_err().0.join("\n");
+        for needle in [
+            "server.handshake_timeout: must be greater than zero",
+            "server.idle_timeout",
+            "server.max_connections: expected a number from 1 to",
+            "admin.max_connections: expected a number from 1 to",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }

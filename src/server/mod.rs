@@ -2,9 +2,11 @@
 //! with graceful shutdown. [`start`] binds everything and returns the bound addresses, so tests
 //! and the binary drive berth the same way.
 
+mod conn;
+pub mod fd_limit;
+mod listener;
 pub mod tls;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,11 +14,7 @@ use std::time::Duration;
 
 use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -26,12 +24,10 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{App, ConnInfo};
 use crate::upstream::Upstreams;
+use listener::{Listener, ListenerKind};
 
 /// How often the cache's recency order is saved.
 const RECENCY_INTERVAL: Duration = Duration::from_secs(30);
-
-/// Longest a client may take for its TLS handshake or request head.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why berth could not start.
 #[derive(Debug, thiserror::Error)]
@@ -165,19 +161,63 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
     let app = App::new(config.clone(), cache, upstreams, metrics.clone(), auth);
     let (shutdown, rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));
-    let mut tasks = vec![tokio::spawn(serve_clients(
-        listener,
-        acceptor,
-        app.clone(),
+    let (client_cap, admin_cap) = connection_caps(&config);
+    let limits = config.server.connections;
+    let info = ConnInfo {
+        tls: acceptor.is_some(),
+    };
+    let client_app = app.clone();
+    let clients = Listener {
+        kind: ListenerKind::Client,
+        socket: listener,
+        setup: Arc::new(conn::Setup::new(
+            move |mut req: Request<Incoming>| {
+                let app = client_app.clone();
+                req.extensions_mut().insert(info);
+                async move { app.handle(req).await }
+            },
+            acceptor,
+            limits,
+        )),
+        cap: client_cap,
+    };
+    let grace = config.server.shutdown_grace;
+    let mut tasks = vec![tokio::spawn(listener::run(
+        clients,
+        metrics.clone(),
         rx.clone(),
-        config.server.shutdown_grace,
-        ready.clone(),
+        grace,
+        Some(ready.clone()),
     ))];
-    if let Some(l) = admin_listener {
-        tasks.push(tokio::spawn(serve_admin(l, app.clone(), ready, rx.clone())));
+    if let Some(socket) = admin_listener {
+        let admin_app = app.clone();
+        let admin = Listener {
+            kind: ListenerKind::Admin,
+            socket,
+            setup: Arc::new(conn::Setup::new(
+                move |req: Request<Incoming>| {
+                    let response = admin_response(req.uri().path(), &admin_app, &ready);
+                    std::future::ready(response)
+                },
+                None,
+                limits,
+            )),
+            cap: admin_cap,
+        };
+        tasks.push(tokio::spawn(listener::run(
+            admin,
+            metrics.clone(),
+            rx.clone(),
+            grace,
+            None,
+        )));
     }
     tasks.push(tokio::spawn(save_recency(app.clone(), rx)));
-    tracing::info!(%addr, admin = ?admin_addr, tls = config.server.tls.is_some(), "berth listening");
+    tracing::info!(
+        %addr, admin = ?admin_addr, tls = config.server.tls.is_some(),
+        max_connections = client_cap, admin_max_connections = admin_cap,
+        "berth listening"
+    );
     Ok(Running {
         addr,
         admin_addr,
@@ -188,81 +228,22 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
     })
 }
 
-async fn serve_clients(
-    listener: TcpListener,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
-    app: Arc<App>,
-    mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
-    ready: Arc<AtomicBool>,
-) {
-    let graceful = GracefulShutdown::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let acceptor = acceptor.clone();
-        let watcher = graceful.watcher();
-        let info = ConnInfo {
-            tls: acceptor.is_some(),
-        };
-        tokio::spawn(async move {
-            let svc = service_fn(move |mut req: Request<Incoming>| {
-                let app = app.clone();
-                req.extensions_mut().insert(info);
-                async move { Ok::<_, Infallible>(app.handle(req).await) }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HANDSHAKE_TIMEOUT);
-            builder.http2().timer(TokioTimer::new());
-            let result = match acceptor {
-                Some(acc) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let conn = builder.serve_connection(TokioIo::new(tls), svc);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    }
-                }
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+/// The client and admin connection caps: as configured, lowered (with a warning) to fit the
+/// open-file limit.
+fn connection_caps(config: &Config) -> (usize, usize) {
+    let wanted = (config.server.max_connections, config.admin.max_connections);
+    let limit = fd_limit::current();
+    let caps = fd_limit::caps(wanted.0, wanted.1, limit.map(|l| l.soft));
+    if caps != wanted {
+        tracing::warn!(
+            open_files_soft = limit.map(|l| l.soft),
+            max_connections = caps.0,
+            admin_max_connections = caps.1,
+            configured = ?wanted,
+            "connection caps lowered to fit the open-file limit"
+        );
     }
-    ready.store(false, Ordering::SeqCst);
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown grace period over; dropping remaining connections");
-    }
+    caps
 }
 
 /// Saves the cache's recency order every [`RECENCY_INTERVAL`] and once more at shutdown.
@@ -281,38 +262,6 @@ async fn save_recency(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
             return;
         }
     }
-}
-
-async fn serve_admin(
-    listener: TcpListener,
-    app: Arc<App>,
-    ready: Arc<AtomicBool>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(_) => continue,
-            },
-            _ = shutdown.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_admin_conn(stream, app.clone(), ready.clone()));
-    }
-}
-
-async fn serve_admin_conn(stream: TcpStream, app: Arc<App>, ready: Arc<AtomicBool>) {
-    let svc = service_fn(move |req: Request<Incoming>| {
-        let app = app.clone();
-        let ready = ready.clone();
-        async move { Ok::<_, Infallible>(admin_response(req.uri().path(), &app, &ready)) }
-    });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), svc)
-        .await;
 }
 
 fn admin_response(path: &str, app: &App, ready: &AtomicBool) -> Response<Body> {
