@@ -22,6 +22,8 @@ use crate::upstream::{Upstream, Upstreams};
 
 /// Largest token request or response body accepted.
 const MAX_TOKEN_BODY: usize = 64 << 10;
+/// Longest a client may take to send a token request's body (a form of a few hundred bytes).
+const TOKEN_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A token request as a client sent it, method and parameters.
 pub struct TokenRequest {
@@ -76,11 +78,19 @@ impl TokenRequest {
             .map_err(|e| Error::BadRequest(e.to_string()))?;
         let mut params = decode_pairs(parts.uri.query().unwrap_or(""));
         if parts.method == Method::POST {
-            let raw = Limited::new(b, MAX_TOKEN_BODY)
-                .collect()
-                .await
-                .map_err(|e| Error::BadRequest(format!("unreadable token request body: {e}")))?
-                .to_bytes();
+            let raw = tokio::time::timeout(
+                TOKEN_BODY_TIMEOUT,
+                Limited::new(b, MAX_TOKEN_BODY).collect(),
+            )
+            .await
+            .map_err(|_| {
+                Error::BadRequest(format!(
+                    "token request body not received within {} s",
+                    TOKEN_BODY_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|e| Error::BadRequest(format!("unreadable token request body: {e}")))?
+            .to_bytes();
             params.extend(decode_pairs(&String::from_utf8_lossy(&raw)));
         } else if parts.method != Method::GET {
             return Err(Error::Unsupported(

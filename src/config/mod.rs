@@ -464,7 +464,7 @@ impl Errors {
         let shutdown_grace = self
             .duration(&mut t, "server.shutdown_grace")
             .unwrap_or(Duration::from_secs(30));
-        let worker_threads = self.count(&mut t, "server.worker_threads", 1024);
+        let worker_threads = self.count(&mut t, "server.worker_threads", 1..=1024);
         let d = ConnectionLimits::default();
         let mut timeout =
             |key: &str, default: Duration| match self.duration(&mut t, &format!("server.{key}")) {
@@ -486,7 +486,7 @@ impl Errors {
             http2_keepalive_timeout: timeout("http2_keepalive_timeout", d.http2_keepalive_timeout),
         };
         let max_connections = self
-            .count(&mut t, "server.max_connections", MAX_CONNECTIONS_LIMIT)
+            .count(&mut t, "server.max_connections", 1..=MAX_CONNECTIONS_LIMIT)
             .unwrap_or(DEFAULT_MAX_CONNECTIONS);
         let tls = self.tls(tls_t, base);
         self.unknown(&t, "server");
@@ -537,28 +537,11 @@ impl Errors {
         let admin = AdminConfig {
             listen: self.addr(&mut t, "admin.listen"),
             max_connections: self
-                .count(&mut t, "admin.max_connections", MAX_CONNECTIONS_LIMIT)
+                .count(&mut t, "admin.max_connections", 1..=MAX_CONNECTIONS_LIMIT)
                 .unwrap_or(DEFAULT_ADMIN_MAX_CONNECTIONS),
         };
         self.unknown(&t, "admin");
         admin
-    }
-
-    /// A whole number from 1 to `max` (a string too, as `--set` and the environment give).
-    fn count(&mut self, t: &mut Table, key: &str, max: usize) -> Option<usize> {
-        let field = key.rsplit('.').next().unwrap_or(key);
-        let n = match t.remove(field)? {
-            Value::Integer(n) => usize::try_from(n).ok(),
-            Value::String(s) => s.trim().parse::<usize>().ok(),
-            _ => None,
-        };
-        match n {
-            Some(n) if (1..=max).contains(&n) => Some(n),
-            _ => {
-                self.push(format!("{key}: expected a number from 1 to {max}"));
-                None
-            }
-        }
     }
 
     fn string(&mut self, t: &mut Table, key: &str) -> Option<String> {
@@ -619,6 +602,7 @@ impl Errors {
         r.map_err(|m| self.push(format!("{key}: {m}"))).ok()
     }
 
+    /// A whole number within `range` (a string too, as `--set` and the environment give).
     fn count(
         &mut self,
         t: &mut Table,
