@@ -2637,3 +2637,71 @@ async fn tokens_open_only_the_upstream_and_repositories_they_were_issued_for() {
     println!("token binding: {} presentations refused", refused.len());
     berth.stop().await;
 }
+
+/// A stream of wrong passwords (at berth's `/token` and as Basic credentials on pulls) reaches
+/// the origin's token service about once per back-off period, not once per attempt, so clients
+/// behind berth cannot get its address locked out; the right password is not held back.
+#[tokio::test]
+async fn wrong_passwords_are_held_back_from_the_origin_token_service() {
+    capture_logs();
+    let origin = start_origin(policy_issuer()).await;
+    let berth = passthrough_berth(&origin, "").await;
+    let image = &origin.content.private;
+    let refused_at_origin = || {
+        origin.issuer.count(|r| {
+            r.principal == Principal::user(ALICE) && r.status == StatusCode::UNAUTHORIZED
+        })
+    };
+    let mut errors = Vec::new();
+    let started = Instant::now();
+    for _ in 0..20 {
+        let got = Got::read(
+            http()
+                .get(format!("{}/token", berth.url()))
+                .query(&[
+                    ("service", UPSTREAM),
+                    ("scope", &format!("repository:{PRIVATE}:pull")),
+                ])
+                .basic_auth(ALICE, Some(WRONG_PASSWORD))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::UNAUTHORIZED, "{}", got.text());
+        errors.push(got.text());
+        let got = Got::read(
+            Req::manifest(PRIVATE, &image.tag)
+                .build(&http(), &berth.url())
+                .basic_auth(ALICE, Some(WRONG_PASSWORD))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::UNAUTHORIZED, "{}", got.text());
+        errors.push(got.text());
+    }
+    let elapsed = started.elapsed();
+    let reached = refused_at_origin();
+    // The waits double from 1 s: within `elapsed`, at most 1 + log2(elapsed) + 1 attempts.
+    let allowed = 2 + elapsed.as_secs_f64().max(1.0).log2().ceil() as usize;
+    println!("40 wrong-password attempts in {elapsed:?}: {reached} reached the token service");
+    assert!(reached >= 1, "the first attempt is the origin's to refuse");
+    assert!(
+        reached <= allowed,
+        "{reached} of 40 wrong-password attempts reached the origin's token service in {elapsed:?}"
+    );
+    // The right password is another credential: answered at once.
+    let got = Got::read(
+        Req::manifest(PRIVATE, &image.tag)
+            .build(&http(), &berth.url())
+            .basic_auth(ALICE, Some(ALICE_PASSWORD))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    assert_nothing_leaked(&berth, &errors).await;
+}
