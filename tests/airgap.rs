@@ -309,6 +309,29 @@ async fn check_offline_pulls(site: &Site, host: &str, url: &str, out: &Path, lab
         .await,
         "BLOB_UNKNOWN",
     );
+    // Bytes the mirror holds, asked for under a repository its evidence does not cover (the
+    // warm-up, or the bundle, named another repository): not served.
+    assert_not_in_mirror(
+        "cached layer under another repository",
+        &get_error(
+            &format!("{url}/v2/airgap/never/blobs/{}", site.single.layers[0].0),
+            &[],
+        )
+        .await,
+        "BLOB_UNKNOWN",
+    );
+    assert_not_in_mirror(
+        "cached manifest under another repository",
+        &get_error(
+            &format!(
+                "{url}/v2/airgap/multi/manifests/{}",
+                site.single.manifest_digest
+            ),
+            &any,
+        )
+        .await,
+        "MANIFEST_UNKNOWN",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
