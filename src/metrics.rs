@@ -50,6 +50,8 @@ pub struct Metrics {
     pub upstream_ratelimit: IntGaugeVec,
     /// `berth_fills_in_flight`.
     pub fills_in_flight: IntGauge,
+    /// `berth_memberships`: (upstream, repository, digest) evidence records held.
+    pub memberships: IntGauge,
     /// `berth_fill_waiters_total`: requests that joined a fill another request started.
     pub fill_waiters: IntCounter,
     /// `berth_fills_queued`: fills waiting for a slot under `cache.max_concurrent_fills`.
@@ -94,6 +96,8 @@ pub struct Snapshot {
     pub memory: (u64, u64, u64, u64),
     /// Fills in progress.
     pub fills_in_flight: u64,
+    /// Membership evidence records held.
+    pub memberships: u64,
     /// Fill failures so far by reason.
     pub fill_failures: Vec<(&'static str, u64)>,
     /// Disk write failures so far.
@@ -197,6 +201,11 @@ impl Metrics {
                 "berth_upstream_ratelimit_remaining",
                 "Pulls left in the origin's rate-limit window (Docker Hub's ratelimit-remaining).",
                 &["upstream"],
+                r
+            )?,
+            memberships: register_int_gauge_with_registry!(
+                "berth_memberships",
+                "Membership evidence records held: which repository of which upstream each digest was shown in.",
                 r
             )?,
             fills_in_flight: register_int_gauge_with_registry!(
@@ -368,6 +377,7 @@ impl Metrics {
             );
         }
         self.fills_in_flight.set(s.fills_in_flight as i64);
+        self.memberships.set(s.memberships as i64);
         for (reason, n) in &s.fill_failures {
             self.add_delta(reason, *n, &self.fill_failures.with_label_values(&[reason]));
         }

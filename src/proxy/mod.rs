@@ -196,6 +196,7 @@ impl App {
             ),
             memory: self.cache.memory().usage(),
             fills_in_flight: self.cache.fills().in_flight() as u64,
+            memberships: self.cache.memberships().len(),
             fill_failures: by_reason.into_iter().collect(),
             fill_digest_mismatches: mismatches.into_iter().collect(),
             write_failures: stats.write_failures.load(Relaxed),
