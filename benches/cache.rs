@@ -1,11 +1,12 @@
-//! Criterion benches for the cache's hot structures: disk index lookup / insert / evict, and
-//! digest hashing throughput (every byte berth stores is hashed once).
+//! Criterion benches for the cache's hot structures: disk index lookup / insert / evict,
+//! membership evidence lookups (every read by digest asks one; every manifest answer records
+//! one), and digest hashing throughput (every byte berth stores is hashed once).
 //!
 //! `cargo bench --bench cache`
 
 use std::hint::black_box;
 
-use berth::cache::{DiskIndex, Key, Kind};
+use berth::cache::{DiskIndex, Key, Kind, Memberships};
 use berth::oci::{Digest, DigestAlgorithm, Hasher};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -56,6 +57,38 @@ fn index_ops(c: &mut Criterion) {
     g.finish();
 }
 
+fn memberships(c: &mut Criterion) {
+    let n = 100_000u64;
+    let m = Memberships::in_memory();
+    let digests: Vec<Digest> = (0..n).map(|i| key(i).digest).collect();
+    for (i, d) in digests.iter().enumerate() {
+        m.record("docker.io", &format!("library/app{}", i % 1000), d);
+    }
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"config":{{"digest":"{}"}},"layers":[{{"digest":"{}"}},{{"digest":"{}"}}]}}"#,
+        digests[0], digests[1], digests[2]
+    );
+    let top = Digest::sha256_of(manifest.as_bytes());
+    m.record_manifest("docker.io", "library/app0", &top, manifest.as_bytes());
+    let mut g = c.benchmark_group("membership");
+    let mut i = 0usize;
+    g.bench_function("contains_100k", |b| {
+        b.iter(|| {
+            i = (i + 7919) % digests.len();
+            black_box(m.contains(
+                "docker.io",
+                &format!("library/app{}", i % 1000),
+                &digests[i],
+            ))
+        })
+    });
+    // The hot manifest path: a manifest answered again (already recorded with its parts).
+    g.bench_function("record_manifest_known", |b| {
+        b.iter(|| m.record_manifest("docker.io", "library/app0", &top, manifest.as_bytes()))
+    });
+    g.finish();
+}
+
 fn hashing(c: &mut Criterion) {
     let mut g = c.benchmark_group("digest");
     for size in [4 << 10, 256 << 10, 4 << 20] {
@@ -74,5 +107,5 @@ fn hashing(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, index_ops, hashing);
+criterion_group!(benches, index_ops, memberships, hashing);
 criterion_main!(benches);
