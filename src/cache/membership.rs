@@ -99,15 +99,32 @@ impl Memberships {
     }
 
     /// Loads `<dir>/memberships.log` (damaged lines are skipped and counted in a warning) and
-    /// starts the writer that appends new records to it.
-    pub fn open(dir: &Path) -> io::Result<Memberships> {
+    /// starts the writer that appends new records to it. A log that cannot be read or written
+    /// is logged and berth runs with memberships in memory only: it asks the origin again,
+    /// which is slower, never wrong, and never a refusal to start.
+    pub fn open(dir: &Path) -> Memberships {
         let path = dir.join(MEMBERSHIP_FILE);
+        match Memberships::try_open(&path) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot use the membership log; memberships are kept in memory only");
+                Memberships::in_memory()
+            }
+        }
+    }
+
+    fn try_open(path: &Path) -> io::Result<Memberships> {
+        let path = path.to_owned();
         let m = Memberships::in_memory();
         let (mut lines, mut damaged) = (0u64, 0u64);
         match File::open(&path) {
             Ok(f) => {
                 for line in BufReader::new(f).split(b'\n') {
-                    let line = line?;
+                    let Ok(line) = line else {
+                        // An unreadable stretch: what was read counts, the rest is asked again.
+                        damaged += 1;
+                        break;
+                    };
                     lines += 1;
                     match std::str::from_utf8(&line).ok().and_then(parse_line) {
                         Some(key) => {
@@ -403,7 +420,7 @@ mod tests {
             Digest::sha256_of(b"3"),
         );
         {
-            let m = Memberships::open(dir.path()).unwrap();
+            let m = Memberships::open(dir.path());
             m.record("up", "team/a", &d1);
             m.record("up", "team/b", &d2);
             m.flush();
@@ -418,7 +435,7 @@ mod tests {
         text.push_str(&altered);
         text.push_str(&good[..good.len() - 10]);
         fs::write(&path, &text).unwrap();
-        let m = Memberships::open(dir.path()).unwrap();
+        let m = Memberships::open(dir.path());
         assert!(m.contains("up", "team/a", &d1));
         assert!(m.contains("up", "team/b", &d2));
         assert!(!m.contains("up", "team/x", &d3));
@@ -427,9 +444,21 @@ mod tests {
         m.record("up", "team/c", &d3);
         m.flush();
         drop(m);
-        let m = Memberships::open(dir.path()).unwrap();
+        let m = Memberships::open(dir.path());
         assert!(m.contains("up", "team/c", &d3));
         assert_eq!(fs::read_to_string(&path).unwrap().lines().count(), 3);
+    }
+
+    #[test]
+    fn an_unusable_log_is_no_refusal_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the log should be: neither readable nor writable as a file.
+        fs::create_dir(dir.path().join(MEMBERSHIP_FILE)).unwrap();
+        let m = Memberships::open(dir.path());
+        let d = Digest::sha256_of(b"x");
+        m.record("up", "r", &d);
+        m.flush();
+        assert!(m.contains("up", "r", &d));
     }
 
     #[test]

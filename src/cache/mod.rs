@@ -77,7 +77,7 @@ impl Cache {
         let lock = lock_dir(&cfg.dir)?;
         let store = Arc::new(DiskStore::open(&cfg.dir)?);
         let pinned = pins::read(&cfg.dir)?;
-        let memberships = Arc::new(Memberships::open(&cfg.dir)?);
+        let memberships = Arc::new(Memberships::open(&cfg.dir));
         let index = DiskIndex::new(cfg.disk_bytes);
         let mut found: HashMap<Key, (u64, std::time::SystemTime)> = store
             .scan()?
