@@ -215,13 +215,19 @@ pub async fn fetch(
     if !status.is_success() {
         return Err(err(format!("answered {}", status.as_u16())));
     }
-    let parsed: TokenResponse = serde_json::from_slice(&body)
-        .map_err(|e| err(format!("unreadable token response: {e}")))?;
+    parse_token_response(&body).map_err(err)
+}
+
+/// Reads a token service's answer: the token (`token`, else `access_token`) and how long berth
+/// may use it. Separate from [`fetch`] so that origin bodies can be fuzzed without a network.
+pub fn parse_token_response(body: &[u8]) -> Result<(Secret, Duration), String> {
+    let parsed: TokenResponse =
+        serde_json::from_slice(body).map_err(|e| format!("unreadable token response: {e}"))?;
     let token = parsed
         .token
         .or(parsed.access_token)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| err("token response has no token".into()))?;
+        .ok_or_else(|| "token response has no token".to_owned())?;
     Ok((
         Secret::new(token),
         usable_lifetime(parsed.expires_in.unwrap_or(60)),
