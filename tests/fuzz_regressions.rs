@@ -2,10 +2,16 @@
 //! entry points, so that each fix stays fixed without a nightly toolchain. Each test names its
 //! target and says what the input was.
 
+use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine as _;
 use berth::auth::jwt;
+use berth::bundle::{self, BundleError};
+use berth::cache::Cache;
+use berth::config::{CacheConfig, Config};
+use berth::oci::{media, Digest};
+use berth::upstream::Upstreams;
 
 /// A JWT whose claims are `json`, as the `jwt_claims` target builds them.
 fn token_with_claims(json: &str) -> String {
@@ -29,4 +35,101 @@ fn jwt_exp_beyond_system_time_states_no_expiry() {
         jwt::expiry(&t),
         Some(UNIX_EPOCH + Duration::from_secs(4_102_444_800))
     );
+}
+
+/// An OCI layout archive of `members` (name, content), as the `bundle` target writes one.
+fn write_bundle(path: &Path, members: &[(String, Vec<u8>)]) {
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, bytes) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, bytes.as_slice()).unwrap();
+    }
+    std::fs::write(path, tar.into_inner().unwrap()).unwrap();
+}
+
+fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+/// `bundle`: an archive holding the same blob twice staged both copies under one digest and
+/// removed only the second temp file, so every refused or accepted import of such a bundle left
+/// files in the cache's `tmp/` (crash input: a layout with a repeated blob and an `index.json`
+/// listing no images, refused as corrupt with three staged files left behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn bundle_with_a_repeated_member_leaves_no_staged_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CacheConfig {
+        dir: dir.path().join("cache"),
+        disk_bytes: 1 << 30,
+        memory_bytes: 1 << 20,
+        memory_max_object_bytes: 64 << 10,
+        tag_ttl: Duration::from_secs(300),
+    };
+    let config = Config::from_toml(
+        "[[upstream]]\nname = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\nauth = \"public\"\n",
+    )
+    .unwrap();
+    let upstreams = Upstreams::new(&config.upstreams).unwrap();
+    let cache = Cache::open(&cfg).unwrap();
+
+    let layer = b"layer".to_vec();
+    let layer_d = Digest::sha256_of(&layer);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "config": {"digest": layer_d.to_string(), "size": layer.len()},
+        "layers": [{"digest": layer_d.to_string(), "size": layer.len()}],
+    })
+    .to_string()
+    .into_bytes();
+    let manifest_d = Digest::sha256_of(&manifest);
+    let member = |d: &Digest, b: &[u8]| (format!("blobs/sha256/{}", d.hex()), b.to_vec());
+    let index = |images: serde_json::Value| {
+        (
+            "index.json".to_owned(),
+            serde_json::json!({"schemaVersion": 2, "manifests": images})
+                .to_string()
+                .into_bytes(),
+        )
+    };
+
+    // Refused: the index lists no images.
+    let refused = dir.path().join("refused.tar");
+    write_bundle(
+        &refused,
+        &[
+            index(serde_json::json!([])),
+            member(&layer_d, &layer),
+            member(&layer_d, &layer),
+            member(&manifest_d, &manifest),
+        ],
+    );
+    let r = bundle::import(&cache, &upstreams, &refused, false).await;
+    assert!(matches!(r, Err(BundleError::Corrupt(_))), "{r:?}");
+    assert_eq!(files_in(&cfg.dir.join("tmp")), 0, "after {r:?}");
+
+    // Accepted: the repeated blob is stored once and nothing stays staged.
+    let accepted = dir.path().join("accepted.tar");
+    write_bundle(
+        &accepted,
+        &[
+            index(serde_json::json!([{
+                "mediaType": media::OCI_MANIFEST,
+                "digest": manifest_d.to_string(),
+                "size": manifest.len(),
+            }])),
+            member(&layer_d, &layer),
+            member(&manifest_d, &manifest),
+            member(&layer_d, &layer),
+        ],
+    );
+    let r = bundle::import(&cache, &upstreams, &accepted, false)
+        .await
+        .unwrap();
+    assert_eq!((r.images, r.manifests, r.blobs), (1, 1, 1));
+    assert!(cache.store().has_blob(&layer_d));
+    assert_eq!(files_in(&cfg.dir.join("tmp")), 0);
 }
