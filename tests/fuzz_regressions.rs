@@ -11,7 +11,7 @@ use berth::bundle::{self, BundleError};
 use berth::cache::Cache;
 use berth::config::{CacheConfig, Config};
 use berth::oci::{media, Digest};
-use berth::upstream::Upstreams;
+use berth::upstream::{parse_token_response, TokenCache, Upstreams};
 
 /// A JWT whose claims are `json`, as the `jwt_claims` target builds them.
 fn token_with_claims(json: &str) -> String {
@@ -35,6 +35,22 @@ fn jwt_exp_beyond_system_time_states_no_expiry() {
         jwt::expiry(&t),
         Some(UNIX_EPOCH + Duration::from_secs(4_102_444_800))
     );
+}
+
+/// `token_response`: a token service granting `expires_in` near `u64::MAX` seconds (here
+/// 18381441875293836066, from the crash input's first eight bytes `"\x13a\x1c\xff\xff\x17\xff`)
+/// overflowed `Instant` when berth cached the token, a panic any origin's token service could
+/// cause on every pull that needs a token.
+#[test]
+fn token_granted_for_longer_than_instant_holds_is_cached() {
+    for n in [18_381_441_875_293_836_066u64, u64::MAX, 1 << 63] {
+        let body = format!(r#"{{"token":"t","expires_in":{n}}}"#);
+        let (token, life) = parse_token_response(body.as_bytes()).unwrap();
+        let cache = TokenCache::default();
+        cache.put("repository:library/alpine:pull", token, life);
+        let kept = cache.get("repository:library/alpine:pull").unwrap();
+        assert_eq!(kept.expose(), "t");
+    }
 }
 
 /// An OCI layout archive of `members` (name, content), as the `bundle` target writes one.

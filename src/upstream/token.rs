@@ -18,6 +18,9 @@ use crate::secret::Secret;
 
 /// Most tokens berth keeps per upstream before it starts over (bounds memory).
 const MAX_TOKENS: usize = 10_000;
+/// Longest berth keeps a token, whatever `expires_in` the token service granted: a grant near
+/// `u64::MAX` seconds must not overflow `Instant`.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Largest token response accepted.
 const MAX_TOKEN_RESPONSE: usize = 1 << 20;
 
@@ -107,7 +110,7 @@ impl TokenCache {
             .map(|(t, _)| t.clone())
     }
 
-    /// Keeps `token` for `scope` for `lifetime`.
+    /// Keeps `token` for `scope` for `lifetime` (at most a day).
     pub fn put(&self, scope: &str, token: Secret, lifetime: Duration) {
         let mut map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_TOKENS {
@@ -117,7 +120,8 @@ impl TokenCache {
                 map.clear();
             }
         }
-        map.insert(scope.to_owned(), (token, Instant::now() + lifetime));
+        let until = Instant::now() + lifetime.min(MAX_TOKEN_LIFETIME);
+        map.insert(scope.to_owned(), (token, until));
     }
 }
 
