@@ -393,8 +393,11 @@ fn stage(cache: &Cache, bundle: &Path) -> Result<Staged, BundleError> {
             .size()
             .map_err(|e| corrupt(format!("{path}: {e}")))?;
         let (mut out, temp) = cache.store().temp_file()?;
-        // Record before writing so the temp file is removed whatever happens next.
-        staged.files.insert(digest.clone(), (temp, declared));
+        // Record before writing so the temp file is removed whatever happens next. A repeated
+        // member replaces the copy staged before it (as tar extraction does): remove that file.
+        if let Some((earlier, _)) = staged.files.insert(digest.clone(), (temp, declared)) {
+            let _ = std::fs::remove_file(earlier);
+        }
         let mut hasher = Hasher::new(digest.algorithm());
         let mut buf = vec![0u8; 256 << 10];
         let mut got = 0u64;

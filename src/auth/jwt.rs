@@ -17,7 +17,8 @@ pub fn expiry(token: &str) -> Option<SystemTime> {
         exp: Option<u64>,
     }
     let exp = serde_json::from_slice::<Claims>(&raw).ok()?.exp?;
-    Some(UNIX_EPOCH + Duration::from_secs(exp))
+    // Clients choose `exp`: one past what `SystemTime` holds states no usable expiry.
+    UNIX_EPOCH.checked_add(Duration::from_secs(exp))
 }
 
 /// How long from now until the token's expiry (zero when expired), if it states one.

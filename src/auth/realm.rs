@@ -37,7 +37,9 @@ pub struct TokenRequest {
     pub authorization: Option<HeaderValue>,
 }
 
-fn decode_pairs(s: &str) -> Vec<(String, String)> {
+/// Decodes `/token` parameters (a query string or an `x-www-form-urlencoded` body): `+` is a
+/// space, `%XX` escapes are decoded, bad UTF-8 is replaced. Public so that it can be fuzzed.
+pub fn decode_pairs(s: &str) -> Vec<(String, String)> {
     s.split('&')
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
@@ -52,7 +54,8 @@ fn decode_pairs(s: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn encode_pairs(pairs: &[(String, String)]) -> String {
+/// Encodes parameters for an origin's token service; [`decode_pairs`] reads them back unchanged.
+pub fn encode_pairs(pairs: &[(String, String)]) -> String {
     pairs
         .iter()
         .map(|(k, v)| {

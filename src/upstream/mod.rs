@@ -15,6 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 pub use client::{BuildError, Upstream, UpstreamAuth, UpstreamRequest};
 pub use error::UpstreamError;
+pub use token::{parse_token_response, TokenCache};
 
 use crate::config::UpstreamConfig;
 use crate::oci::RepoName;

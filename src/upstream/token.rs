@@ -17,6 +17,9 @@ use crate::secret::Secret;
 
 /// Most tokens berth keeps per upstream (bounds memory; the least used go first).
 const MAX_TOKENS: u64 = 10_000;
+/// Longest berth keeps a token, whatever `expires_in` the token service granted: a grant near
+/// `u64::MAX` seconds must not overflow `Instant`.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Largest token response accepted.
 const MAX_TOKEN_RESPONSE: usize = 1 << 20;
 
@@ -100,10 +103,10 @@ impl TokenCache {
             .map(|(t, _)| t)
     }
 
-    /// Keeps `token` for `scope` for `lifetime`.
+    /// Keeps `token` for `scope` for `lifetime` (at most a day).
     pub fn put(&self, scope: &str, token: Secret, lifetime: Duration) {
-        self.tokens
-            .insert(scope.to_owned(), (token, Instant::now() + lifetime));
+        let until = Instant::now() + lifetime.min(MAX_TOKEN_LIFETIME);
+        self.tokens.insert(scope.to_owned(), (token, until));
     }
 }
 
@@ -201,13 +204,19 @@ pub async fn fetch(
     if !status.is_success() {
         return Err(err(format!("answered {}", status.as_u16())));
     }
-    let parsed: TokenResponse = serde_json::from_slice(&body)
-        .map_err(|e| err(format!("unreadable token response: {e}")))?;
+    parse_token_response(&body).map_err(err)
+}
+
+/// Reads a token service's answer: the token (`token`, else `access_token`) and how long berth
+/// may use it. Separate from [`fetch`] so that origin bodies can be fuzzed without a network.
+pub fn parse_token_response(body: &[u8]) -> Result<(Secret, Duration), String> {
+    let parsed: TokenResponse =
+        serde_json::from_slice(body).map_err(|e| format!("unreadable token response: {e}"))?;
     let token = parsed
         .token
         .or(parsed.access_token)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| err("token response has no token".into()))?;
+        .ok_or_else(|| "token response has no token".to_owned())?;
     Ok((
         Secret::new(token),
         usable_lifetime(parsed.expires_in.unwrap_or(60)),
