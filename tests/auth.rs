@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Write as _;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -1823,25 +1822,13 @@ async fn a_credential_the_token_service_refuses_is_refused_even_within_offline_g
 /// berth with its own credentials at the origin and local users: carol (htpasswd, bcrypt) and
 /// the static token `STATIC_TOKEN`.
 async fn service_berth(origin: &Origin, secrets: &TempDir, anonymous: bool) -> Berth {
-    let password_file = secrets.path().join("origin-password");
-    std::fs::write(&password_file, format!("{ROBOT_PASSWORD}\n")).unwrap();
-    let hash = bcrypt::hash_with_result(CAROL_PASSWORD, 4)
-        .unwrap()
-        .format_for_version(bcrypt::Version::TwoY);
-    let htpasswd = secrets.path().join("htpasswd");
-    std::fs::write(&htpasswd, format!("# local users\n{CAROL}:{hash}\n")).unwrap();
-    let tokens = secrets.path().join("tokens");
-    let mut f = std::fs::File::create(&tokens).unwrap();
-    writeln!(f, "ci:{STATIC_TOKEN}").unwrap();
+    let auth = local_auth_files(secrets.path());
     let table = format!(
         "[[upstream]]\nname = \"{UPSTREAM}\"\nurl = \"{}\"\ndefault = true\nauth = \"service\"\n\
          anonymous = {anonymous}\nusername = \"{ROBOT}\"\npassword_file = \"{}\"\n\
-         connect_timeout = \"2s\"\nfirst_byte_timeout = \"10s\"\nidle_timeout = \"10s\"\n\
-         [auth]\nhtpasswd_file = \"{}\"\ntokens_file = \"{}\"\n",
+         connect_timeout = \"2s\"\nfirst_byte_timeout = \"10s\"\nidle_timeout = \"10s\"\n{auth}",
         origin.registry.url(),
-        password_file.display(),
-        htpasswd.display(),
-        tokens.display()
+        secrets.path().join("origin-password").display(),
     );
     Berth::with_upstreams(&table).start().await
 }
