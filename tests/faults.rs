@@ -1041,3 +1041,85 @@ async fn a_range_during_a_corrupt_fill_is_counted_and_never_stored() {
     assert_eq!(&cached.bytes().await.unwrap()[..], &bytes[..100]);
     assert_eq!(metric_sum(&berth.metrics().await, UNVERIFIED), counted);
 }
+
+/// A referrers listing is not evidence that a repository holds what it lists: after the
+/// listing of `tenant/app` names a manifest that only `victim/app` holds (and berth cached it
+/// for `victim/app`), asking for that manifest under `tenant/app` gets the origin's 404, not the
+/// cached bytes; so does the subject named in a manifest the tenant pulled.
+#[tokio::test]
+async fn a_referrers_listing_is_not_evidence_of_membership() {
+    let (fault, berth) = setup().await;
+    let layer = pseudo_random(140, 4_000);
+    let layer_digest = fault.add_blob(layer);
+    let private = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": layer_digest, "size": 4_000 },
+        "layers": [],
+        "annotations": { "owner": "victim" },
+    }))
+    .unwrap();
+    let private_digest = fault.add_manifest("victim/app", "1", OCI_MANIFEST, private.clone());
+    // The origin holds the private manifest in victim/app only.
+    for repo in ["tenant/app", "other/app"] {
+        fault.set_manifest_fault(repo, &private_digest, Fault::Status(404));
+    }
+    // The tenant's own image, and a referrers listing in its repository naming the private one.
+    let subject = fault.add_manifest(
+        "tenant/app",
+        "1",
+        OCI_MANIFEST,
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": layer_digest, "size": 4_000 },
+            "layers": [],
+            "subject": { "mediaType": OCI_MANIFEST, "digest": private_digest, "size": private.len() },
+        }))
+        .unwrap(),
+    );
+    fault.add_referrer(&subject, OCI_MANIFEST, private.clone());
+    let url = |repo: &str, rest: &str| format!("http://{}/v2/{repo}/{rest}", berth.addr);
+    let accept = [OCI_MANIFEST, "application/vnd.oci.image.index.v1+json"];
+
+    // The victim's pull caches the private manifest.
+    let got = get(&url("victim/app", "manifests/1"), &accept).await;
+    assert_eq!(got.status(), StatusCode::OK);
+    assert_eq!(got.bytes().await.unwrap(), private);
+    // The tenant pulls its manifest (whose subject is the private one) and lists referrers.
+    let got = get(&url("tenant/app", "manifests/1"), &accept).await;
+    assert_eq!(got.status(), StatusCode::OK);
+    let got = get(&url("tenant/app", &format!("referrers/{subject}")), &accept).await;
+    assert_eq!(got.status(), StatusCode::OK);
+    let listing = got.text().await.unwrap();
+    assert!(listing.contains(&private_digest), "{listing}");
+    fault.clear();
+    for repo in ["tenant/app", "other/app"] {
+        for method in [Method::GET, Method::HEAD] {
+            let resp = Client::new()
+                .request(
+                    method.clone(),
+                    url(repo, &format!("manifests/{private_digest}")),
+                )
+                .header("accept", OCI_MANIFEST)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            let body = resp.bytes().await.unwrap();
+            assert_eq!(
+                status,
+                StatusCode::NOT_FOUND,
+                "{method} {repo}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            assert!(
+                !body.windows(6).any(|w| w == b"victim"),
+                "private bytes under {repo}"
+            );
+        }
+    }
+    // berth asked the origin instead of trusting the listing or the subject.
+    let asked = fault.count(|r| r.path.contains("tenant/app/manifests/sha256:"));
+    assert!(asked >= 1, "{:?}", fault.requests());
+    berth.stop().await;
+}
