@@ -238,13 +238,11 @@ impl Authorizer {
                     .await;
             }
         }
-        match target {
-            // A blob's membership is settled by the blob handler, which knows whether the bytes
-            // would come from the cache (ask first) or from this repository's own origin GET
-            // (that answer is the evidence): a cold pull costs one origin request, not two.
-            Target::Blob(_) => Ok(()),
-            _ => self.require_member(sel, target).await,
-        }
+        // Membership of a read by digest is settled by its handler, at the cache lookup: bytes
+        // found in the cache need the origin's evidence first (`require_member`), a miss is
+        // fetched from this repository's own origin and that answer is the evidence. A cold
+        // pull costs one origin request, not two.
+        Ok(())
     }
 
     /// Whether `sel`'s origin has shown `digest` in `sel`'s repository.

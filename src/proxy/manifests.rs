@@ -34,6 +34,14 @@ impl App {
                     self.count_lookup("manifest", "disk", found.is_some());
                 }
                 if let Some((m, tier)) = found {
+                    // Cached bytes need the origin's evidence for this repository; a miss is
+                    // fetched from this repository's origin below, and that answer is it.
+                    if !self.auth.is_member(sel, &d) {
+                        let r = Reference::Digest(d.clone());
+                        self.auth
+                            .require_member(sel, crate::auth::Target::Manifest(&r))
+                            .await?;
+                    }
                     return Ok((
                         sourced(self.respond(sel, &d, &m, head), tier.into()),
                         CacheResult::Hit,
