@@ -1273,7 +1273,8 @@ async fn memberships_survive_kill_9_and_an_offline_restart() {
         }
     }
     // Readiness, not a sleep: the writer has put every membership of the first four images on
-    // disk (each blob digest appears in the log under its repository).
+    // disk (each blob digest appears in the log under its repository), and every blob's fill
+    // has been committed (its file is in place).
     let log = cache.join("memberships.log");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
@@ -1285,14 +1286,17 @@ async fn memberships_survive_kill_9_and_an_offline_restart() {
                     .into_iter()
                     .map(move |(d, _)| (img.repo.clone(), d.to_owned()))
             })
-            .filter(|(repo, d)| !text.lines().any(|l| l.contains(&format!(" {repo} {d}"))))
+            .filter(|(repo, d)| {
+                !text.lines().any(|l| l.contains(&format!(" {repo} {d}")))
+                    || !blob_file(&cache, d).is_file()
+            })
             .count();
         if missing == 0 {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{missing} memberships never reached {}",
+            "{missing} memberships or blobs never reached {}",
             log.display()
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
