@@ -509,11 +509,6 @@ impl Authorizer {
         Ok(c)
     }
 
-    /// Refused origin logins, per credential.
-    pub fn logins(&self) -> &backoff::Backoff {
-        &self.logins
-    }
-
     /// Local users and tokens.
     pub fn local(&self) -> &Arc<LocalAuth> {
         &self.local
