@@ -137,6 +137,10 @@ pub enum Command {
         /// Remove every file this command wrote, instead of writing.
         #[arg(long)]
         remove: bool,
+        /// Also create the config's `cache.dir` and give it to this `UID:GID` (a hostPath the
+        /// kubelet created belongs to root; the image runs as 65532:65532).
+        #[arg(long, value_name = "UID:GID")]
+        cache_owner: Option<String>,
     },
     /// Fill the cache ahead of time from a list of images (tags or digests).
     Warm {
@@ -303,10 +307,19 @@ pub fn main() -> i32 {
             skip_verify,
             dry_run,
             remove,
+            cache_owner,
         } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
+            };
+            let cache_owner = match cache_owner.as_deref().map(crate::nodeconf::parse_owner) {
+                Some(None) => {
+                    eprintln!("berth: node-config: --cache-owner takes UID:GID");
+                    return EXIT_CONFIG;
+                }
+                Some(Some(owner)) => Some(owner),
+                None => None,
             };
             let mirror = match mirror.parse() {
                 Ok(m) => m,
@@ -327,6 +340,21 @@ pub fn main() -> i32 {
                 ca_file,
                 skip_verify,
             };
+            if let (Some(owner), false, false) = (cache_owner, dry_run, remove) {
+                match crate::nodeconf::prepare_cache_dir(&cfg.cache.dir, owner) {
+                    Ok(changed) => println!(
+                        "{} {} ({}:{})",
+                        if changed { "prepared" } else { "unchanged" },
+                        cfg.cache.dir.display(),
+                        owner.0,
+                        owner.1
+                    ),
+                    Err(e) => {
+                        eprintln!("berth: node-config: cache directory: {e}");
+                        return 1;
+                    }
+                }
+            }
             node_config(&cfg, &opts, dry_run, remove)
         }
         Command::Warm {

@@ -297,6 +297,27 @@ pub fn apply(changes: &[Change]) -> Result<(), NodeConfError> {
     Ok(())
 }
 
+/// Creates the cache directory if missing and gives it to `owner` (uid, gid), not recursively:
+/// a hostPath directory the kubelet creates belongs to root, and berth runs as a fixed non-root
+/// user. Returns whether anything changed.
+pub fn prepare_cache_dir(dir: &Path, owner: (u32, u32)) -> Result<bool, NodeConfError> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::create_dir_all(dir).map_err(|source| io(dir, source))?;
+    let meta = std::fs::metadata(dir).map_err(|source| io(dir, source))?;
+    if (meta.uid(), meta.gid()) == owner {
+        return Ok(false);
+    }
+    std::os::unix::fs::chown(dir, Some(owner.0), Some(owner.1))
+        .map_err(|source| io(dir, source))?;
+    Ok(true)
+}
+
+/// Parses `UID:GID`.
+pub fn parse_owner(s: &str) -> Option<(u32, u32)> {
+    let (uid, gid) = s.split_once(':')?;
+    Some((uid.parse().ok()?, gid.parse().ok()?))
+}
+
 /// A one-line description of a change, for the command's output.
 pub fn describe(change: &Change, dry_run: bool) -> String {
     let (verb, path) = match change {
@@ -418,6 +439,25 @@ mod tests {
             ca_file: None,
             skip_verify: false,
         }
+    }
+
+    #[test]
+    fn cache_dir_is_created_and_owned() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("a/cache");
+        let me = {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(dir.path()).unwrap();
+            (m.uid(), m.gid())
+        };
+        assert!(prepare_cache_dir(&cache, me).unwrap() || cache.is_dir());
+        assert!(cache.is_dir());
+        assert!(
+            !prepare_cache_dir(&cache, me).unwrap(),
+            "second run changes nothing"
+        );
+        assert_eq!(parse_owner("65532:65532"), Some((65532, 65532)));
+        assert_eq!(parse_owner("65532"), None);
     }
 
     #[test]
