@@ -191,6 +191,14 @@ async fn image_builds_runs_read_only_serves_pulls_and_stops_cleanly_on_sigterm()
         build_time.as_secs_f64()
     );
     assert!(size < 40 << 20, "image is {size} bytes, expected < 40 MiB");
+    // The image's own default config is valid (`check-config` through the entrypoint).
+    let mut check = podman();
+    check
+        .args(["run", "--rm", "--read-only"])
+        .args(run_options())
+        .args([IMAGE, "check-config"]);
+    let out = stdout(&run(&mut check));
+    assert!(out.contains("/etc/berth/berth.toml: ok"), "{out}");
 
     // The origin, reached by host name so the static binary's own resolver is exercised.
     let registry = Registry::start().await;

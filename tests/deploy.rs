@@ -369,3 +369,44 @@ fn monitoring_objects_wrap_the_alerts_and_dashboard_sources() {
         .arg(repo().join("deploy/kubernetes/monitoring/generate.sh"))
         .arg("--check"));
 }
+
+#[test]
+fn prometheus_config_and_grafana_provisioning_are_valid_and_agree() {
+    // promtool also loads the rule files the config names (alerts.yml).
+    let out = run(Command::new(require_binary("promtool"))
+        .args(["check", "config"])
+        .arg(repo().join("deploy/prometheus/prometheus.yml")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("SUCCESS: 1 rule files found"), "{text}");
+    let prometheus: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("deploy/prometheus/prometheus.yml")).unwrap(),
+    )
+    .unwrap();
+    let job = &prometheus["scrape_configs"][0];
+    assert_eq!(job["job_name"], "berth", "the alerts select job=\"berth\"");
+
+    let dashboards: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("deploy/grafana/provisioning/dashboards/berth.yaml"))
+            .unwrap(),
+    )
+    .unwrap();
+    let provider = &dashboards["providers"][0];
+    assert_eq!(provider["type"], "file");
+    assert!(provider["options"]["path"]
+        .as_str()
+        .is_some_and(|p| p.starts_with('/')));
+    let datasources: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(
+            repo().join("deploy/grafana/provisioning/datasources/prometheus.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let ds = &datasources["datasources"][0];
+    assert_eq!(ds["type"], "prometheus");
+    // $__rate_interval needs Grafana to know the scrape interval.
+    assert_eq!(
+        ds["jsonData"]["timeInterval"], prometheus["global"]["scrape_interval"],
+        "Grafana's timeInterval matches Prometheus' scrape_interval"
+    );
+}
