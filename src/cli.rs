@@ -1,4 +1,5 @@
-//! The `berth` command line: `serve`, `check-config`. The binary's `main` only calls [`main`].
+//! The `berth` command line: `serve`, `check-config`, `node-config` and the cache tools. The
+//! binary's `main` only calls [`main`].
 
 use std::path::PathBuf;
 
@@ -94,6 +95,53 @@ pub enum Command {
         #[arg(required = true)]
         images: Vec<String>,
     },
+    /// Point this node's container runtimes at berth: containerd `certs.d/<registry>/hosts.toml`
+    /// for every upstream host, and a CRI-O / podman `registries.conf.d` drop-in. Rewrites only
+    /// files it wrote itself (they start with a marker line); safe to run again.
+    NodeConfig {
+        /// Config options (the upstreams to mirror).
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// berth as this node reaches it, e.g. `http://127.0.0.1:5000` (node topology) or
+        /// `https://berth.example:5000`.
+        #[arg(long, value_name = "URL")]
+        mirror: String,
+        /// Never go around berth: runtimes get no origin to fall back to.
+        #[arg(long)]
+        no_fallback: bool,
+        /// containerd's `config_path` directory.
+        #[arg(long, value_name = "DIR", default_value = "/etc/containerd/certs.d")]
+        containerd_dir: PathBuf,
+        /// The CRI-O / podman drop-in directory.
+        #[arg(
+            long,
+            value_name = "DIR",
+            default_value = "/etc/containers/registries.conf.d"
+        )]
+        registries_dir: PathBuf,
+        /// Write no containerd files.
+        #[arg(long)]
+        no_containerd: bool,
+        /// Write no registries.conf.d drop-in.
+        #[arg(long)]
+        no_registries_conf: bool,
+        /// CA certificate (path on the node) containerd trusts for an https mirror.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// Accept any certificate from an https mirror.
+        #[arg(long)]
+        skip_verify: bool,
+        /// Print what would change (and the new file contents), change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove every file this command wrote, instead of writing.
+        #[arg(long)]
+        remove: bool,
+        /// Also create the config's `cache.dir` and give it to this `UID:GID` (a hostPath the
+        /// kubelet created belongs to root; the image runs as 65532:65532).
+        #[arg(long, value_name = "UID:GID")]
+        cache_owner: Option<String>,
+    },
     /// Fill the cache ahead of time from a list of images (tags or digests).
     Warm {
         /// Config options.
@@ -143,6 +191,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(stderr_is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => b.try_init(),
@@ -246,6 +295,68 @@ pub fn main() -> i32 {
             let _ = cache.save_recency();
             i32::from(missing > 0)
         }
+        Command::NodeConfig {
+            config,
+            mirror,
+            no_fallback,
+            containerd_dir,
+            registries_dir,
+            no_containerd,
+            no_registries_conf,
+            ca_file,
+            skip_verify,
+            dry_run,
+            remove,
+            cache_owner,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let cache_owner = match cache_owner.as_deref().map(crate::nodeconf::parse_owner) {
+                Some(None) => {
+                    eprintln!("berth: node-config: --cache-owner takes UID:GID");
+                    return EXIT_CONFIG;
+                }
+                Some(Some(owner)) => Some(owner),
+                None => None,
+            };
+            let mirror = match mirror.parse() {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("berth: node-config: {e}");
+                    return EXIT_CONFIG;
+                }
+            };
+            let opts = crate::nodeconf::Options {
+                mirror,
+                fallback: if no_fallback {
+                    crate::nodeconf::Fallback::None
+                } else {
+                    crate::nodeconf::Fallback::Origin
+                },
+                containerd_dir: (!no_containerd).then_some(containerd_dir),
+                registries_dir: (!no_registries_conf).then_some(registries_dir),
+                ca_file,
+                skip_verify,
+            };
+            if let (Some(owner), false, false) = (cache_owner, dry_run, remove) {
+                match crate::nodeconf::prepare_cache_dir(&cfg.cache.dir, owner) {
+                    Ok(changed) => println!(
+                        "{} {} ({}:{})",
+                        if changed { "prepared" } else { "unchanged" },
+                        cfg.cache.dir.display(),
+                        owner.0,
+                        owner.1
+                    ),
+                    Err(e) => {
+                        eprintln!("berth: node-config: cache directory: {e}");
+                        return 1;
+                    }
+                }
+            }
+            node_config(&cfg, &opts, dry_run, remove)
+        }
         Command::Warm {
             config,
             images,
@@ -339,14 +450,61 @@ fn open_offline(cfg: &Config) -> Result<(crate::cache::Cache, crate::upstream::U
     Ok((cache, upstreams))
 }
 
+/// `berth node-config`: plans, prints and (unless `dry_run`) applies the node's files. Exit
+/// status 1 when a file could not be written or one in the way was not written by berth.
+fn node_config(cfg: &Config, opts: &crate::nodeconf::Options, dry_run: bool, remove: bool) -> i32 {
+    use crate::nodeconf::{apply, describe, plan, Change};
+    let changes = match plan(cfg, opts, remove) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berth: node-config: {e}");
+            return 1;
+        }
+    };
+    for change in &changes {
+        println!("{}", describe(change, dry_run));
+        if let (true, Change::Write { contents, .. }) = (dry_run, change) {
+            for line in contents.lines() {
+                println!("    {line}");
+            }
+        }
+    }
+    if !dry_run {
+        if let Err(e) = apply(&changes) {
+            eprintln!("berth: node-config: {e}");
+            return 1;
+        }
+    }
+    let foreign = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Foreign { .. }))
+        .count();
+    if foreign > 0 {
+        eprintln!(
+            "berth: node-config: {foreign} file(s) in the way were not written by berth; \
+             move them aside (or merge berth in by hand) and run again"
+        );
+        return 1;
+    }
+    0
+}
+
 /// Warnings only: warm's own output is its progress and summary.
 fn init_logging_quiet() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(stderr_is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Colour codes only for a person at a terminal: a journal, a container log or a file gets
+/// plain text.
+fn stderr_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
 }
 
 async fn warm(mut cfg: Config, opts: crate::warm::WarmOptions) -> i32 {

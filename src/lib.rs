@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod nodeconf;
 pub mod oci;
 pub mod proxy;
 pub mod router;

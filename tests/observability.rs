@@ -995,7 +995,7 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
         .for_each(|e| dashboard_names.extend(metric_names(e)));
     let alerts = std::fs::read_to_string(crate_root().join(ALERTS)).expect("read alerts");
     let alert_exprs = rule_exprs(&alerts);
-    assert_eq!(alert_exprs.len(), 6, "{alert_exprs:?}");
+    assert_eq!(alert_exprs.len(), 9, "{alert_exprs:?}");
     let mut alert_names = BTreeSet::new();
     alert_exprs
         .iter()

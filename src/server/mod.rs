@@ -5,6 +5,7 @@
 mod conn;
 pub mod fd_limit;
 mod listener;
+mod starting;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -118,6 +119,16 @@ impl Running {
 pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Running, StartError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new(registry)?);
+    // The admin socket first: probes are answered while the cache index rebuilds.
+    let starting_admin = match config.admin.listen {
+        Some(a) => Some(starting::StartingAdmin::serve(
+            TcpListener::bind(a)
+                .await
+                .map_err(|source| StartError::Bind { addr: a, source })?,
+            metrics.clone(),
+        )),
+        None => None,
+    };
     let cache_dir = config.cache.dir.clone();
     let cache = tokio::task::spawn_blocking({
         let c = config.cache.clone();
@@ -149,12 +160,8 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
         addr: config.server.listen,
         source,
     })?;
-    let admin_listener = match config.admin.listen {
-        Some(a) => Some(
-            TcpListener::bind(a)
-                .await
-                .map_err(|source| StartError::Bind { addr: a, source })?,
-        ),
+    let admin_listener = match starting_admin {
+        Some(s) => Some(s.finish().await),
         None => None,
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());

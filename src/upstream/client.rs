@@ -117,7 +117,8 @@ impl Upstream {
         .expect("ring supports the default protocol versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
-        let mut http = HttpConnector::new();
+        // berth's own resolver: a static binary in an empty image has no glibc NSS.
+        let mut http = HttpConnector::new_with_resolver(super::dns::Resolver::default());
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));

@@ -3,6 +3,7 @@
 
 pub mod challenge;
 mod client;
+mod dns;
 mod error;
 mod token;
 
@@ -14,6 +15,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 pub use client::{BuildError, Upstream, UpstreamAuth, UpstreamRequest};
+pub use dns::{ResolveError, Resolver};
 pub use error::UpstreamError;
 pub use token::{parse_token_response, TokenCache};
 
@@ -22,7 +24,7 @@ use crate::oci::RepoName;
 
 /// The pooled client type shared by an upstream and its token fetches.
 pub type HttpClient =
-    hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+    hyper_util::client::legacy::Client<HttpsConnector<HttpConnector<Resolver>>, Full<Bytes>>;
 
 /// User-Agent sent to origins.
 pub const USER_AGENT: &str = concat!("berth/", env!("CARGO_PKG_VERSION"));

@@ -9,6 +9,7 @@
 
 pub mod airgap;
 pub mod berth;
+pub mod containerd;
 pub mod content;
 pub mod fault;
 pub mod issuer;
