@@ -61,7 +61,10 @@ pub struct ImageResult {
     pub error: Option<String>,
 }
 
-type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type HttpClient = Client<
+    hyper_rustls::HttpsConnector<HttpConnector<crate::upstream::dns::Resolver>>,
+    Empty<Bytes>,
+>;
 
 struct Puller {
     client: HttpClient,
@@ -471,7 +474,9 @@ pub async fn warm(base: String, app: Option<Arc<App>>, opts: &WarmOptions) -> Ve
         roots
     })
     .with_no_client_auth();
-    let mut http = HttpConnector::new();
+    // The same resolver as the upstream client: a static binary in the container image has no
+    // glibc NSS, so `--via http://berth.example:5000` must not depend on it.
+    let mut http = HttpConnector::new_with_resolver(crate::upstream::dns::Resolver::default());
     http.enforce_http(false);
     http.set_nodelay(true);
     let https = hyper_rustls::HttpsConnectorBuilder::new()

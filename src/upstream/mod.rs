@@ -3,7 +3,7 @@
 
 pub mod challenge;
 mod client;
-mod dns;
+pub mod dns;
 mod error;
 mod token;
 
