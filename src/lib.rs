@@ -1,6 +1,6 @@
 //! berth: a pull-through caching edge proxy for OCI / Docker registries.
 //!
-//! Request path (DESIGN §1): [`server`] accepts connections → [`proxy::App`] routes
+//! Request path (docs/ARCHITECTURE.md, "Request path"): [`server`] accepts connections → [`proxy::App`] routes
 //! ([`router`]) and picks the origin ([`upstream::Upstreams`]) → [`cache`] answers or fills from
 //! the [`upstream`] client. Errors are typed per layer and become HTTP answers in
 //! [`error::Error::into_response`] only.

@@ -1,4 +1,4 @@
-//! Parses request paths into routes (DESIGN §2). Everything here is pure: no I/O, so it is
+//! Parses request paths into routes (docs/ARCHITECTURE.md, "Protocol surface"). Everything here is pure: no I/O, so it is
 //! tested in process and fuzzable.
 
 use percent_encoding::percent_decode_str;

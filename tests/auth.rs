@@ -1,4 +1,4 @@
-//! Client authorization (DESIGN §5, issue "Pulls authorized by the origin's token service"):
+//! Client authorization (docs/ARCHITECTURE.md, "Authorization", issue "Pulls authorized by the origin's token service"):
 //! berth in front of a real `docker-registry` with `auth.token`, whose RS256 tokens come from
 //! the in-process test issuer (`common::issuer`).
 //!

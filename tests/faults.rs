@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 const REPO: &str = "fault/app";
 const MIB: usize = 1 << 20;
-/// The counter of content that failed verification (DESIGN §7).
+/// The counter of content that failed verification (docs/ARCHITECTURE.md, "Operations").
 const MISMATCHES: &str = "berth_digest_mismatches_total";
 
 /// A fake origin and berth (default settings) in front of it.
@@ -388,7 +388,7 @@ async fn bytes_already_received_reach_the_client_while_the_origin_stalls() {
     let (fault, berth) = setup().await;
     let bytes = pseudo_random(45, MIB);
     let digest = fault.add_blob(bytes.clone());
-    // Less than any batch a fill might collect before writing: DESIGN §4 says waiting clients
+    // Less than any batch a fill might collect before writing: docs/ARCHITECTURE.md "Cache" says waiting clients
     // receive bytes as they arrive, so these must reach the client while the origin stalls.
     let sent = 100_000;
     fault.set_blob_fault(&digest, Fault::Hold(sent));

@@ -1,4 +1,4 @@
-//! berth's own login at a token-protected origin (DESIGN §6): the Docker token dance against a
+//! berth's own login at a token-protected origin (docs/ARCHITECTURE.md, "Upstream client"): the Docker token dance against a
 //! real `docker-registry` with `auth.token`, whose tokens come from the in-process test issuer
 //! (`common::issuer`). Covers credentials, anonymous access, bad passwords, token expiry and
 //! the OAuth2 POST fallback.

@@ -1,5 +1,5 @@
 //! Who is asking: the credential a client presented, and a key for it that is a hash, never the
-//! credential itself (DESIGN §5).
+//! credential itself (docs/ARCHITECTURE.md, "Authorization").
 
 use base64::Engine as _;
 use http::{header, HeaderMap};

@@ -1,4 +1,4 @@
-//! `/token`: berth as the token realm its clients see (DESIGN §5).
+//! `/token`: berth as the token realm its clients see (docs/ARCHITECTURE.md, "Authorization").
 //!
 //! For `passthrough` upstreams the request is forwarded to the origin's own token service (realm
 //! and service discovered from the origin's challenge), with scopes translated to the origin's

@@ -1,4 +1,4 @@
-//! One fill per digest (DESIGN §4): the first request for a missing blob starts a single
+//! One fill per digest (docs/ARCHITECTURE.md, "Cache"): the first request for a missing blob starts a single
 //! upstream fetch in its own task; it and every later request for the same digest read the
 //! growing temp file as bytes land. The last bytes are published only after the digest checked
 //! out, so no client ever receives a complete-looking body with wrong bytes.

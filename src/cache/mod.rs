@@ -1,4 +1,4 @@
-//! The cache (DESIGN §4): content-addressed manifests and blobs in a memory and a disk tier,
+//! The cache (docs/ARCHITECTURE.md, "Cache"): content-addressed manifests and blobs in a memory and a disk tier,
 //! tag mappings with a freshness lifetime, and one fill per missing blob. It knows nothing of
 //! HTTP routing; the proxy hands it digests and a way to fetch.
 //!

@@ -21,7 +21,7 @@ use crate::oci::{Digest, RepoName, Tag};
 const MAX_TAGS_IN_MEMORY: u64 = 100_000;
 
 /// What a tag mapping is keyed by: the origin answers per Accept, so the accepted media types
-/// are part of the key (DESIGN §2).
+/// are part of the key (docs/ARCHITECTURE.md, "Protocol surface").
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TagKey {
     /// Upstream name.

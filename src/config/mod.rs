@@ -1,4 +1,4 @@
-//! berth's configuration: a TOML file in the shape of DESIGN §9, overridden key by key from
+//! berth's configuration: a TOML file described in docs/ARCHITECTURE.md "Configuration", overridden key by key from
 //! `--set section.key=value` flags and `BERTH_SECTION__KEY` environment variables, then validated
 //! into typed values. Validation reports every problem at once.
 
@@ -50,7 +50,7 @@ pub struct Config {
 }
 
 /// `[auth]`: how berth authenticates its own clients and caches authorization decisions
-/// (DESIGN §5).
+/// (docs/ARCHITECTURE.md, "Authorization").
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     /// htpasswd file (bcrypt hashes) of local users, for upstreams in `service` mode.
@@ -162,7 +162,7 @@ pub struct CacheConfig {
     pub fill_queue_timeout: Duration,
 }
 
-/// How clients of an upstream are authorized (DESIGN §5).
+/// How clients of an upstream are authorized (docs/ARCHITECTURE.md, "Authorization").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
     /// Anyone who reaches berth may pull; berth fetches anonymously or with its own credentials.

@@ -1,4 +1,4 @@
-//! The request path (DESIGN §1): route, pick the upstream, answer from the cache or fill it.
+//! The request path (docs/ARCHITECTURE.md, "Request path"): route, pick the upstream, answer from the cache or fill it.
 //! [`App::handle`] is the one entry point the listener calls; errors become responses in
 //! [`crate::error::Error::into_response`] only.
 

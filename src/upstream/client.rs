@@ -1,5 +1,5 @@
 //! One origin registry: a pooled hyper client over rustls, the token dance, redirects without
-//! credentials, and the connect / first-byte / idle timeouts of DESIGN §6.
+//! credentials, and the connect / first-byte / idle timeouts (docs/ARCHITECTURE.md, "Upstream client").
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -67,7 +67,7 @@ pub struct UpstreamRequest {
     pub auth: UpstreamAuth,
 }
 
-/// Whose credentials a request to the origin carries (DESIGN §5).
+/// Whose credentials a request to the origin carries (docs/ARCHITECTURE.md, "Authorization").
 #[derive(Debug, Clone)]
 pub enum UpstreamAuth {
     /// berth's own configured credentials (anonymous without them).

@@ -112,7 +112,7 @@ impl UpstreamError {
     }
 
     /// Whether the origin is down or failing (as opposed to answering "no"): the condition under
-    /// which berth serves stale content (DESIGN §4, stale-if-error).
+    /// which berth serves stale content (stale-if-error, docs/ARCHITECTURE.md "Cache").
     pub fn is_origin_failure(&self) -> bool {
         match self {
             UpstreamError::Unreachable { .. }

@@ -1,4 +1,4 @@
-//! The origins berth pulls from (DESIGN §3, §6): one [`Upstream`] client per configured origin,
+//! The origins berth pulls from (docs/ARCHITECTURE.md, "Upstreams" and "Upstream client"): one [`Upstream`] client per configured origin,
 //! and [`Upstreams::select`], which picks the origin for a request.
 
 pub mod challenge;
@@ -112,7 +112,7 @@ impl Upstreams {
     }
 
     /// Picks the upstream: `ns` (already percent-decoded) against aliases, then a path prefix
-    /// naming an upstream, then the default (DESIGN §3).
+    /// naming an upstream, then the default (docs/ARCHITECTURE.md, "Upstreams").
     pub fn select(&self, ns: Option<&str>, name: RepoName) -> Result<Selected, SelectError> {
         let (upstream, name, prefix) = if let Some(ns) = ns {
             let ns = ns.to_ascii_lowercase();
