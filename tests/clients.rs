@@ -5,9 +5,9 @@ mod common;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
 
 use common::berth::Berth;
+use common::containerd::Containerd;
 use common::content::sha256_digest;
 use common::{push_oci_image, push_oci_index, require_binary, Registry, Tap, TestCa, TestImage};
 use reqwest::Method;
@@ -135,80 +135,6 @@ async fn skopeo_pulls_over_tls() {
         .arg(format!("dir:{}", out.display())))
     .await;
     check_dir_copy(&out, &img);
-}
-
-/// A private containerd: its own root, state and socket, native snapshotter, CRI disabled.
-struct Containerd {
-    child: tokio::process::Child,
-    socket: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Containerd {
-    async fn start() -> Containerd {
-        let bin = require_binary("containerd");
-        require_binary("ctr");
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("containerd.sock");
-        let config = dir.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.internal.v1.opt\", \"io.containerd.snapshotter.v1.btrfs\", \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.devmapper\", \"io.containerd.snapshotter.v1.aufs\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n[debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
-                root = dir.path().join("root").display(),
-                state = dir.path().join("state").display(),
-                sock = socket.display(),
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
-        let child = Command::new(bin)
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("containerd starts (the test must run as root)");
-        let c = Containerd {
-            child,
-            socket,
-            _dir: dir,
-        };
-        // Ready when `ctr version` answers over the socket.
-        for _ in 0..200 {
-            let ok = Command::new("ctr")
-                .arg("--address")
-                .arg(&c.socket)
-                .arg("version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .await
-                .is_ok_and(|s| s.success());
-            if ok {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let log = std::fs::read_to_string(c._dir.path().join("containerd.log")).unwrap_or_default();
-        panic!("containerd did not become ready:\n{log}");
-    }
-
-    fn ctr(&self) -> Command {
-        let mut c = Command::new("ctr");
-        c.arg("--address")
-            .arg(&self.socket)
-            .args(["--namespace", "berth-test"]);
-        c
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
 }
 
 #[tokio::test]
