@@ -296,6 +296,12 @@ fn admin_response(path: &str, app: &App, ready: &AtomicBool) -> Response<Body> {
             "not found\n".to_owned(),
         ),
     };
+    admin_text(status, ctype, text)
+}
+
+/// An admin listener answer: a status and a small text body (shared with the start-up
+/// listener in `starting.rs`).
+fn admin_text(status: StatusCode, ctype: &'static str, text: String) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, ctype)

@@ -12,14 +12,14 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::body::{self, Body};
+use crate::body::Body;
 use crate::metrics::Metrics;
 
 /// Longest a start-up admin connection is kept (one request, then closed).
@@ -106,9 +106,5 @@ fn respond(path: &str, metrics: &Metrics) -> Response<Body> {
             "not found\n".to_owned(),
         ),
     };
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, ctype)
-        .body(body::full(text))
-        .expect("static headers are valid")
+    super::admin_text(status, ctype, text)
 }
