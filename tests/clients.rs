@@ -3,13 +3,13 @@
 
 mod common;
 
-use std::path::Path;
+use common::content::check_dir_copy;
+
 use std::process::Stdio;
 
 use common::berth::Berth;
 use common::containerd::Containerd;
-use common::content::sha256_digest;
-use common::{push_oci_image, push_oci_index, require_binary, Registry, Tap, TestCa, TestImage};
+use common::{push_oci_image, push_oci_index, require_binary, Registry, Tap, TestCa};
 use reqwest::Method;
 use tokio::process::Command;
 
@@ -32,18 +32,6 @@ fn skopeo() -> Command {
     let mut c = Command::new(require_binary("skopeo"));
     c.arg("--insecure-policy");
     c
-}
-
-/// Checks a `dir:` copy: the manifest is the pushed one and every blob file hashes to its name.
-fn check_dir_copy(dir: &Path, img: &TestImage) {
-    let manifest = std::fs::read(dir.join("manifest.json")).expect("manifest.json");
-    assert_eq!(manifest, img.manifest_bytes, "manifest bytes");
-    for (digest, bytes) in img.blobs() {
-        let hex = digest.trim_start_matches("sha256:");
-        let got = std::fs::read(dir.join(hex)).unwrap_or_else(|_| panic!("blob {hex} copied"));
-        assert_eq!(sha256_digest(&got), digest);
-        assert_eq!(got.len(), bytes.len());
-    }
 }
 
 #[tokio::test]

@@ -8,11 +8,12 @@
 
 mod common;
 
+use common::content::check_dir_copy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::content::sha256_digest;
 use common::{free_port, push_oci_image, require_binary, Registry};
 
 /// The tag build.sh gives the image by default: `berth:<crate version>`.
@@ -111,17 +112,6 @@ fn build_image() -> Duration {
     let took = started.elapsed();
     eprintln!("image build took {:.1}s", took.as_secs_f64());
     took
-}
-
-fn check_dir_copy(dir: &Path, img: &common::TestImage) {
-    let manifest = std::fs::read(dir.join("manifest.json")).expect("manifest.json");
-    assert_eq!(manifest, img.manifest_bytes, "manifest bytes");
-    for (digest, bytes) in img.blobs() {
-        let hex = digest.trim_start_matches("sha256:");
-        let got = std::fs::read(dir.join(hex)).unwrap_or_else(|_| panic!("blob {hex} copied"));
-        assert_eq!(sha256_digest(&got), digest);
-        assert_eq!(got.len(), bytes.len());
-    }
 }
 
 /// Polls the admin listener until `/readyz` answers 200, the container stops, or the deadline

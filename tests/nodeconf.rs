@@ -7,13 +7,14 @@
 
 mod common;
 
+use common::content::check_dir_copy;
+
 use std::path::Path;
 use std::process::{Output, Stdio};
 
 use common::berth::Berth;
 use common::containerd::Containerd;
-use common::content::sha256_digest;
-use common::{push_oci_image, push_oci_index, require_binary, Registry, TestImage};
+use common::{push_oci_image, push_oci_index, require_binary, Registry};
 use tokio::process::Command;
 
 /// The registry host the runtimes are told about; berth knows it as an alias of its upstream.
@@ -77,17 +78,6 @@ fn blob_gets(metrics: &str) -> u64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<f64>().ok())
         .map_or(0, |v| v as u64)
-}
-
-fn check_dir_copy(dir: &Path, img: &TestImage) {
-    let manifest = std::fs::read(dir.join("manifest.json")).expect("manifest.json");
-    assert_eq!(manifest, img.manifest_bytes, "manifest bytes");
-    for (digest, bytes) in img.blobs() {
-        let hex = digest.trim_start_matches("sha256:");
-        let got = std::fs::read(dir.join(hex)).unwrap_or_else(|_| panic!("blob {hex} copied"));
-        assert_eq!(sha256_digest(&got), digest);
-        assert_eq!(got.len(), bytes.len());
-    }
 }
 
 #[tokio::test]

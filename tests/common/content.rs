@@ -459,3 +459,16 @@ pub fn tar_with_file(name: &str, content: &[u8]) -> Vec<u8> {
     tar.resize(tar.len() + padding + 1024, 0);
     tar
 }
+
+/// Checks a skopeo `dir:` copy: the manifest is the pushed one and every blob file hashes to its
+/// name and has the pushed length.
+pub fn check_dir_copy(dir: &std::path::Path, img: &TestImage) {
+    let manifest = std::fs::read(dir.join("manifest.json")).expect("manifest.json");
+    assert_eq!(manifest, img.manifest_bytes, "manifest bytes");
+    for (digest, bytes) in img.blobs() {
+        let hex = digest.trim_start_matches("sha256:");
+        let got = std::fs::read(dir.join(hex)).unwrap_or_else(|_| panic!("blob {hex} copied"));
+        assert_eq!(sha256_digest(&got), digest);
+        assert_eq!(got.len(), bytes.len());
+    }
+}
