@@ -233,6 +233,13 @@ fn policy_issuer() -> IssuerBuilder {
         .allow(Grantee::Anyone, "public/*", &["pull"])
 }
 
+/// [`policy_issuer`], plus berth's own user (service mode) allowed to pull `pattern`.
+fn robot_issuer(pattern: &str) -> IssuerBuilder {
+    policy_issuer()
+        .user(ROBOT, ROBOT_PASSWORD)
+        .allow(Grantee::user(ROBOT), pattern, &["pull"])
+}
+
 /// The images at the origin. `private` shares its first layer with `public` (`shared`).
 struct Content {
     private: TestImage,
@@ -1836,12 +1843,7 @@ async fn service_berth(origin: &Origin, secrets: &TempDir, anonymous: bool) -> B
 #[tokio::test]
 async fn service_mode_authenticates_local_users_and_static_tokens() {
     capture_logs();
-    let origin = start_origin(policy_issuer().user(ROBOT, ROBOT_PASSWORD).allow(
-        Grantee::user(ROBOT),
-        "*",
-        &["pull"],
-    ))
-    .await;
+    let origin = start_origin(robot_issuer("*")).await;
     let image = &origin.content.private;
     let secrets = tempfile::tempdir().unwrap();
     let berth = service_berth(&origin, &secrets, false).await;
@@ -2268,13 +2270,7 @@ async fn tenancy_matrix_no_upstream_serves_what_its_origin_would_refuse() {
     // Origin 0: alice private/*, bob team-b/*, the robot team-b/* and public/*, anyone
     // public/*. Origin 1: the same principals and policy, holding public/base and team-b/tool
     // (the same bytes as origin 0's) but no private/app.
-    let issuer_policy = || {
-        policy_issuer().user(ROBOT, ROBOT_PASSWORD).allow(
-            Grantee::user(ROBOT),
-            "team-b/*",
-            &["pull"],
-        )
-    };
+    let issuer_policy = || robot_issuer("team-b/*");
     let origin0 = start_origin(issuer_policy()).await;
     let issuer1 = issuer_policy().start().await;
     let registry1 = issuer1.start_registry().await;
@@ -2505,12 +2501,7 @@ async fn a_subject_or_referrers_listing_is_never_evidence_of_membership() {
 #[tokio::test]
 async fn tokens_open_only_the_upstream_and_repositories_they_were_issued_for() {
     capture_logs();
-    let origin = start_origin(policy_issuer().user(ROBOT, ROBOT_PASSWORD).allow(
-        Grantee::user(ROBOT),
-        "team-b/*",
-        &["pull"],
-    ))
-    .await;
+    let origin = start_origin(robot_issuer("team-b/*")).await;
     let secrets = tempfile::tempdir().unwrap();
     let ups = [
         Up {
