@@ -24,6 +24,7 @@ fn main() {
         tag_ttl: Duration::from_secs(60),
         max_concurrent_fills: 64,
         fill_queue_timeout: Duration::from_secs(60),
+        shared: None,
     };
     drop(Cache::open(&cfg).expect("create"));
     let t = Instant::now();

@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod router;
 pub mod secret;
 pub mod server;
+pub mod shared;
 pub mod upstream;
 pub mod warm;
 

@@ -5,6 +5,10 @@
 //! Counters that other layers keep as plain atomics (cache usage, fill outcomes, upstream
 //! bytes) are copied in by [`Metrics::refresh`] when `/metrics` is scraped.
 
+mod scale;
+
+pub use scale::ScaleMetrics;
+
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -83,6 +87,8 @@ pub struct Metrics {
     /// `berth_listener_pauses_total{listener,reason}`: times a listener stopped accepting
     /// (`at_capacity`, `accept_error`).
     pub listener_pauses: IntCounterVec,
+    /// Shared tier and peers (`berth_shared_*`, `berth_peer*`, `berth_origin_bytes_spared_*`).
+    pub scale: ScaleMetrics,
     /// Last values copied into counters by `refresh`, to add only the difference.
     last: Mutex<HashMap<String, u64>>,
 }
@@ -288,6 +294,7 @@ impl Metrics {
                 &["listener", "reason"],
                 r
             )?,
+            scale: ScaleMetrics::new(r)?,
             last: Mutex::new(HashMap::new()),
             registry,
         };
@@ -295,7 +302,7 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         // Series that should exist from the start, so that rates and alerts see zeros.
-        for source in ["memory", "disk", "upstream"] {
+        for source in ["memory", "disk", "upstream", "shared", "peer"] {
             m.served_bytes.with_label_values(&[source]);
         }
         for (kind, tier) in [

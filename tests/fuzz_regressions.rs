@@ -85,6 +85,7 @@ async fn bundle_with_a_repeated_member_leaves_no_staged_files() {
         tag_ttl: Duration::from_secs(300),
         max_concurrent_fills: 64,
         fill_queue_timeout: Duration::from_secs(60),
+        shared: None,
     };
     let config = Config::from_toml(
         "[[upstream]]\nname = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\nauth = \"public\"\n",

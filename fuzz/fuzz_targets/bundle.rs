@@ -324,6 +324,7 @@ fuzz_target!(|l: Layout| {
         tag_ttl: std::time::Duration::from_secs(300),
         max_concurrent_fills: 64,
         fill_queue_timeout: std::time::Duration::from_secs(60),
+        shared: None,
     };
     let cache = Cache::open(&cfg).expect("fresh cache");
     let result = runtime().block_on(bundle::import(&cache, upstreams(), &bundle_path, l.pin));

@@ -56,7 +56,29 @@ pub type UpstreamStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>
 /// A stream of a blob's bytes, in [`CHUNK`]-sized frames; an error aborts the response.
 pub type BlobStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
 
-/// What the origin answered for a blob GET: the length of this body if known and the body,
+/// Where a fetch found a blob's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchedFrom {
+    /// The origin registry.
+    Origin,
+    /// The shared tier on object storage.
+    Shared,
+    /// Another replica of the cluster (the digest's owner).
+    Peer,
+}
+
+impl FetchedFrom {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FetchedFrom::Origin => "origin",
+            FetchedFrom::Shared => "shared",
+            FetchedFrom::Peer => "peer",
+        }
+    }
+}
+
+/// What a source answered for a blob GET: the length of this body if known and the body,
 /// starting at the offset that was asked for.
 pub struct Fetched {
     /// Length of `body`.
@@ -65,6 +87,8 @@ pub struct Fetched {
     pub upstream: String,
     /// The body, chunk by chunk.
     pub body: UpstreamStream,
+    /// Which source answered.
+    pub from: FetchedFrom,
 }
 
 /// How a fill (and a reader falling back to pass-through) gets bytes from the origin: bytes
@@ -77,6 +101,14 @@ pub trait BlobFetcher: Send + Sync + 'static {
         start: u64,
         end: Option<u64>,
     ) -> Pin<Box<dyn Future<Output = Result<Fetched, UpstreamError>> + Send>>;
+
+    /// The fill's blob verified (and was committed when storage allowed); its bytes came
+    /// from `from`. Called once, from the fill's task.
+    fn verified(&self, _from: FetchedFrom) {}
+
+    /// The fill's bytes from `from` did not match the digest: nothing was stored or served as a
+    /// complete body. Called once, from the fill's task.
+    fn rejected(&self, _from: FetchedFrom) {}
 }
 
 /// Why a fill failed; shared by every waiter.
@@ -136,6 +168,8 @@ pub struct Fill {
     /// Requests served from this fill after it was verified but before it was committed: hits
     /// that count for recency once the blob is indexed.
     late_hits: AtomicU64,
+    /// Which source the fill's own fetch found the bytes at.
+    from: OnceLock<FetchedFrom>,
 }
 
 /// Counters the metrics layer reads.
@@ -210,7 +244,13 @@ impl Fill {
             fetcher,
             handoff: Mutex::new(None),
             late_hits: AtomicU64::new(0),
+            from: OnceLock::new(),
         })
+    }
+
+    /// Which source the fill's bytes come from, once its fetch answered.
+    pub fn fetched_from(&self) -> Option<FetchedFrom> {
+        self.from.get().copied()
     }
 
     /// Whether the blob is complete and verified (it may still be being committed). A request
@@ -747,6 +787,8 @@ impl Fills {
             .await
             .map_err(|t| FillError::QueueTimeout { waited: t.waited })?;
         let fetched = fill.fetcher.fetch(0, None).await?;
+        let from = fetched.from;
+        let _ = fill.from.set(from);
         let total = fetched.total;
         let pass_through = |fetched: Fetched| {
             self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
@@ -935,6 +977,7 @@ impl Fills {
         };
         if let Some(t) = total {
             if written != t {
+                fill.fetcher.rejected(from);
                 return Err(UpstreamError::Invalid {
                     upstream,
                     reason: format!("body ended after {written} of {t} bytes"),
@@ -944,6 +987,7 @@ impl Fills {
         }
         let actual = hasher.finish();
         if actual != fill.digest {
+            fill.fetcher.rejected(from);
             return Err(UpstreamError::DigestMismatch {
                 upstream,
                 expected: fill.digest.to_string(),
@@ -978,6 +1022,7 @@ impl Fills {
             // nothing.
             Err(e) => self.storage_failed(&fill.digest, "cache commit failed", &e),
         }
+        fill.fetcher.verified(from);
         Ok(Some(FillState::Done { total: written }))
     }
 }

@@ -451,6 +451,7 @@ mod tests {
             tag_ttl: Duration::from_secs(60),
             max_concurrent_fills: 4,
             fill_queue_timeout: Duration::from_secs(60),
+            shared: None,
         }
     }
 

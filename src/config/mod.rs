@@ -3,6 +3,7 @@
 //! into typed values. Validation reports every problem at once.
 
 mod overrides;
+mod scale;
 pub mod units;
 
 use std::collections::HashSet;
@@ -15,6 +16,7 @@ use http::Uri;
 use toml::{Table, Value};
 
 pub use overrides::{apply_env_overrides, apply_override};
+pub use scale::{ClusterConfig, SharedConfig};
 
 use crate::secret::Secret;
 
@@ -47,6 +49,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Client authentication and authorization settings.
     pub auth: AuthConfig,
+    /// Replicas that know each other (`[cluster]`); `None` for a lone berth.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `[auth]`: how berth authenticates its own clients and caches authorization decisions
@@ -160,6 +164,8 @@ pub struct CacheConfig {
     pub max_concurrent_fills: usize,
     /// Longest a fill waits for a slot before its clients get 429.
     pub fill_queue_timeout: Duration,
+    /// The tier on object storage replicas share (`[cache.shared]`), if any.
+    pub shared: Option<SharedConfig>,
 }
 
 /// How clients of an upstream are authorized (docs/ARCHITECTURE.md, "Authorization").
@@ -286,6 +292,7 @@ impl Config {
         let admin = e.admin(&mut table);
 
         let mut cache_t = e.table(&mut table, "cache");
+        let shared = e.shared(&mut cache_t);
         let cache = CacheConfig {
             dir: e
                 .path(&mut cache_t, "cache.dir", base)
@@ -306,6 +313,7 @@ impl Config {
             fill_queue_timeout: e
                 .duration(&mut cache_t, "cache.fill_queue_timeout")
                 .unwrap_or(Duration::from_secs(60)),
+            shared,
         };
         if cache.fill_queue_timeout.is_zero() {
             e.push("cache.fill_queue_timeout: must be greater than zero".into());
@@ -343,6 +351,8 @@ impl Config {
             }
         }
         e.unknown(&auth_t, "auth");
+
+        let cluster = e.cluster(&mut table, base);
 
         let mut upstreams = Vec::new();
         match table.remove("upstream") {
@@ -408,6 +418,7 @@ impl Config {
                 cache,
                 upstreams,
                 auth,
+                cluster,
             })
         } else {
             Err(ConfigErrors(e.0))

@@ -9,10 +9,13 @@ use http::{header, HeaderMap, Method, Response, StatusCode};
 
 use super::manifests::{io_err, not_found_as, DIGEST_HEADER};
 use super::range::{self, RangeRequest};
+use super::sources::TieredBlob;
 use super::{sourced, App, CacheResult, Source};
 use crate::auth::Target;
 use crate::body::{self, Body};
-use crate::cache::fill::{read_file_range, BlobFetcher, BlobSource, Fetched, FillError};
+use crate::cache::fill::{
+    read_file_range, BlobFetcher, BlobSource, Fetched, FetchedFrom, FillError,
+};
 use crate::cache::{Key, Kind, Tier};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -56,18 +59,7 @@ impl App {
         let source = self
             .cache()
             .fills()
-            .blob_or_fill(&digest, || {
-                Arc::new(UpstreamBlob {
-                    upstream: sel.upstream.clone(),
-                    request: blob_request(sel, Method::GET, &digest),
-                    metrics: self.metrics.clone(),
-                    evidence: (
-                        self.cache().memberships().clone(),
-                        sel.name.to_string(),
-                        digest.clone(),
-                    ),
-                }) as Arc<dyn BlobFetcher>
-            })
+            .blob_or_fill(&digest, || self.blob_fetcher(sel, &digest))
             .await
             .map_err(io_err)?;
         match source {
@@ -106,10 +98,11 @@ impl App {
                 if !leader && !verified {
                     self.metrics.fill_waiters.inc();
                 }
-                if !leader && !member {
-                    // A fill of this repository records its evidence when the origin answers;
-                    // a fill another upstream or repository started proves nothing here. No
-                    // byte is handed out before this is settled.
+                if !member {
+                    // A fill of this repository from its origin records its evidence when the
+                    // origin answers; a fill another upstream or repository started, or bytes
+                    // from the shared tier, prove nothing here. No byte is handed out before
+                    // this is settled.
                     let _ = fill.ready().await;
                     if !self.auth.is_member(sel, &digest) {
                         self.auth.require_member(sel, Target::Blob(&digest)).await?;
@@ -144,10 +137,15 @@ impl App {
                         }
                     },
                 };
+                let source = match fill.fetched_from() {
+                    Some(FetchedFrom::Shared) => Source::Shared,
+                    Some(FetchedFrom::Peer) => Source::Peer,
+                    Some(FetchedFrom::Origin) | None => Source::Upstream,
+                };
                 Ok(if verified {
                     (sourced(resp, Source::Disk), CacheResult::Hit)
                 } else {
-                    (sourced(resp, Source::Upstream), CacheResult::Miss)
+                    (sourced(resp, source), CacheResult::Miss)
                 })
             }
         }
@@ -189,6 +187,35 @@ impl App {
             })
         })?;
         Ok((blob_head(digest, size), CacheResult::Miss))
+    }
+}
+
+impl App {
+    /// Where a fill of `digest` for `sel` finds its bytes: the owner replica, the shared tier,
+    /// then the origin (see `sources.rs`).
+    fn blob_fetcher(&self, sel: &Selected, digest: &Digest) -> Arc<dyn BlobFetcher> {
+        let origin = Arc::new(UpstreamBlob {
+            upstream: sel.upstream.clone(),
+            request: blob_request(sel, Method::GET, digest),
+            metrics: self.metrics.clone(),
+            evidence: (
+                self.cache().memberships().clone(),
+                sel.name.to_string(),
+                digest.clone(),
+            ),
+        });
+        let shared = self.scale().shared.clone();
+        let peer: Option<Arc<dyn BlobFetcher>> = None;
+        if shared.is_none() && peer.is_none() {
+            return origin;
+        }
+        Arc::new(TieredBlob {
+            digest: digest.clone(),
+            peer,
+            shared,
+            origin,
+            metrics: self.metrics.clone(),
+        })
     }
 }
 
@@ -262,6 +289,7 @@ impl BlobFetcher for UpstreamBlob {
                 total,
                 upstream: name,
                 body: Box::pin(stream),
+                from: FetchedFrom::Origin,
             })
         })
     }

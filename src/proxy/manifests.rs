@@ -47,10 +47,25 @@ impl App {
                         CacheResult::Hit,
                     ));
                 }
+                if let Some(m) = self.shared_manifest(&d).await {
+                    // Bytes from the shared tier are not evidence: the origin's word first.
+                    if !self.auth.is_member(sel, &d) {
+                        let r = Reference::Digest(d.clone());
+                        self.auth
+                            .require_member(sel, crate::auth::Target::Manifest(&r))
+                            .await?;
+                    }
+                    let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
+                    return Ok((
+                        sourced(self.respond(sel, &d, &m, head), Source::Shared),
+                        CacheResult::Miss,
+                    ));
+                }
                 let (got, m) = self
                     .fetch_manifest(sel, &d.to_string(), &accept, Some(&d))
                     .await
                     .map_err(|e| not_found_as(e, "manifest"))?;
+                self.share_manifest(&got, &m);
                 let m = self.cache().put_manifest(&got, m).await.map_err(io_err)?;
                 Ok((
                     sourced(self.respond(sel, &got, &m, head), Source::Upstream),
@@ -128,8 +143,27 @@ impl App {
                 Err(err) => return Err(err.into()),
             }
         }
+        // With a shared tier, the origin's HEAD names the digest (its word for this tag, and
+        // no Docker Hub pull counted) and the bytes may come from the tier.
+        if self.scale().shared.is_some() && !offline {
+            if let Ok(Some(d)) = self.head_manifest(sel, tag.as_str(), &accept).await {
+                if let Some(m) = self.shared_manifest(&d).await {
+                    let media_type = m.media_type.clone();
+                    let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
+                    self.cache()
+                        .tags()
+                        .put_async(&key, d.clone(), media_type)
+                        .await;
+                    return Ok((
+                        sourced(self.respond(sel, &d, &m, head), Source::Shared),
+                        CacheResult::Miss,
+                    ));
+                }
+            }
+        }
         match self.fetch_manifest(sel, tag.as_str(), &accept, None).await {
             Ok((d, m)) => {
+                self.share_manifest(&d, &m);
                 let media_type = m.media_type.clone();
                 let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
                 self.cache()
@@ -207,6 +241,20 @@ impl App {
             &m.bytes,
         );
         manifest_response(d, m, head)
+    }
+
+    /// Manifest `d` from the shared tier (verified there), if there is one and it holds it.
+    async fn shared_manifest(&self, d: &Digest) -> Option<StoredManifest> {
+        let shared = self.scale().shared.as_ref()?;
+        let (media_type, bytes) = shared.manifest(d).await?;
+        Some(StoredManifest { media_type, bytes })
+    }
+
+    /// Queues a manifest fetched (and verified) from the origin for the shared tier.
+    fn share_manifest(&self, d: &Digest, m: &StoredManifest) {
+        if let Some(shared) = &self.scale().shared {
+            shared.upload_manifest(d, &m.media_type, m.bytes.clone());
+        }
     }
 
     /// HEAD of a manifest at the origin: the digest it reports now, if it reports one.

@@ -6,6 +6,7 @@ mod blobs;
 mod listing;
 mod manifests;
 pub mod range;
+mod sources;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,6 +72,10 @@ pub enum Source {
     Disk,
     /// The origin (a miss).
     Upstream,
+    /// The shared tier (a miss of this replica's tiers).
+    Shared,
+    /// Another replica of the cluster (a miss of this replica's tiers).
+    Peer,
 }
 
 impl Source {
@@ -80,6 +85,8 @@ impl Source {
             Source::Memory => "memory",
             Source::Disk => "disk",
             Source::Upstream => "upstream",
+            Source::Shared => "shared",
+            Source::Peer => "peer",
         }
     }
 }
@@ -107,6 +114,15 @@ pub struct App {
     upstreams: Upstreams,
     metrics: Arc<Metrics>,
     listings: listing::ListingCache,
+    scale: Scale,
+}
+
+/// The scale-out parts of a replica (docs/ARCHITECTURE.md, "Scale-out"); empty for a lone
+/// berth.
+#[derive(Default, Clone)]
+pub struct Scale {
+    /// The shared tier on object storage.
+    pub shared: Option<Arc<crate::shared::SharedTier>>,
 }
 
 /// What the request log records besides method, path and status.
@@ -128,6 +144,7 @@ impl App {
         upstreams: Upstreams,
         metrics: Arc<Metrics>,
         auth: Authorizer,
+        scale: Scale,
     ) -> Arc<App> {
         cache.fills().set_observer(metrics.clone());
         Arc::new(App {
@@ -137,7 +154,13 @@ impl App {
             upstreams,
             metrics,
             listings: listing::ListingCache::new(),
+            scale,
         })
+    }
+
+    /// The scale-out parts.
+    pub fn scale(&self) -> &Scale {
+        &self.scale
     }
 
     /// The cache.

@@ -61,6 +61,9 @@ pub enum StartError {
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The shared tier's object store could not be set up.
+    #[error(transparent)]
+    Shared(#[from] crate::shared::OpenError),
 }
 
 /// A started berth: its bound addresses and the handle to stop it.
@@ -165,7 +168,24 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
         None => None,
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let app = App::new(config.clone(), cache, upstreams, metrics.clone(), auth);
+    let scale = crate::proxy::Scale {
+        shared: match &config.cache.shared {
+            Some(c) => Some(crate::shared::SharedTier::open(
+                c,
+                cache.store().clone(),
+                metrics.clone(),
+            )?),
+            None => None,
+        },
+    };
+    let app = App::new(
+        config.clone(),
+        cache,
+        upstreams,
+        metrics.clone(),
+        auth,
+        scale,
+    );
     let (shutdown, rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));
     let (client_cap, admin_cap) = connection_caps(&config);
