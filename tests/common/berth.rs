@@ -16,6 +16,7 @@ pub struct BerthBuilder {
     cache_dir: Option<PathBuf>,
     disk_bytes: String,
     memory_max_object: String,
+    extra: String,
 }
 
 /// A running berth.
@@ -47,6 +48,7 @@ impl Berth {
             cache_dir: None,
             disk_bytes: "10GiB".into(),
             memory_max_object: "1MiB".into(),
+            extra: String::new(),
         }
     }
 
@@ -59,6 +61,7 @@ impl Berth {
             cache_dir: None,
             disk_bytes: "10GiB".into(),
             memory_max_object: "1MiB".into(),
+            extra: String::new(),
         }
     }
 
@@ -75,6 +78,23 @@ impl Berth {
     /// The cache directory.
     pub fn cache_dir(&self) -> &Path {
         &self.cache_dir
+    }
+
+    /// The running request path (cache, shared tier) for assertions.
+    pub fn app(&self) -> &std::sync::Arc<berth::proxy::App> {
+        &self.running.as_ref().expect("running").app
+    }
+
+    /// The value of metric `name{labels}` (labels as written in the exposition, `""` for
+    /// none), 0 when absent.
+    pub async fn metric(&self, name_and_labels: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                (k == name_and_labels).then(|| v.parse().ok())?
+            })
+            .unwrap_or(0.0)
     }
 
     /// The admin listener's `/metrics` text.
@@ -120,6 +140,13 @@ impl BerthBuilder {
         self
     }
 
+    /// More config text appended as is (tables such as `[cache.shared]` or `[cluster]`).
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
     /// Reuse a cache directory (to test restarts).
     pub fn cache_dir(mut self, dir: &Path) -> Self {
         self.cache_dir = Some(dir.to_owned());
@@ -142,6 +169,7 @@ impl BerthBuilder {
                 key.display()
             ));
         }
+        s.push_str(&self.extra);
         for u in &self.upstreams {
             s.push_str(u);
             s.push('\n');
