@@ -95,7 +95,8 @@ impl Running {
             let _ = t.await;
         }
         let fills = self.app.cache().fills().clone();
-        if tokio::time::timeout(self.grace, fills.all_settled())
+        let deadline = tokio::time::Instant::now() + self.grace;
+        if tokio::time::timeout_at(deadline, fills.all_settled())
             .await
             .is_err()
         {
@@ -103,6 +104,19 @@ impl Running {
                 fills = fills.in_flight(),
                 "exiting with fills in progress; they are discarded"
             );
+        }
+        // Uploads to the shared tier share that grace; one cut short is done by the next
+        // replica that fills the blob.
+        if let Some(shared) = self.app.scale().shared.clone() {
+            if tokio::time::timeout_at(deadline, shared.uploads_settled())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    uploads = shared.pending_uploads(),
+                    "exiting with shared-tier uploads pending; they are dropped"
+                );
+            }
         }
         let app = self.app.clone();
         let _ = tokio::task::spawn_blocking(move || {
