@@ -282,6 +282,16 @@ impl BerthProcess {
 
     /// Starts `berth serve --config <config> <extra...>` and waits until `GET /v2/` answers.
     pub async fn serve(config: &Path, extra: &[&str]) -> BerthProcess {
+        BerthProcess::serve_with_env(config, extra, &[]).await
+    }
+
+    /// Like [`BerthProcess::serve`], with `env` added to berth's environment (object-store
+    /// credentials, say).
+    pub async fn serve_with_env(
+        config: &Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> BerthProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut last = String::new();
         for attempt in 0..4 {
@@ -294,6 +304,7 @@ impl BerthProcess {
                 .arg(config)
                 .args(["--set", &format!("server.listen=127.0.0.1:{port}")])
                 .env_remove("RUST_LOG")
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).expect("log file"))
