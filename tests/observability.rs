@@ -974,10 +974,7 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
             .find(|p| p["title"] == title)
             .unwrap_or_else(|| panic!("dashboard panel {title:?}"));
         let expr = panel["targets"][0]["expr"].as_str().unwrap_or("");
-        assert!(
-            expr.contains(r#"source!="upstream""#),
-            "{title}: {expr}"
-        );
+        assert!(expr.contains(r#"source!="upstream""#), "{title}: {expr}");
     }
 
     // The dashboard's PromQL parses: run it through promtool as recording rules, with the
