@@ -51,7 +51,13 @@ enum Region {
     /// The region has no default: repositories are `/v2/origin/<name>`; the edge's upstream URL
     /// is `http://<region>/origin`.
     ByPrefix,
+    /// As [`Region::ByPrefix`], but the region's default is another upstream, a `public` one:
+    /// its `/v2/` asks nobody to log in, so the edge learns the challenge per repository.
+    PublicDefault,
 }
+
+/// Every shape of region.
+const REGIONS: [Region; 3] = [Region::Default, Region::ByPrefix, Region::PublicDefault];
 
 /// Issuer, origin registry, its content, the region and the edge.
 struct Chain {
@@ -65,9 +71,9 @@ struct Chain {
     mode: Region,
 }
 
-fn upstream_table(name: &str, url: &str, default: bool) -> String {
+fn upstream_table(name: &str, url: &str, default: bool, auth: &str) -> String {
     format!(
-        "[[upstream]]\nname = \"{name}\"\nurl = \"{url}\"\ndefault = {default}\nauth = \"passthrough\"\n\
+        "[[upstream]]\nname = \"{name}\"\nurl = \"{url}\"\ndefault = {default}\nauth = \"{auth}\"\n\
          connect_timeout = \"2s\"\nfirst_byte_timeout = \"10s\"\nidle_timeout = \"10s\"\n"
     )
 }
@@ -93,20 +99,32 @@ impl Chain {
         let public = issuer
             .push_oci_image(&registry, PUBLIC, "1.0", &[4_096, 9_000], 0x9b)
             .await;
-        let region = Berth::with_upstreams(&upstream_table(
+        let mut tables = upstream_table(
             REGION_UPSTREAM,
             &registry.url(),
             mode == Region::Default,
+            "passthrough",
+        );
+        if mode == Region::PublicDefault {
+            // Another registry the region mirrors for everyone (here: the same origin, read
+            // anonymously).
+            tables.push_str(&upstream_table("hub", &registry.url(), true, "public"));
+        }
+        let region = Berth::with_upstreams(&tables).start().await;
+        let edge_url = match mode {
+            Region::Default => region.url(),
+            Region::ByPrefix | Region::PublicDefault => {
+                format!("{}/{REGION_UPSTREAM}", region.url())
+            }
+        };
+        let edge = Berth::with_upstreams(&upstream_table(
+            EDGE_UPSTREAM,
+            &edge_url,
+            true,
+            "passthrough",
         ))
         .start()
         .await;
-        let edge_url = match mode {
-            Region::Default => region.url(),
-            Region::ByPrefix => format!("{}/{REGION_UPSTREAM}", region.url()),
-        };
-        let edge = Berth::with_upstreams(&upstream_table(EDGE_UPSTREAM, &edge_url, true))
-            .start()
-            .await;
         Chain {
             issuer,
             _registry: registry,
@@ -119,12 +137,17 @@ impl Chain {
         }
     }
 
+    /// How a client of the region names the origin's repositories: `""` or `"origin/"`.
+    fn region_prefix(&self) -> String {
+        match self.mode {
+            Region::Default => String::new(),
+            Region::ByPrefix | Region::PublicDefault => format!("{REGION_UPSTREAM}/"),
+        }
+    }
+
     /// The repository path of `image` as a client of the region names it.
     fn region_repo(&self, image: &TestImage) -> String {
-        match self.mode {
-            Region::Default => image.repo.clone(),
-            Region::ByPrefix => format!("{REGION_UPSTREAM}/{}", image.repo),
-        }
+        format!("{}{}", self.region_prefix(), image.repo)
     }
 
     /// A client of the edge.
@@ -134,11 +157,7 @@ impl Chain {
 
     /// A client of the region.
     fn at_region(&self, who: Option<(&'static str, &'static str)>) -> Client {
-        let prefix = match self.mode {
-            Region::Default => String::new(),
-            Region::ByPrefix => format!("{REGION_UPSTREAM}/"),
-        };
-        Client::new(self.region.url(), prefix, who)
+        Client::new(self.region.url(), self.region_prefix(), who)
     }
 }
 
@@ -380,7 +399,7 @@ fn issued(chain: &Chain, principal: &Principal) -> usize {
 /// token service as alice (through the region's `/token`).
 #[tokio::test]
 async fn alice_pulls_her_private_image_through_the_edge() {
-    for mode in [Region::Default, Region::ByPrefix] {
+    for mode in REGIONS {
         let chain = Chain::start(mode).await;
         let work = TempDir::new().unwrap();
         let dest = work.path().join("alice");
@@ -430,7 +449,7 @@ async fn alice_pulls_her_private_image_through_the_edge() {
 /// alice's bytes (she pulled there directly), and again after she warmed the edge too.
 #[tokio::test]
 async fn anonymous_and_bob_are_refused_at_the_edge_even_when_the_region_has_the_bytes() {
-    for mode in [Region::Default, Region::ByPrefix] {
+    for mode in REGIONS {
         let chain = Chain::start(mode).await;
         // alice warms the region only.
         chain.at_region(ALICE_CREDS).pull(&chain.private).await;
@@ -531,7 +550,7 @@ async fn edge_cached_content_is_re_authorized_per_principal() {
 /// alice's credentials work for it too.
 #[tokio::test]
 async fn a_public_repository_pulls_anonymously_through_both_hops() {
-    for mode in [Region::Default, Region::ByPrefix] {
+    for mode in REGIONS {
         let chain = Chain::start(mode).await;
         let work = TempDir::new().unwrap();
         let dest = work.path().join("anonymous");

@@ -270,13 +270,21 @@ impl Upstream {
         };
         let origin = self.origin_uri(&req.path_and_query)?;
         let resp = self.follow(&req, origin, None).await?;
-        Ok(resp
+        let found = resp
             .headers()
             .get_all(header::WWW_AUTHENTICATE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(challenge::parse)
-            .find(|c| c.scheme == "bearer"))
+            .find(|c| c.scheme == "bearer");
+        // An origin failing is not an origin that asks for no authentication (that answer is
+        // remembered, and would hand out tokens worth nothing).
+        let status = resp.status();
+        if found.is_none() && (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
+        {
+            return Err(self.status_error(&resp));
+        }
+        Ok(found)
     }
 
     /// The pooled client, for the token endpoint's forwarding.
