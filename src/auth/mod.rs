@@ -37,6 +37,10 @@ use crate::upstream::{
 
 /// How long an origin's token-service challenge is remembered.
 const CHALLENGE_TTL: Duration = Duration::from_secs(3600);
+/// How long a repository whose origin asked for no authentication is remembered as open.
+const OPEN_REPOSITORY_TTL: Duration = Duration::from_secs(60);
+/// Most challenges (per upstream, and per repository where `/v2/` asks for none) remembered.
+const MAX_CHALLENGES: u64 = 10_000;
 
 /// What a request wants to read.
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +98,16 @@ impl<'a> Realm<'a> {
 
     /// A Bearer challenge for `service`, scoped to `repo` (as the client named it) if given.
     pub fn challenge(&self, service: &str, repo: Option<&str>) -> String {
+        let mut c = format!("{},service=\"{service}\"", self.unscoped());
+        if let Some(r) = repo {
+            c.push_str(&format!(",scope=\"repository:{r}:pull\""));
+        }
+        c
+    }
+
+    /// A Bearer challenge naming no service: `/token` then picks the upstream from the
+    /// requested scope, as the repository requests are routed (a berth without a default).
+    pub fn unscoped(&self) -> String {
         let base = match self.external {
             Some(e) => e.to_owned(),
             None => format!(
@@ -102,11 +116,7 @@ impl<'a> Realm<'a> {
                 self.host.unwrap_or("localhost")
             ),
         };
-        let mut c = format!("Bearer realm=\"{base}/token\",service=\"{service}\"");
-        if let Some(r) = repo {
-            c.push_str(&format!(",scope=\"repository:{r}:pull\""));
-        }
-        c
+        format!("Bearer realm=\"{base}/token\"")
     }
 }
 
@@ -118,6 +128,7 @@ pub struct Authorizer {
     members: Arc<Memberships>,
     logins: backoff::Backoff,
     challenges: moka::sync::Cache<String, Option<Challenge>>,
+    open_repositories: moka::sync::Cache<String, ()>,
     metrics: Arc<Metrics>,
 }
 
@@ -142,8 +153,12 @@ impl Authorizer {
             members,
             logins: backoff::Backoff::default(),
             challenges: moka::sync::Cache::builder()
-                .max_capacity(1_000)
+                .max_capacity(MAX_CHALLENGES)
                 .time_to_live(CHALLENGE_TTL)
+                .build(),
+            open_repositories: moka::sync::Cache::builder()
+                .max_capacity(MAX_CHALLENGES)
+                .time_to_live(OPEN_REPOSITORY_TTL)
                 .build(),
             metrics,
         })
@@ -186,6 +201,38 @@ impl Authorizer {
         }
     }
 
+    /// GET /v2/ of a berth without a default upstream (and no `?ns=`): no repository, so no
+    /// upstream to ask. A client with credentials is admitted (they are checked on each pull);
+    /// an anonymous one is told where to log in (a challenge naming no service) unless every
+    /// upstream takes anonymous clients. Without that challenge clients that only learn about
+    /// authentication from `/v2/` (docker, skopeo) would never send their credentials.
+    pub fn admit_base_unrouted(
+        &self,
+        upstreams: &[Arc<Upstream>],
+        principal: &Principal,
+        realm: &Realm<'_>,
+    ) -> Result<(), Error> {
+        let open = |u: &Arc<Upstream>| match u.config().auth {
+            AuthMode::Public => true,
+            AuthMode::Service => u.config().anonymous,
+            AuthMode::Passthrough => false,
+        };
+        if !principal.is_anonymous() || upstreams.iter().all(open) {
+            return Ok(());
+        }
+        Err(Error::AuthRequired {
+            challenge: realm.unscoped(),
+            message: "authentication required".into(),
+        })
+    }
+
+    /// Whether `token` is one berth itself holds (issued by its `/token`, or a static token):
+    /// never the origin's, so never sent there. In `passthrough` berth issues its own tokens
+    /// only where the origin asked for no authentication; they are worth an anonymous client.
+    fn is_own_token(&self, token: &str) -> bool {
+        self.local.check_token(token, "", None, true) != TokenCheck::Unknown
+    }
+
     /// Decides whether `principal` may read `target` through `sel`, and sets whose credentials
     /// `sel`'s origin requests carry. `visible` is the repository as the client named it (for
     /// the challenge).
@@ -224,6 +271,9 @@ impl Authorizer {
             AuthMode::Passthrough => {
                 sel.auth = match &principal.credential {
                     Credential::Anonymous => UpstreamAuth::Anonymous,
+                    Credential::Bearer(t) if self.is_own_token(t.expose()) => {
+                        UpstreamAuth::Anonymous
+                    }
                     Credential::Bearer(t) => UpstreamAuth::Bearer(t.clone()),
                     Credential::Basic { user, password } => UpstreamAuth::Basic {
                         key: principal.key.clone(),
@@ -359,6 +409,7 @@ impl Authorizer {
     ) -> Result<(), Error> {
         let up = sel.upstream.name().to_owned();
         let repo = sel.name.as_str().to_owned();
+        let anonymous = matches!(sel.auth, UpstreamAuth::Anonymous);
         let key = (principal.key.clone(), up.clone(), repo.clone());
         let member = |d: &Digest| self.members.contains(&up, &repo, d);
         let needs_member = target.digest();
@@ -414,7 +465,7 @@ impl Authorizer {
             Ok((StatusCode::UNAUTHORIZED, _, _)) => {
                 self.decisions.deny(key, self.config.deny_ttl);
                 self.count("deny", "origin");
-                Err(required(if principal.is_anonymous() {
+                Err(required(if anonymous {
                     "authentication required"
                 } else {
                     "the origin does not accept these credentials for this repository"
@@ -453,7 +504,7 @@ impl Authorizer {
                 }
             }
             // No anonymous token to be had: the client must log in.
-            Err(UpstreamError::Token { .. }) if principal.is_anonymous() => {
+            Err(UpstreamError::Token { .. }) if anonymous => {
                 self.count("deny", "origin");
                 Err(required("authentication required"))
             }
@@ -495,17 +546,40 @@ impl Authorizer {
         }
     }
 
-    /// The origin's token-service challenge, discovered once per hour.
+    /// The origin's token-service challenge, discovered once per hour: from `/v2/`, or, where
+    /// `/v2/` asks for no authentication, from `repo` (an origin repository name), whose
+    /// requests may still ask for it (a regional berth without a default upstream, registries
+    /// that answer `/v2/` to anyone). `None`: no authentication asked for. A repository found
+    /// open is asked again after [`OPEN_REPOSITORY_TTL`], so one that turns private is noticed.
     pub async fn origin_challenge(
         &self,
         upstream: &Upstream,
+        repo: Option<&str>,
     ) -> Result<Option<Challenge>, UpstreamError> {
-        if let Some(c) = self.challenges.get(upstream.name()) {
+        let base = match self.challenges.get(upstream.name()) {
+            Some(c) => c,
+            None => {
+                let c = upstream.discover_challenge(None).await?;
+                self.challenges
+                    .insert(upstream.name().to_owned(), c.clone());
+                c
+            }
+        };
+        let (Some(repo), None) = (repo, &base) else {
+            return Ok(base);
+        };
+        let key = format!("{}\0{repo}", upstream.name());
+        if let Some(c) = self.challenges.get(&key) {
             return Ok(c);
         }
-        let c = upstream.discover_challenge().await?;
-        self.challenges
-            .insert(upstream.name().to_owned(), c.clone());
+        if self.open_repositories.contains_key(&key) {
+            return Ok(None);
+        }
+        let c = upstream.discover_challenge(Some(repo)).await?;
+        match &c {
+            Some(_) => self.challenges.insert(key, c.clone()),
+            None => self.open_repositories.insert(key, ()),
+        }
         Ok(c)
     }
 

@@ -6,6 +6,7 @@
 //! authenticates the client locally and issues a token of its own.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -144,7 +145,19 @@ fn translate_scope(scope: &str, upstream: &Upstream) -> String {
         }
         _ => name.to_owned(),
     };
-    format!("{kind}:{name}:{actions}")
+    match &upstream.config().repository_prefix {
+        Some(p) => format!("{kind}:{p}/{name}:{actions}"),
+        None => format!("{kind}:{name}:{actions}"),
+    }
+}
+
+/// The repository a `repository:NAME:ACTIONS` scope names.
+fn scope_repository(scope: &str) -> Option<&str> {
+    let mut parts = scope.splitn(3, ':');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("repository"), Some(name), Some(_)) => Some(name),
+        _ => None,
+    }
 }
 
 /// The repositories (as `upstream` names them) a token request asks to pull from.
@@ -164,6 +177,40 @@ fn pull_scopes(req: &TokenRequest, upstream: &Upstream) -> BTreeSet<String> {
             }
         })
         .collect()
+}
+
+/// The upstream a token request without `service` is for: the one its first routable
+/// `repository` scope would be served by (path prefix, else the default), as the repository
+/// requests themselves are routed; scopes routed elsewhere are dropped from the request. Without
+/// any repository scope: the default upstream, else the one upstream whose origin decides (a
+/// `docker login` to a berth that routes only by prefix).
+fn route_by_scope(req: &mut TokenRequest, upstreams: &Upstreams) -> Option<Arc<Upstream>> {
+    let scopes = req.scopes();
+    let routed = |s: &str| {
+        let name: RepoName = scope_repository(s)?.parse().ok()?;
+        upstreams.select(None, name).ok().map(|sel| sel.upstream)
+    };
+    let Some(upstream) = scopes.iter().find_map(|s| routed(s)) else {
+        if let Some(d) = upstreams.default_upstream() {
+            return Some(d.clone());
+        }
+        let mut deciding = upstreams
+            .all()
+            .iter()
+            .filter(|u| u.config().auth == AuthMode::Passthrough);
+        return match (deciding.next(), deciding.next()) {
+            (Some(u), None) => Some(u.clone()),
+            _ => None,
+        };
+    };
+    let kept: Vec<String> = scopes
+        .into_iter()
+        .filter(|s| routed(s).is_none_or(|u| Arc::ptr_eq(&u, &upstream)))
+        .collect();
+    req.params.retain(|(k, _)| k != "scope");
+    req.params
+        .extend(kept.into_iter().map(|s| ("scope".to_owned(), s)));
+    Some(upstream)
 }
 
 /// A key for the credential a token request carries (a hash, never the secret), for the
@@ -235,19 +282,21 @@ impl Authorizer {
     /// GET|POST: /token
     pub async fn token(
         &self,
-        req: TokenRequest,
+        mut req: TokenRequest,
         upstreams: &Upstreams,
     ) -> Result<Response<Body>, Error> {
         let upstream = match req.param("service") {
-            Some(s) => upstreams.by_name(s).or_else(|| {
-                upstreams
-                    .all()
-                    .iter()
-                    .find(|u| u.config().aliases.iter().any(|a| a == s))
-            }),
-            None => upstreams.default_upstream(),
+            Some(s) => upstreams
+                .by_name(s)
+                .or_else(|| {
+                    upstreams
+                        .all()
+                        .iter()
+                        .find(|u| u.config().aliases.iter().any(|a| a == s))
+                })
+                .cloned(),
+            None => route_by_scope(&mut req, upstreams),
         }
-        .cloned()
         .ok_or_else(|| {
             Error::BadRequest("unknown or missing service: name a configured upstream".into())
         })?;
@@ -345,8 +394,16 @@ impl Authorizer {
         upstream: &Upstream,
         req: TokenRequest,
     ) -> Result<Response<Body>, Error> {
+        let scopes: Vec<String> = req
+            .scopes()
+            .iter()
+            .map(|s| translate_scope(s, upstream))
+            .collect();
+        // An origin that asks for no authentication at /v2/ may still ask for it per repository
+        // (a regional berth routing by prefix does): the first scope's repository is asked.
+        let repo = scopes.iter().find_map(|s| scope_repository(s));
         let challenge = self
-            .origin_challenge(upstream)
+            .origin_challenge(upstream, repo)
             .await
             .map_err(Error::Upstream)?;
         let Some(challenge) = challenge else {
@@ -369,11 +426,6 @@ impl Authorizer {
             .ok_or_else(|| Error::Internal("the origin's challenge names no realm".into()))?
             .to_owned();
         let service = challenge.param("service").map(str::to_owned);
-        let scopes: Vec<String> = req
-            .scopes()
-            .iter()
-            .map(|s| translate_scope(s, upstream))
-            .collect();
         let mut params: Vec<(String, String)> = req
             .params
             .iter()

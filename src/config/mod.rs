@@ -197,6 +197,10 @@ pub struct UpstreamConfig {
     pub name: String,
     /// Origin base URL (scheme and authority).
     pub url: Uri,
+    /// Repository-name prefix at the origin, from a path in the configured URL: with
+    /// `url = "http://region:5000/origin"` the repository `a/b` is `origin/a/b` there (an edge
+    /// berth reaching one prefix-routed upstream of a regional berth). `None` without a path.
+    pub repository_prefix: Option<String>,
     /// Registry host names matched against containerd's `?ns=` (the name is always one).
     pub aliases: Vec<String>,
     /// Serves requests that name no upstream.
@@ -687,16 +691,25 @@ impl Errors {
             let parsed = u.parse::<Uri>().ok().filter(|p| {
                 matches!(p.scheme_str(), Some("http" | "https"))
                     && p.authority().is_some()
-                    && matches!(p.path(), "" | "/")
                     && p.query().is_none()
             });
-            if parsed.is_none() {
+            let Some(parsed) = parsed else {
                 self.push(format!(
-                    "{}: {u:?} must be an http(s) URL with a host and no path, such as \"https://registry-1.docker.io\"",
+                    "{}: {u:?} must be an http(s) URL with a host, such as \"https://registry-1.docker.io\"",
                     at("url")
                 ));
+                return None;
+            };
+            match split_repository_prefix(&parsed) {
+                Ok(split) => Some(split),
+                Err(()) => {
+                    self.push(format!(
+                        "{}: {u:?}: a path in an upstream URL is a repository-name prefix at the origin (such as \"http://region:5000/docker.io\" for a regional berth's upstream docker.io), so it must be repository-name components; the registry API root is always /v2/",
+                        at("url")
+                    ));
+                    None
+                }
             }
-            parsed
         });
         if url.is_none()
             && !self
@@ -781,7 +794,7 @@ impl Errors {
             .duration(&mut t, &at("idle_timeout"))
             .unwrap_or(Duration::from_secs(60));
         self.unknown(&t, &format!("upstream[{i}]"));
-        let (name, url) = (name?, url?);
+        let (name, (url, repository_prefix)) = (name?, url?);
         if self.0.len() > before {
             return None;
         }
@@ -805,6 +818,7 @@ impl Errors {
         Some(UpstreamConfig {
             name,
             url,
+            repository_prefix,
             aliases,
             default,
             auth,
@@ -818,6 +832,29 @@ impl Errors {
             idle_timeout,
         })
     }
+}
+
+/// Splits an upstream URL into its base (scheme and authority) and the repository-name prefix
+/// its path names (`None` for no path or `/`). `Err` when the path is not a repository name
+/// (`/v2/...` included: the API root is not configurable).
+fn split_repository_prefix(url: &Uri) -> Result<(Uri, Option<String>), ()> {
+    let path = url.path().trim_matches('/');
+    let prefix = if path.is_empty() {
+        None
+    } else {
+        let name: crate::oci::RepoName = path.parse().map_err(|_| ())?;
+        if name.as_str().split('/').next() == Some("v2") {
+            return Err(());
+        }
+        Some(name.to_string())
+    };
+    let base = Uri::builder()
+        .scheme(url.scheme_str().ok_or(())?)
+        .authority(url.authority().ok_or(())?.as_str())
+        .path_and_query("/")
+        .build()
+        .map_err(|_| ())?;
+    Ok((base, prefix))
 }
 
 fn valid_upstream_name(n: &str) -> bool {
@@ -938,6 +975,39 @@ mod tests {
             "admin.max_connections: expected a number from 1 to",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn an_upstream_url_path_is_a_repository_prefix() {
+        let t = r#"
+            [[upstream]]
+            name = "region"
+            url = "http://region.example:5000/docker.io/"
+            [[upstream]]
+            name = "plain"
+            url = "https://reg.example"
+        "#;
+        let c = Config::from_toml(t).unwrap();
+        assert_eq!(
+            c.upstreams[0].url.to_string(),
+            "http://region.example:5000/"
+        );
+        assert_eq!(
+            c.upstreams[0].repository_prefix.as_deref(),
+            Some("docker.io")
+        );
+        assert_eq!(c.upstreams[1].repository_prefix, None);
+        for bad in [
+            "http://r/v2",
+            "http://r/v2/x",
+            "http://r/Upper",
+            "http://r/a//b",
+            "http://r/a?x=1",
+        ] {
+            let t = format!("[[upstream]]\nname = \"r\"\nurl = \"{bad}\"\n");
+            let all = Config::from_toml(&t).unwrap_err().0.join("\n");
+            assert!(all.contains("upstream[0].url"), "{bad}: {all}");
         }
     }
 

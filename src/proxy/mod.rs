@@ -123,6 +123,8 @@ pub struct App {
 pub struct Scale {
     /// The shared tier on object storage.
     pub shared: Option<Arc<crate::shared::SharedTier>>,
+    /// The other replicas and who owns which digest.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// What the request log records besides method, path and status.
@@ -362,8 +364,14 @@ impl App {
         let who = (&principal, &realm, ns.as_deref());
         match route {
             Route::Base => {
-                if let Some(u) = self.upstreams.for_base(ns.as_deref()) {
-                    self.auth.admit_base(u, &principal, &realm).await?;
+                match self.upstreams.for_base(ns.as_deref()) {
+                    Some(u) => self.auth.admit_base(u, &principal, &realm).await?,
+                    // No default upstream: credentials are checked per repository, on the pull.
+                    None if ns.is_none() => {
+                        self.auth
+                            .admit_base_unrouted(self.upstreams.all(), &principal, &realm)?
+                    }
+                    None => {}
                 }
                 Ok(json_response(
                     StatusCode::OK,
@@ -461,11 +469,10 @@ impl App {
         target: Target<'_>,
     ) -> Result<Selected, Error> {
         let visible = name.to_string();
-        let mut sel = self.upstreams.select(ns, name).map_err(|e| match e {
-            SelectError::UnknownNamespace(_) | SelectError::NoDefault(_) => {
-                Error::NameUnknown(e.to_string())
-            }
-        })?;
+        let mut sel = self
+            .upstreams
+            .select(ns, name)
+            .map_err(|e: SelectError| Error::NameUnknown(e.to_string()))?;
         self.auth
             .admit(&mut sel, principal, target, realm, Some(&visible))
             .await?;

@@ -244,24 +244,47 @@ impl Upstream {
     }
 
     /// The origin's Bearer challenge (realm and service of its token service), from an
-    /// anonymous `GET /v2/`. `None` when the origin asks for no authentication.
-    pub async fn discover_challenge(&self) -> Result<Option<challenge::Challenge>, UpstreamError> {
+    /// anonymous `GET /v2/`, or with `repo` (an origin repository name) an anonymous `HEAD` of
+    /// its `latest` manifest: origins that answer `/v2/` to anyone may still ask per
+    /// repository (a regional berth routing by prefix does). `None` when the origin asks for
+    /// no authentication there.
+    pub async fn discover_challenge(
+        &self,
+        repo: Option<&str>,
+    ) -> Result<Option<challenge::Challenge>, UpstreamError> {
+        if self.config.offline {
+            return Err(UpstreamError::Offline {
+                upstream: self.config.name.clone(),
+            });
+        }
+        let (method, path_and_query) = match repo {
+            None => (Method::GET, "/v2/".to_owned()),
+            Some(r) => (Method::HEAD, format!("/v2/{r}/manifests/latest")),
+        };
         let req = UpstreamRequest {
-            method: Method::GET,
-            path_and_query: "/v2/".into(),
+            method,
+            path_and_query,
             headers: http::HeaderMap::new(),
             scope: String::new(),
             auth: UpstreamAuth::Bearer(crate::secret::Secret::new(String::new())),
         };
         let origin = self.origin_uri(&req.path_and_query)?;
         let resp = self.follow(&req, origin, None).await?;
-        Ok(resp
+        let found = resp
             .headers()
             .get_all(header::WWW_AUTHENTICATE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(challenge::parse)
-            .find(|c| c.scheme == "bearer"))
+            .find(|c| c.scheme == "bearer");
+        // An origin failing is not an origin that asks for no authentication (that answer is
+        // remembered, and would hand out tokens worth nothing).
+        let status = resp.status();
+        if found.is_none() && (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
+        {
+            return Err(self.status_error(&resp));
+        }
+        Ok(found)
     }
 
     /// The pooled client, for the token endpoint's forwarding.

@@ -52,6 +52,9 @@ pub enum SelectError {
         "no upstream for repository {0:?}: prefix it with an upstream name or configure a default"
     )]
     NoDefault(String),
+    /// The upstream's repository prefix (a path in its URL) makes the name too long.
+    #[error("repository {0:?} with the upstream's repository prefix is not a valid name")]
+    Prefixed(String),
 }
 
 /// All configured upstreams.
@@ -65,7 +68,8 @@ pub struct Upstreams {
 pub struct Selected {
     /// The origin.
     pub upstream: Arc<Upstream>,
-    /// Repository name at the origin (prefix removed, `library/` added for Docker Hub).
+    /// Repository name at the origin (the client's prefix removed, `library/` added for Docker
+    /// Hub, the upstream's own repository prefix added).
     pub name: RepoName,
     /// The path prefix the client used, if it routed by prefix.
     pub prefix: Option<String>,
@@ -135,6 +139,12 @@ impl Upstreams {
             name.with_library_prefix()
         } else {
             name
+        };
+        let name = match &upstream.config().repository_prefix {
+            Some(p) => format!("{p}/{name}")
+                .parse()
+                .map_err(|_| SelectError::Prefixed(name.to_string()))?,
+            None => name,
         };
         Ok(Selected {
             upstream,
