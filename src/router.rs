@@ -77,7 +77,10 @@ pub fn parse(path: &str) -> Result<Route, Error> {
             name: name.parse()?,
         });
     }
-    if rest.contains("/blobs/uploads") {
+    // Upload sessions: `<name>/blobs/uploads/` and `<name>/blobs/uploads/<id>` (ids have no
+    // slash). Checked on the path's tail only: a repository may itself be called
+    // `team/blobs/uploads`, and its manifests and blobs are pulled like any other.
+    if rest.ends_with("/blobs/uploads") || rest.ends_with("/blobs/uploads/") {
         return Ok(Route::Upload);
     }
     let (head, last) = rest.rsplit_once('/').ok_or_else(not_found)?;
@@ -101,6 +104,9 @@ pub fn parse(path: &str) -> Result<Route, Error> {
             name,
             digest: decode(last).parse()?,
         });
+    }
+    if head.ends_with("/blobs/uploads") {
+        return Ok(Route::Upload);
     }
     Err(not_found())
 }
@@ -176,6 +182,16 @@ mod tests {
         ));
         assert_eq!(parse("/v2/a/blobs/uploads/").unwrap(), Route::Upload);
         assert_eq!(parse("/v2/a/blobs/uploads/123").unwrap(), Route::Upload);
+        assert_eq!(parse("/v2/a/blobs/uploads").unwrap(), Route::Upload);
+        // A repository called `…/blobs/uploads` is pulled like any other.
+        assert!(matches!(
+            parse("/v2/team/blobs/uploads/manifests/v1").unwrap(),
+            Route::Manifest { name, .. } if name.as_str() == "team/blobs/uploads"
+        ));
+        assert!(matches!(
+            parse(&format!("/v2/team/blobs/uploads/blobs/{}", d())).unwrap(),
+            Route::Blob { name, .. } if name.as_str() == "team/blobs/uploads"
+        ));
         // A repository may itself contain a "manifests" component.
         assert!(matches!(
             parse("/v2/x/manifests/manifests/v1").unwrap(),
