@@ -2,8 +2,8 @@
 //!
 //! Request path (docs/ARCHITECTURE.md, "Request path"): [`server`] accepts connections → [`proxy::App`] routes
 //! ([`router`]) and picks the origin ([`upstream::Upstreams`]) → [`cache`] answers or fills from
-//! the [`upstream`] client. Errors are typed per layer and become HTTP answers in
-//! [`error::Error::into_response`] only.
+//! the [`upstream`] client; replicas of a region fetch each blob once per [`cluster`]. Errors
+//! are typed per layer and become HTTP answers in [`error::Error::into_response`] only.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -12,6 +12,7 @@ pub mod body;
 pub mod bundle;
 pub mod cache;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod metrics;

@@ -329,7 +329,7 @@ impl Metrics {
         ] {
             m.fill_failures.with_label_values(&[reason]);
         }
-        for listener in ["client", "admin"] {
+        for listener in ["client", "admin", "peer"] {
             m.connections_open.with_label_values(&[listener]);
             for result in ["accepted", "refused"] {
                 m.connections.with_label_values(&[listener, result]);

@@ -71,7 +71,10 @@ fn overrides_by_flag_and_environment_are_validated_too() {
 
 #[test]
 fn serve_with_a_bad_config_binds_nothing() {
-    let port = common::free_port();
+    // Hold the port: a serve that bound its listener before checking the config would fail
+    // with "address in use" (another exit status) instead of reporting the bad key.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
     let out = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(example_config())
@@ -79,31 +82,71 @@ fn serve_with_a_bad_config_binds_nothing() {
         .args(["--set", "upstream.0.url=not a url"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    // Nothing listens on the port.
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("upstream"), "the bad key is named: {err}");
+    assert!(
+        !err.contains("in use") && !err.to_lowercase().contains("bind"),
+        "no listener was attempted: {err}"
+    );
+    drop(held);
+}
+
+/// `berth serve` on the example config with both listeners on ports that were free a moment
+/// ago, retried with new ports when another process took one first.
+fn spawn_example(cache: &Path) -> (std::process::Child, u16, u16) {
+    let mut last = String::new();
+    for _ in 0..4 {
+        let port = common::free_port();
+        let admin = common::free_port();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(example_config())
+            .args(["--set", &format!("server.listen=127.0.0.1:{port}")])
+            .args(["--set", &format!("admin.listen=127.0.0.1:{admin}")])
+            .args(["--log-format", "json"])
+            .env("BERTH_CACHE__DIR", cache)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Either both listeners answer, or the process exits (a port was taken).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                let mut err = String::new();
+                use std::io::Read;
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                last = err;
+                break;
+            }
+            let up = |p: u16| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok();
+            if up(port) && up(admin) {
+                return (child, port, admin);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "berth serve did not bind within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        assert!(last.contains("in use"), "berth serve exited: {last}");
+    }
+    panic!("no free port pair after 4 attempts: {last}");
 }
 
 #[tokio::test]
 async fn serve_runs_the_example_config_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let admin = common::free_port();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(example_config())
-        .args(["--set", &format!("server.listen=127.0.0.1:{port}")])
-        .args(["--set", &format!("admin.listen=127.0.0.1:{admin}")])
-        .args(["--log-format", "json"])
-        .env("BERTH_CACHE__DIR", dir.path().join("cache"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
+    let cache = dir.path().join("cache");
+    let (mut child, port, admin) = tokio::task::spawn_blocking(move || spawn_example(&cache))
+        .await
         .unwrap();
     let client = reqwest::Client::new();
     let mut ready = false;
-    for _ in 0..200 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
         if let Ok(r) = client
             .get(format!("http://127.0.0.1:{admin}/readyz"))
             .send()

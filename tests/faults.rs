@@ -131,7 +131,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Blob `digest` is not committed and no temp file is left behind.
-fn assert_not_stored(cache_dir: &Path, digest: &str) {
+async fn assert_not_stored(cache_dir: &Path, digest: &str) {
     let hex = digest.trim_start_matches("sha256:");
     let blobs = files_under(&cache_dir.join("blobs"));
     assert!(
@@ -139,13 +139,12 @@ fn assert_not_stored(cache_dir: &Path, digest: &str) {
         "{digest} was stored: {blobs:?}"
     );
     // A fill that succeeded just before may still be renaming its temp file into place (clients
-    // get the verified last bytes before the fsync): give it a moment.
+    // get the verified last bytes before the fsync): wait for it without blocking the runtime
+    // berth itself runs on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut temps = files_under(&cache_dir.join("tmp"));
-    for _ in 0..500 {
-        if temps.is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    while !temps.is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
         temps = files_under(&cache_dir.join("tmp"));
     }
     assert!(temps.is_empty(), "temp files left behind: {temps:?}");
@@ -218,7 +217,7 @@ async fn corrupt_blob_is_never_served_complete_nor_stored() {
         let url = blob_url(&berth, &digest);
         expect_failed_blob(&url).await;
         assert_eq!(fault.blob_gets(&digest), 1, "{len} bytes");
-        assert_not_stored(berth.cache_dir(), &digest);
+        assert_not_stored(berth.cache_dir(), &digest).await;
         let now = metric_sum(&berth.metrics().await, MISMATCHES);
         assert!(now > seen, "{len} bytes: {MISMATCHES} stayed at {now}");
         seen = now;
@@ -247,7 +246,7 @@ async fn truncated_and_reset_transfers_are_not_stored_and_are_refetched() {
         expect_failed_blob(&url).await;
         let tries = fault.blob_gets(&digest);
         assert!(tries >= 1, "{f:?}");
-        assert_not_stored(berth.cache_dir(), &digest);
+        assert_not_stored(berth.cache_dir(), &digest).await;
 
         fault.set_blob_fault(&digest, Fault::None);
         expect_blob(&url, &bytes, "miss").await;
@@ -304,7 +303,7 @@ async fn origin_errors_come_back_quickly_as_oci_errors() {
                 );
             }
         }
-        assert_not_stored(berth.cache_dir(), &digest);
+        assert_not_stored(berth.cache_dir(), &digest).await;
         fault.set_blob_fault(&digest, Fault::None);
         expect_blob(&blob_url(&berth, &digest), &bytes, "miss").await;
     }
@@ -474,7 +473,7 @@ async fn first_byte_and_idle_timeouts() {
         "idle stall noticed after {:?}",
         started.elapsed()
     );
-    assert_not_stored(berth.cache_dir(), &idle);
+    assert_not_stored(berth.cache_dir(), &idle).await;
 
     // Slow but never idle for a whole idle_timeout: the idle timeout is not a deadline.
     let bytes = pseudo_random(62, 600_000);
@@ -606,7 +605,7 @@ async fn passed_through_blobs_are_still_verified() {
         let seen = metrics().await;
         expect_failed_blob(&url).await;
         assert_eq!(fault.blob_gets(&digest), before + 1, "{f:?}");
-        assert_not_stored(&cache_dir, &digest);
+        assert_not_stored(&cache_dir, &digest).await;
         if f == Fault::Corrupt {
             counted = Some((seen, metrics().await));
         }
@@ -618,7 +617,7 @@ async fn passed_through_blobs_are_still_verified() {
         expect_blob(&url, &bytes, "miss").await;
         assert_eq!(fault.blob_gets(&digest), before + 1);
     }
-    assert_not_stored(&cache_dir, &digest);
+    assert_not_stored(&cache_dir, &digest).await;
     // The corrupt pass-through counts as a digest mismatch like a corrupt fill does.
     let (before, after) = counted.expect("corrupt case ran");
     assert!(
@@ -1021,7 +1020,7 @@ async fn a_range_during_a_corrupt_fill_is_counted_and_never_stored() {
         bytes.len(),
         if failed { "an error" } else { "a clean end" }
     );
-    assert_not_stored(berth.cache_dir(), &digest);
+    assert_not_stored(berth.cache_dir(), &digest).await;
     let mismatched = berth.metrics().await;
     assert!(metric_sum(&mismatched, MISMATCHES) > metric_sum(&after, MISMATCHES));
 

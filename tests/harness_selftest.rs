@@ -370,3 +370,41 @@ async fn test_ca_certificates_complete_a_handshake() {
         .is_err());
     server.abort();
 }
+
+/// An emulator takes, lists and returns objects through the `object_store` client berth uses,
+/// goes down when stopped and comes back on the same port.
+async fn object_store_round_trip(kind: common::objstore::Kind) {
+    use common::objstore::{Kind, ObjectStoreServer};
+    let mut server = ObjectStoreServer::start(kind).await;
+    let bytes: Vec<u8> = (0..6 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    server.put("p/blobs/x", bytes.clone()).await;
+    assert_eq!(
+        server.list().await,
+        vec![("p/blobs/x".to_owned(), bytes.len() as u64)]
+    );
+    assert_eq!(server.get("p/blobs/x").await.unwrap().as_ref(), &bytes[..]);
+    assert!(server.get("p/blobs/absent").await.is_none());
+    server.stop();
+    let down = Client::new()
+        .get(format!("{}/", server.endpoint()))
+        .send()
+        .await;
+    assert!(down.is_err(), "stopped store still answers");
+    server.restart().await;
+    // Azurite keeps its data directory; moto keeps nothing but its bucket is made again.
+    let expected = match kind {
+        Kind::Azurite => vec![("p/blobs/x".to_owned(), bytes.len() as u64)],
+        Kind::Moto => vec![],
+    };
+    assert_eq!(server.list().await, expected, "{}", server.log());
+}
+
+#[tokio::test]
+async fn azurite_stores_lists_and_restarts() {
+    object_store_round_trip(common::objstore::Kind::Azurite).await;
+}
+
+#[tokio::test]
+async fn moto_stores_lists_and_restarts() {
+    object_store_round_trip(common::objstore::Kind::Moto).await;
+}

@@ -841,6 +841,9 @@ fn alert_rules_pass_promtool() {
         "BerthCacheNearCapacity",
         "BerthDigestMismatch",
         "BerthServingStale",
+        "BerthSharedTierErrors",
+        "BerthSharedUploadsFailing",
+        "BerthPeerFallbacks",
     ] {
         assert!(alerts.contains(&expected), "{ALERTS} lacks {expected}");
     }
@@ -946,12 +949,32 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
         ("Rate-limit remaining", "short"),
         ("Write failures / pass-through", "cps"),
         ("Auth decisions by result and source", "cps"),
+        ("Shared tier lookups by result", "cps"),
+        ("Shared tier bytes", "binBps"),
+        ("Origin bytes spared by source", "binBps"),
+        ("Shared uploads by result", "cps"),
+        ("Shared uploads pending", "short"),
+        ("Shared tier corrupt objects", "short"),
+        ("Peer requests by result", "reqps"),
+        ("Peer fallbacks", "reqps"),
+        ("Peers", "short"),
     ] {
         assert_eq!(
             title_unit.get(title).copied(),
             Some(unit),
             "dashboard panel {title:?} with unit {unit}"
         );
+    }
+
+    // Bytes from the shared tier or another replica did not come from an origin: the saved
+    // share counts them with the cache's (as BerthHitRatioLow does).
+    for title in ["Egress saved", "Share of egress saved"] {
+        let panel = panels
+            .iter()
+            .find(|p| p["title"] == title)
+            .unwrap_or_else(|| panic!("dashboard panel {title:?}"));
+        let expr = panel["targets"][0]["expr"].as_str().unwrap_or("");
+        assert!(expr.contains(r#"source!="upstream""#), "{title}: {expr}");
     }
 
     // The dashboard's PromQL parses: run it through promtool as recording rules, with the
@@ -995,12 +1018,30 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
         .for_each(|e| dashboard_names.extend(metric_names(e)));
     let alerts = std::fs::read_to_string(crate_root().join(ALERTS)).expect("read alerts");
     let alert_exprs = rule_exprs(&alerts);
-    assert_eq!(alert_exprs.len(), 9, "{alert_exprs:?}");
+    assert_eq!(alert_exprs.len(), 12, "{alert_exprs:?}");
     let mut alert_names = BTreeSet::new();
     alert_exprs
         .iter()
         .for_each(|e| alert_names.extend(metric_names(e)));
     assert!(dashboard_names.len() >= 15, "{dashboard_names:?}");
+    // The Scale-out row shows every scale-out family (src/metrics/scale.rs).
+    for family in [
+        "berth_shared_lookups_total",
+        "berth_shared_bytes_total",
+        "berth_shared_uploads_total",
+        "berth_shared_uploads_pending",
+        "berth_shared_corrupt_total",
+        "berth_peer_requests_total",
+        "berth_peer_fallbacks_total",
+        "berth_peer_served_total",
+        "berth_peers",
+        "berth_origin_bytes_spared_total",
+    ] {
+        assert!(
+            dashboard_names.contains(family),
+            "the dashboard does not show {family}"
+        );
+    }
     assert!(alert_names.len() >= 6, "{alert_names:?}");
 
     let w = workload().await;

@@ -145,13 +145,39 @@ async fn tag_mapping_is_keyed_by_accept() {
     // With the index type accepted, the index comes back.
     let a = get(&url, &[OCI_INDEX, OCI_MANIFEST]).await;
     assert_eq!(a.headers()["docker-content-digest"], idx.digest.as_str());
-    // A client that accepts only single manifests must not be handed the cached index.
+    // A client that accepts only single manifests must not be handed the cached index: it gets
+    // what the origin itself answers for that Accept (asked directly, past berth and the tap).
+    let direct = get(
+        &format!("{}/v2/acc/manifests/v1", s.registry.url()),
+        &[OCI_MANIFEST],
+    )
+    .await;
     let b = get(&url, &[OCI_MANIFEST]).await;
+    assert_eq!(
+        b.status(),
+        direct.status(),
+        "berth answers as the origin does"
+    );
     if b.status() == StatusCode::OK {
+        for h in ["content-type", "docker-content-digest"] {
+            assert_eq!(b.headers()[h], direct.headers()[h], "{h}");
+        }
         assert_ne!(b.headers()["content-type"], OCI_INDEX);
+        assert_eq!(b.bytes().await.unwrap(), direct.bytes().await.unwrap());
     } else {
         assert_eq!(b.status(), StatusCode::NOT_FOUND);
+        let (_, code) = error_code(b).await;
+        assert_eq!(code, "MANIFEST_UNKNOWN");
     }
+    // Both answers came from the origin: one manifest GET per Accept, none served from the
+    // other's cache entry.
+    assert_eq!(
+        s.tap
+            .count(|m, p| m == Method::GET && p == "/v2/acc/manifests/v1"),
+        2,
+        "{:?}",
+        s.tap.requests()
+    );
 }
 
 #[tokio::test]
@@ -202,16 +228,37 @@ async fn concurrent_misses_share_one_fetch() {
     let img = push_oci_image(&s.registry.url(), "coalesce", "v1", &[4_000_000], 6).await;
     let (digest, bytes) = img.layers[0].clone();
     let url = format!("{}/v2/coalesce/blobs/{}", s.berth.url(), digest);
+    // The origin holds the fill until all eight clients are inside berth, so that the eight
+    // misses are truly concurrent (not one after another, which would also fetch once).
+    s.tap.hold();
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let url = url.clone();
             tokio::spawn(async move { get(&url, &[]).await.bytes().await.unwrap() })
         })
         .collect();
+    wait_for_metric(&s.berth, "berth_fill_waiters_total", 7.0).await;
+    s.tap.release();
     for t in tasks {
         assert_eq!(t.await.unwrap(), bytes);
     }
     assert_eq!(blob_gets(&s.tap), 1, "{:?}", s.tap.requests());
+}
+
+/// Waits (at most 30 s) until `metric` (a name with its labels, as exposed) reaches `at_least`.
+async fn wait_for_metric(berth: &Berth, metric: &str, at_least: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let v = berth.metric(metric).await;
+        if v >= at_least {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{metric} = {v}, expected ≥ {at_least}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

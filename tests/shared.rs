@@ -336,3 +336,333 @@ async fn credentials_in_the_config_file_are_refused() {
     .to_string();
     assert!(bad.contains("cache.shared.url"), "{bad}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// On real object stores: Azurite (Azure Blob) and moto (S3), started by the harness. berth runs
+// as its own process here, so that the store's endpoint and credentials reach it through the
+// environment, as they do in a deployment.
+
+mod stores {
+    use super::*;
+    use common::airgap::{write_config, BerthProcess};
+    use common::objstore::{Kind, ObjectStoreServer};
+
+    /// A `berth serve` child process with a cache directory of its own and the shared tier on
+    /// `store`.
+    struct Replica {
+        process: BerthProcess,
+        admin: u16,
+        cache: tempfile::TempDir,
+    }
+
+    impl Replica {
+        async fn start(tap: &Tap, store: &ObjectStoreServer) -> Replica {
+            let cache = tempfile::tempdir().unwrap();
+            let config = cache.path().join("berth.toml");
+            write_config(
+                &config,
+                &cache.path().join("cache"),
+                "10GiB",
+                &tap.url(),
+                &tap.addr().to_string(),
+            );
+            let mut text = std::fs::read_to_string(&config).unwrap();
+            text.push_str(&shared_table(&store.url(), &[]));
+            std::fs::write(&config, text).unwrap();
+            let admin = common::free_port();
+            let admin_listen = format!("admin.listen=127.0.0.1:{admin}");
+            let process = BerthProcess::serve_with_env(
+                &config,
+                &[
+                    "--set",
+                    &admin_listen,
+                    "--set",
+                    "cache.memory_max_object_bytes=0",
+                ],
+                &store.env(),
+            )
+            .await;
+            Replica {
+                process,
+                admin,
+                cache,
+            }
+        }
+
+        fn url(&self) -> String {
+            self.process.url()
+        }
+
+        async fn metric(&self, name_and_labels: &str) -> f64 {
+            let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin))
+                .await
+                .expect("metrics reachable")
+                .text()
+                .await
+                .expect("metrics body");
+            text.lines()
+                .find_map(|l| {
+                    let (k, v) = l.rsplit_once(' ')?;
+                    (k == name_and_labels).then(|| v.parse().ok())?
+                })
+                .unwrap_or(0.0)
+        }
+
+        /// Waits until `metric` reaches `at_least`, with berth's log in the panic message.
+        async fn await_metric(&self, metric: &str, at_least: f64) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(90);
+            loop {
+                let v = self.metric(metric).await;
+                if v >= at_least {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{metric} = {v}, expected ≥ {at_least} within 90 s; berth log:\n{}",
+                    self.process.log()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        /// Waits until `uploaded` uploads succeeded and none is pending.
+        async fn await_uploads(&self, uploaded: f64) {
+            self.await_metric("berth_shared_uploads_total{result=\"uploaded\"}", uploaded)
+                .await;
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while self.metric("berth_shared_uploads_pending").await > 0.0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "uploads never settled"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        /// Pulls `img` by tag and checks every byte.
+        async fn pull(&self, img: &TestImage) {
+            let m = get(
+                &format!("{}/v2/{}/manifests/{}", self.url(), img.repo, img.tag),
+                Some(OCI_MANIFEST),
+            )
+            .await;
+            assert_eq!(m.status(), StatusCode::OK, "{}", self.process.log());
+            assert_eq!(m.bytes().await.unwrap().as_ref(), img.manifest_bytes);
+            for (digest, _) in blobs_of(img) {
+                let r = get(
+                    &format!("{}/v2/{}/blobs/{digest}", self.url(), img.repo),
+                    None,
+                )
+                .await;
+                assert_eq!(r.status(), StatusCode::OK, "{digest}");
+                let body = r.bytes().await.expect("complete body");
+                assert_eq!(sha256_digest(&body), digest, "served bytes verify");
+            }
+        }
+    }
+
+    fn blobs_of(img: &TestImage) -> Vec<(String, Vec<u8>)> {
+        let mut blobs = vec![(img.config_digest.clone(), img.config_bytes.clone())];
+        blobs.extend(img.layers.iter().cloned());
+        blobs
+    }
+
+    fn blob_key(digest: &str) -> String {
+        format!("region-a/blobs/sha256/{}", &digest["sha256:".len()..])
+    }
+
+    /// A replica fills from the origin and uploads (the 12 MiB layer in 5 MiB parts); a second
+    /// replica with an empty disk serves the image from the store without a blob GET at the
+    /// origin.
+    async fn replicas_share(kind: Kind) {
+        let (_registry, tap, img, _dir) = setup().await;
+        let store = ObjectStoreServer::start(kind).await;
+        let a = Replica::start(&tap, &store).await;
+        a.pull(&img).await;
+        a.await_uploads(4.0).await;
+        let stored = store.list().await;
+        for (digest, bytes) in blobs_of(&img) {
+            let key = blob_key(&digest);
+            assert!(
+                stored.contains(&(key.clone(), bytes.len() as u64)),
+                "{key} uploaded whole: {stored:?}"
+            );
+            assert_eq!(store.get(&key).await.unwrap().as_ref(), &bytes[..]);
+        }
+        assert!(
+            stored
+                .iter()
+                .any(|(k, _)| k.starts_with("region-a/manifests/sha256/")),
+            "{stored:?}"
+        );
+        let origin_blob_gets = blob_gets(&tap);
+        assert_eq!(origin_blob_gets, 3, "replica A fetched each blob once");
+
+        let b = Replica::start(&tap, &store).await;
+        b.pull(&img).await;
+        assert_eq!(
+            blob_gets(&tap),
+            origin_blob_gets,
+            "no blob GET at the origin for B"
+        );
+        assert_eq!(
+            b.metric("berth_shared_lookups_total{kind=\"blob\",result=\"hit\"}")
+                .await,
+            3.0
+        );
+        assert!(
+            b.metric("berth_shared_bytes_total{direction=\"read\"}")
+                .await
+                >= (12 * MIB) as f64
+                || b.metric("berth_origin_bytes_spared_total{source=\"shared\"}")
+                    .await
+                    >= (12 * MIB) as f64
+        );
+        // B holds the blobs on its own disk once its fills commit (just after the last byte).
+        for (digest, bytes) in blobs_of(&img) {
+            let on_disk = common::airgap::blob_file(&b.cache.path().join("cache"), &digest);
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !on_disk.exists() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{digest} never committed"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(std::fs::read(on_disk).unwrap(), bytes);
+        }
+    }
+
+    /// A flipped byte in one object and a truncated other: neither is ever served as a
+    /// complete body, both are counted, and good bytes from the origin replace them.
+    async fn damaged_objects_are_never_served(kind: Kind) {
+        let (_registry, tap, img, _dir) = setup().await;
+        let store = ObjectStoreServer::start(kind).await;
+        let a = Replica::start(&tap, &store).await;
+        a.pull(&img).await;
+        a.await_uploads(4.0).await;
+        let (layer, layer_bytes) = img.layers[0].clone();
+        let mut flipped = layer_bytes.clone();
+        flipped[5 * MIB + 17] ^= 0x01;
+        store.put(&blob_key(&layer), flipped.clone()).await;
+        let config = img.config_digest.clone();
+        store
+            .put(
+                &blob_key(&config),
+                img.config_bytes[..img.config_bytes.len() / 2].to_vec(),
+            )
+            .await;
+
+        let b = Replica::start(&tap, &store).await;
+        for digest in [&layer, &config] {
+            let url = format!("{}/v2/{REPO}/blobs/{digest}", b.url());
+            let first = get(&url, None).await;
+            if first.status() == StatusCode::OK {
+                // Cut short is what a client must see; a complete body must verify.
+                if let Ok(body) = first.bytes().await {
+                    assert_eq!(sha256_digest(&body), *digest, "a complete body verifies");
+                }
+            }
+        }
+        b.await_metric("berth_shared_corrupt_total", 2.0).await;
+        let before = blob_gets(&tap);
+        for (digest, bytes) in [(&layer, &layer_bytes), (&config, &img.config_bytes)] {
+            let r = get(&format!("{}/v2/{REPO}/blobs/{digest}", b.url()), None).await;
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(r.bytes().await.unwrap().as_ref(), &bytes[..]);
+        }
+        assert!(blob_gets(&tap) <= before + 2);
+        // The store holds the good bytes again (uploaded by B after its origin fills).
+        for (digest, bytes) in [(&layer, &layer_bytes), (&config, &img.config_bytes)] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(90);
+            while store.get(&blob_key(digest)).await.as_deref() != Some(&bytes[..]) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{digest} not replaced in the store"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        // A third replica now fills from the repaired store.
+        let c = Replica::start(&tap, &store).await;
+        let gets = blob_gets(&tap);
+        c.pull(&img).await;
+        assert_eq!(blob_gets(&tap), gets, "served from the repaired store");
+        assert_eq!(c.metric("berth_shared_corrupt_total").await, 0.0);
+    }
+
+    /// The store goes down: pulls are served from the origin (and disk) with the errors
+    /// counted; when it returns, uploads succeed again and another replica reads from it.
+    async fn outage_and_recovery(kind: Kind) {
+        let (registry, tap, img, _dir) = setup().await;
+        let mut store = ObjectStoreServer::start(kind).await;
+        let a = Replica::start(&tap, &store).await;
+        store.stop();
+        a.pull(&img).await;
+        assert_eq!(
+            blob_gets(&tap),
+            3,
+            "served from the origin while the store is down"
+        );
+        a.await_metric(
+            "berth_shared_lookups_total{kind=\"blob\",result=\"error\"}",
+            1.0,
+        )
+        .await;
+        a.await_metric("berth_shared_uploads_total{result=\"failed\"}", 1.0)
+            .await;
+        // From disk now: the second pull needs neither the store nor the origin.
+        a.pull(&img).await;
+        assert_eq!(blob_gets(&tap), 3);
+
+        store.restart().await;
+        let next = push_oci_image(&registry.url(), REPO, "v2", &[3 * MIB, 4096], 8).await;
+        a.pull(&next).await;
+        // Its uploads succeed once the store is back (after the failure back-off).
+        a.await_uploads(4.0).await;
+        let b = Replica::start(&tap, &store).await;
+        let gets = blob_gets(&tap);
+        b.pull(&next).await;
+        assert_eq!(blob_gets(&tap), gets, "B read the new image from the store");
+        assert!(
+            b.metric("berth_shared_lookups_total{kind=\"blob\",result=\"hit\"}")
+                .await
+                >= 3.0
+        );
+        assert_eq!(
+            b.metric("berth_shared_lookups_total{kind=\"blob\",result=\"error\"}")
+                .await,
+            0.0
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn azurite_replicas_share_blobs_without_origin_gets() {
+        replicas_share(Kind::Azurite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn moto_replicas_share_blobs_without_origin_gets() {
+        replicas_share(Kind::Moto).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn azurite_damaged_objects_are_never_served() {
+        damaged_objects_are_never_served(Kind::Azurite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn moto_damaged_objects_are_never_served() {
+        damaged_objects_are_never_served(Kind::Moto).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn azurite_outage_is_survived_and_recovered() {
+        outage_and_recovery(Kind::Azurite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn moto_outage_is_survived_and_recovered() {
+        outage_and_recovery(Kind::Moto).await;
+    }
+}

@@ -12,7 +12,7 @@ use common::content::OCI_MANIFEST;
 use common::issuer::{
     AuthKind, Grantee, IssuerBuilder, Principal, TokenIssuer, ADMIN_PASSWORD, ADMIN_USER, SERVICE,
 };
-use common::{Registry, TestImage};
+use common::{Registry, Tap, TestImage};
 use reqwest::{header, Client, Method, StatusCode};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -55,6 +55,11 @@ fn team_issuer() -> IssuerBuilder {
 
 /// Starts berth with `origin` as its default upstream, logging in as `credentials` if given.
 async fn berth_for(origin: &Origin, credentials: Option<(&str, &str)>) -> Proxy {
+    berth_in_front_of(&origin.registry.url(), credentials).await
+}
+
+/// Starts berth with `url` (the origin, or a tap in front of it) as its default upstream.
+async fn berth_in_front_of(url: &str, credentials: Option<(&str, &str)>) -> Proxy {
     let secrets = tempfile::Builder::new()
         .prefix("berth-secrets-")
         .tempdir()
@@ -62,7 +67,7 @@ async fn berth_for(origin: &Origin, credentials: Option<(&str, &str)>) -> Proxy 
     let mut table = format!(
         "[[upstream]]\nname = \"origin\"\nurl = \"{}\"\ndefault = true\nauth = \"public\"\n\
          connect_timeout = \"2s\"\nfirst_byte_timeout = \"10s\"\nidle_timeout = \"10s\"\n",
-        origin.registry.url()
+        url
     );
     if let Some((user, password)) = credentials {
         let path = secrets.path().join("origin-password");
@@ -591,8 +596,14 @@ async fn concurrent_cold_requests_share_one_token_fetch() {
             7,
         )
         .await;
-    let p = berth_for(&o, Some((USER, PASSWORD))).await;
+    // A tap between berth and the origin shows when each blob GET has been challenged.
+    let tap = Tap::start(o.registry.addr()).await;
+    let p = berth_in_front_of(&tap.url(), Some((USER, PASSWORD))).await;
     let base = p.berth.url();
+    // The issuer holds every token request until all five blob GETs were challenged by the
+    // origin: none can reuse a token another finished fetching, so only coalescing keeps the
+    // count at one.
+    o.issuer.hold();
     let tasks: Vec<_> = image
         .blobs()
         .into_iter()
@@ -605,8 +616,21 @@ async fn concurrent_cold_requests_share_one_token_fetch() {
             })
         })
         .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let challenged =
+        || tap.answered(|m, p, s| m == Method::GET && p.contains("/blobs/") && s == 401);
+    while challenged() < 5 || o.issuer.arrived() < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "five challenged GETs and a token request: {:?}",
+            tap.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    o.issuer.release();
     for t in tasks {
         t.await.unwrap();
     }
+    assert_eq!(o.issuer.arrived(), 1, "{:?}", o.issuer.requests());
     assert_eq!(issued_to_berth(&o.issuer), 1, "{:?}", o.issuer.requests());
 }

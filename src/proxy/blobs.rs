@@ -17,6 +17,8 @@ use crate::cache::fill::{
     read_file_range, BlobFetcher, BlobSource, Fetched, FetchedFrom, FillError,
 };
 use crate::cache::{Key, Kind, Tier};
+use crate::cluster::fetch::PeerBlob;
+use crate::cluster::MEMBER_HEADER;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
@@ -34,11 +36,44 @@ impl App {
         if head {
             return self.head_blob(sel, &digest).await;
         }
+        self.serve_blob(sel, digest, range_header, Caller::Client)
+            .await
+    }
+
+    /// GET: /_berth/peer/v1/blobs/<digest> (`cluster/endpoint.rs`): another replica asks this
+    /// one, the digest's owner, for a blob in `sel`. Served through the same fill as this
+    /// replica's own clients, never forwarded to a peer; carries [`MEMBER_HEADER`] when this
+    /// replica holds the origin's evidence for the digest in `sel`'s repository. The asking
+    /// replica made the authorization decision.
+    pub async fn peer_blob(
+        &self,
+        sel: &Selected,
+        digest: Digest,
+        range_header: Option<&str>,
+    ) -> Result<Response<Body>, Error> {
+        let (mut resp, _) = self
+            .serve_blob(sel, digest.clone(), range_header, Caller::Peer)
+            .await?;
+        if self.auth.is_member(sel, &digest) {
+            resp.headers_mut()
+                .insert(MEMBER_HEADER, http::HeaderValue::from_static("1"));
+        }
+        Ok(resp)
+    }
+
+    /// A blob GET from the memory tier, the disk or a fill, for a client or a peer.
+    async fn serve_blob(
+        &self,
+        sel: &Selected,
+        digest: Digest,
+        range_header: Option<&str>,
+        caller: Caller,
+    ) -> Result<(Response<Body>, CacheResult), Error> {
         // Bytes from the cache, or from a fill another request started, are served under this
         // repository only with the origin's evidence that it holds them (asked here when
         // missing); a fill this request leads is this repository's own origin GET, whose 200 is
-        // the evidence.
-        let member = self.auth.is_member(sel, &digest);
+        // the evidence. A peer's request is settled by the peer.
+        let member = caller == Caller::Peer || self.auth.is_member(sel, &digest);
         let confirm = || async {
             if member {
                 Ok(())
@@ -59,7 +94,7 @@ impl App {
         let source = self
             .cache()
             .fills()
-            .blob_or_fill(&digest, || self.blob_fetcher(sel, &digest))
+            .blob_or_fill(&digest, || self.blob_fetcher(sel, &digest, caller))
             .await
             .map_err(io_err)?;
         match source {
@@ -191,9 +226,15 @@ impl App {
 }
 
 impl App {
-    /// Where a fill of `digest` for `sel` finds its bytes: the owner replica, the shared tier,
-    /// then the origin (see `sources.rs`).
-    fn blob_fetcher(&self, sel: &Selected, digest: &Digest) -> Arc<dyn BlobFetcher> {
+    /// Where a fill of `digest` for `sel` finds its bytes: the owner replica (for a client's
+    /// request when another replica owns the digest; a peer's request is never forwarded
+    /// again), the shared tier, then the origin (see `sources.rs`).
+    fn blob_fetcher(
+        &self,
+        sel: &Selected,
+        digest: &Digest,
+        caller: Caller,
+    ) -> Arc<dyn BlobFetcher> {
         let origin = Arc::new(UpstreamBlob {
             upstream: sel.upstream.clone(),
             request: blob_request(sel, Method::GET, digest),
@@ -205,7 +246,21 @@ impl App {
             ),
         });
         let shared = self.scale().shared.clone();
-        let peer: Option<Arc<dyn BlobFetcher>> = None;
+        let peer = match (&self.scale().cluster, caller) {
+            (Some(cluster), Caller::Client) => cluster.owner(digest).map(|owner| {
+                Arc::new(PeerBlob::new(
+                    cluster.clone(),
+                    owner,
+                    digest.clone(),
+                    sel.upstream.name(),
+                    sel.name.as_str(),
+                    &sel.auth,
+                    sel.upstream.config().idle_timeout,
+                    self.cache().memberships().clone(),
+                )) as Arc<dyn BlobFetcher>
+            }),
+            _ => None,
+        };
         if shared.is_none() && peer.is_none() {
             return origin;
         }
@@ -217,6 +272,16 @@ impl App {
             metrics: self.metrics.clone(),
         })
     }
+}
+
+/// Who asks for a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    /// A registry client, authorized by this replica; its misses may go to the owner replica.
+    Client,
+    /// Another replica (authenticated by the cluster's secret), which authorized its client
+    /// and settles membership itself.
+    Peer,
 }
 
 /// Fetches a blob (or a range of it) from its origin for a fill or a pass-through reader.

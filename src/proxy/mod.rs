@@ -123,6 +123,8 @@ pub struct App {
 pub struct Scale {
     /// The shared tier on object storage.
     pub shared: Option<Arc<crate::shared::SharedTier>>,
+    /// The other replicas and who owns which digest.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// What the request log records besides method, path and status.

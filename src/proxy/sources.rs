@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
-use crate::cache::fill::{BlobFetcher, Fetched, FetchedFrom};
+use crate::cache::fill::{BlobFetcher, Fetched, FetchedFrom, UpstreamStream};
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::shared::SharedTier;
@@ -35,7 +35,15 @@ impl BlobFetcher for TieredBlob {
         Box::pin(async move {
             if let Some(peer) = peer {
                 match peer.fetch(start, end).await {
-                    Ok(f) => return Ok(spared(f, &metrics)),
+                    Ok(f) => {
+                        let rest = Rest {
+                            digest,
+                            shared,
+                            origin,
+                            metrics: metrics.clone(),
+                        };
+                        return Ok(rest.after(spared(f, &metrics), start, end));
+                    }
                     Err(e) => {
                         let to = if shared.is_some() { "shared" } else { "origin" };
                         tracing::debug!(digest = %digest, error = %e, to, "owner replica failed; falling back");
@@ -43,12 +51,7 @@ impl BlobFetcher for TieredBlob {
                     }
                 }
             }
-            if let Some(shared) = &shared {
-                if let Some(f) = shared.fetch_blob(&digest, start, end).await {
-                    return Ok(spared(f, &metrics));
-                }
-            }
-            origin.fetch(start, end).await
+            next_source(&digest, shared.as_deref(), &*origin, &metrics, start, end).await
         })
     }
 
@@ -66,6 +69,106 @@ impl BlobFetcher for TieredBlob {
             if let Some(s) = &self.shared {
                 s.reject_blob(&self.digest);
             }
+        }
+    }
+}
+
+/// The shared tier, else the origin, from `start`.
+async fn next_source(
+    digest: &Digest,
+    shared: Option<&SharedTier>,
+    origin: &dyn BlobFetcher,
+    metrics: &Metrics,
+    start: u64,
+    end: Option<u64>,
+) -> Result<Fetched, UpstreamError> {
+    if let Some(shared) = shared {
+        if let Some(f) = shared.fetch_blob(digest, start, end).await {
+            return Ok(spared(f, metrics));
+        }
+    }
+    origin.fetch(start, end).await
+}
+
+/// Where the rest of a blob comes from when the owner fails mid-stream.
+struct Rest {
+    digest: Digest,
+    shared: Option<Arc<SharedTier>>,
+    origin: Arc<dyn BlobFetcher>,
+    metrics: Arc<Metrics>,
+}
+
+/// Which body a continued fetch is reading.
+enum Leg {
+    /// The owner's, with the source of the rest should it fail.
+    Peer(UpstreamStream, Rest),
+    /// The shared tier's or the origin's, from where the owner stopped.
+    Rest(UpstreamStream),
+}
+
+impl Rest {
+    /// `f` (the owner's body for bytes `start..end`), continued from the shared tier or the
+    /// origin at the offset reached if the owner fails or stops short: a client still gets the
+    /// whole blob, which the fill verifies as a whole.
+    fn after(self, f: Fetched, start: u64, end: Option<u64>) -> Fetched {
+        // The absolute end, so that the rest is asked for exactly the missing bytes.
+        let end = end.or(f.total.map(|t| start + t));
+        let state = (Leg::Peer(f.body, self), start);
+        let body = futures_util::stream::unfold(Some(state), move |state| async move {
+            let (leg, offset) = state?;
+            match leg {
+                Leg::Rest(mut body) => {
+                    let item = body.next().await?;
+                    let offset = offset + item.as_ref().map_or(0, |b| b.len() as u64);
+                    let next = item.is_ok().then_some((Leg::Rest(body), offset));
+                    Some((item, next))
+                }
+                Leg::Peer(mut body, rest) => {
+                    let failure = match body.next().await {
+                        Some(Ok(b)) => {
+                            let offset = offset + b.len() as u64;
+                            return Some((Ok(b), Some((Leg::Peer(body, rest), offset))));
+                        }
+                        None if end.is_none_or(|e| offset >= e) => return None,
+                        None => format!("body ended at byte {offset}"),
+                        Some(Err(e)) => e.to_string(),
+                    };
+                    let to = if rest.shared.is_some() {
+                        "shared"
+                    } else {
+                        "origin"
+                    };
+                    tracing::warn!(digest = %rest.digest, offset, error = %failure, to, "owner replica failed mid-blob; continuing from the next source");
+                    rest.metrics
+                        .scale
+                        .peer_fallbacks
+                        .with_label_values(&[to])
+                        .inc();
+                    let next = next_source(
+                        &rest.digest,
+                        rest.shared.as_deref(),
+                        &*rest.origin,
+                        &rest.metrics,
+                        offset,
+                        end,
+                    )
+                    .await;
+                    match next {
+                        Err(e) => Some((Err(e), None)),
+                        Ok(f) => {
+                            let mut body = f.body;
+                            let item = body.next().await?;
+                            let offset = offset + item.as_ref().map_or(0, |b| b.len() as u64);
+                            let next = item.is_ok().then_some((Leg::Rest(body), offset));
+                            Some((item, next))
+                        }
+                    }
+                }
+            }
+        });
+        Fetched {
+            body: Box::pin(body),
+            ..f
         }
     }
 }

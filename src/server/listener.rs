@@ -50,6 +50,8 @@ pub(crate) enum ListenerKind {
     Client,
     /// `/metrics`, `/healthz`, `/readyz`.
     Admin,
+    /// Other replicas of the cluster (the peer endpoint).
+    Peer,
 }
 
 impl ListenerKind {
@@ -58,6 +60,7 @@ impl ListenerKind {
         match self {
             ListenerKind::Client => "client",
             ListenerKind::Admin => "admin",
+            ListenerKind::Peer => "peer",
         }
     }
 }

@@ -21,11 +21,15 @@ use tokio::task::JoinHandle;
 
 use crate::body::{self, Body};
 use crate::cache::Cache;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{App, ConnInfo};
 use crate::upstream::Upstreams;
 use listener::{Listener, ListenerKind};
+
+/// Most connections the peer listener holds at once (other replicas pool theirs).
+const PEER_MAX_CONNECTIONS: usize = 1024;
 
 /// How often the cache's recency order is saved.
 const RECENCY_INTERVAL: Duration = Duration::from_secs(30);
@@ -64,6 +68,9 @@ pub enum StartError {
     /// The shared tier's object store could not be set up.
     #[error(transparent)]
     Shared(#[from] crate::shared::OpenError),
+    /// The cluster's secret could not be read.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// A started berth: its bound addresses and the handle to stop it.
@@ -72,6 +79,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Address of the admin listener, if configured.
     pub admin_addr: Option<SocketAddr>,
+    /// Address of the peer listener (`[cluster]`), if configured.
+    pub peer_addr: Option<SocketAddr>,
     /// The request path (for tests that inspect the cache).
     pub app: Arc<App>,
     shutdown: watch::Sender<bool>,
@@ -182,6 +191,18 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
         None => None,
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let peer_listener = match &config.cluster {
+        Some(c) => Some(
+            TcpListener::bind(c.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: c.listen,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let peer_addr = peer_listener.as_ref().and_then(|l| l.local_addr().ok());
     let scale = crate::proxy::Scale {
         shared: match &config.cache.shared {
             Some(c) => Some(crate::shared::SharedTier::open(
@@ -189,6 +210,10 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
                 cache.store().clone(),
                 metrics.clone(),
             )?),
+            None => None,
+        },
+        cluster: match &config.cluster {
+            Some(c) => Some(Cluster::start(c, metrics.clone()).await?),
             None => None,
         },
     };
@@ -253,15 +278,40 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
             None,
         )));
     }
+    if let (Some(socket), Some(cluster)) = (peer_listener, app.scale().cluster.clone()) {
+        tasks.push(tokio::spawn(cluster.clone().refresh_loop(rx.clone())));
+        let peer_app = app.clone();
+        let peers = Listener {
+            kind: ListenerKind::Peer,
+            socket,
+            setup: Arc::new(conn::Setup::new(
+                move |req: Request<Incoming>| {
+                    let (app, cluster) = (peer_app.clone(), cluster.clone());
+                    async move { crate::cluster::endpoint::handle(&cluster, &app, req).await }
+                },
+                None,
+                limits,
+            )),
+            cap: client_cap.min(PEER_MAX_CONNECTIONS),
+        };
+        tasks.push(tokio::spawn(listener::run(
+            peers,
+            metrics.clone(),
+            rx.clone(),
+            grace,
+            None,
+        )));
+    }
     tasks.push(tokio::spawn(save_recency(app.clone(), rx)));
     tracing::info!(
-        %addr, admin = ?admin_addr, tls = config.server.tls.is_some(),
+        %addr, admin = ?admin_addr, peer = ?peer_addr, tls = config.server.tls.is_some(),
         max_connections = client_cap, admin_max_connections = admin_cap,
         "berth listening"
     );
     Ok(Running {
         addr,
         admin_addr,
+        peer_addr,
         app,
         shutdown,
         tasks,

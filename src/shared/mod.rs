@@ -15,6 +15,7 @@
 //! tier is tried again when the wait ends.
 
 mod http;
+pub use http::Connector;
 mod upload;
 
 use std::sync::Arc;

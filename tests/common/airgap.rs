@@ -363,13 +363,29 @@ impl BerthProcess {
     pub async fn stop(mut self) -> String {
         if let Some(mut c) = self.child.take() {
             let pid = c.id().to_string();
-            let _ = std::process::Command::new("kill")
+            let sent = std::process::Command::new("kill")
                 .args(["-TERM", &pid])
-                .status();
-            let status = tokio::task::spawn_blocking(move || c.wait())
-                .await
-                .expect("join")
-                .expect("wait");
+                .status()
+                .is_ok_and(|s| s.success());
+            if !sent {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("could not send SIGTERM to berth serve (pid {pid}); killed it");
+            }
+            // A berth that does not exit within its grace (and then some) is a failure, not a
+            // hang.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let status = loop {
+                if let Some(status) = c.try_wait().expect("wait") {
+                    break status;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("berth serve ignored SIGTERM for 30 s: {}", self.log());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
             assert!(
                 status.success(),
                 "berth serve exited with {status}: {}",

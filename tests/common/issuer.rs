@@ -210,6 +210,10 @@ struct Inner {
     log: Mutex<Vec<TokenRequest>>,
     refresh_tokens: Mutex<HashMap<String, String>>,
     next_id: AtomicU64,
+    /// Token requests received so far (counted on arrival, before any hold).
+    arrived: AtomicU64,
+    /// While true, token requests wait before being answered.
+    hold: tokio::sync::watch::Sender<bool>,
 }
 
 /// An answer before it is recorded and turned into a response.
@@ -383,6 +387,8 @@ impl IssuerBuilder {
             log: Mutex::default(),
             refresh_tokens: Mutex::default(),
             next_id: AtomicU64::new(1),
+            arrived: AtomicU64::new(0),
+            hold: tokio::sync::watch::channel(false).0,
         });
         let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .await
@@ -528,6 +534,22 @@ impl TokenIssuer {
         self.inner.settings.lock().unwrap().get_status = status;
     }
 
+    /// From now on, token requests are counted on arrival and then wait, unanswered, until
+    /// [`TokenIssuer::release`].
+    pub fn hold(&self) {
+        self.inner.hold.send_replace(true);
+    }
+
+    /// Answers the held token requests and stops holding.
+    pub fn release(&self) {
+        self.inner.hold.send_replace(false);
+    }
+
+    /// Token requests that have arrived so far, answered or held.
+    pub fn arrived(&self) -> u64 {
+        self.inner.arrived.load(Ordering::SeqCst)
+    }
+
     /// Starts a [`PushGate`] in front of `registry`.
     pub async fn push_gate(&self, registry: &Registry) -> PushGate {
         PushGate::start(self.inner.clone(), registry.addr()).await
@@ -559,6 +581,8 @@ impl Drop for TokenIssuer {
 impl Inner {
     /// Answers one request to the issuer and records it.
     async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        self.arrived.fetch_add(1, Ordering::SeqCst);
+        let _ = self.hold.subscribe().wait_for(|held| !*held).await;
         let settings = self.settings.lock().unwrap().clone();
         if request.uri().path() != settings.realm_path {
             return json_response(StatusCode::NOT_FOUND, &json!({"details": "not found"}));

@@ -13,6 +13,7 @@ pub mod containerd;
 pub mod content;
 pub mod fault;
 pub mod issuer;
+pub mod objstore;
 pub mod registry;
 pub mod tap;
 pub mod tls;

@@ -3,7 +3,8 @@
 //! Every request is recorded as `(method, path_and_query)` and forwarded unchanged to the
 //! upstream; bodies stream in both directions and are never buffered. Tests assert what
 //! reached the origin (one fill per blob, no refetch on a hit) and can make the origin
-//! unreachable with [`Tap::set_down`].
+//! unreachable with [`Tap::set_down`], or hold requests (recorded, not yet forwarded) with
+//! [`Tap::hold`] until [`Tap::release`], so that a test can make requests truly concurrent.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,12 +33,16 @@ const HOP_BY_HOP: [&str; 8] = [
 
 /// The recorded requests, in arrival order.
 type Log = Arc<Mutex<Vec<(Method, String)>>>;
+/// The origin's answers, as `(method, path_and_query, status)`, in the order they came back.
+type Answers = Arc<Mutex<Vec<(Method, String, u16)>>>;
 
 /// A running counting proxy on 127.0.0.1; stops (with its connections) when dropped.
 pub struct Tap {
     addr: SocketAddr,
     log: Log,
+    answers: Answers,
     down: Arc<AtomicBool>,
+    hold: Arc<tokio::sync::watch::Sender<bool>>,
     task: JoinHandle<()>,
 }
 
@@ -47,7 +52,9 @@ struct Shared {
     upstream: SocketAddr,
     client: Client<HttpConnector, Incoming>,
     log: Log,
+    answers: Answers,
     down: Arc<AtomicBool>,
+    hold: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// A service error makes hyper close the connection without an answer, which the client sees
@@ -74,17 +81,23 @@ impl Tap {
         let addr = listener.local_addr().expect("tap local addr");
         let log = Log::default();
         let down = Arc::new(AtomicBool::new(false));
+        let hold = Arc::new(tokio::sync::watch::channel(false).0);
+        let answers = Answers::default();
         let shared = Shared {
             upstream,
             client: Client::builder(TokioExecutor::new()).build_http(),
             log: log.clone(),
+            answers: answers.clone(),
             down: down.clone(),
+            hold: hold.clone(),
         };
         let task = tokio::spawn(accept_loop(listener, shared));
         Tap {
             addr,
             log,
+            answers,
             down,
+            hold,
             task,
         }
     }
@@ -114,15 +127,37 @@ impl Tap {
             .count()
     }
 
-    /// Forgets the recorded requests, e.g. after a warm-up pull.
+    /// How many of the origin's answers (response heads passed back) match
+    /// `filter(method, path_and_query, status)`.
+    pub fn answered(&self, filter: impl Fn(&Method, &str, u16) -> bool) -> usize {
+        self.answers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(method, path, status)| filter(method, path, *status))
+            .count()
+    }
+
+    /// Forgets the recorded requests and answers, e.g. after a warm-up pull.
     pub fn clear(&self) {
         self.log.lock().unwrap().clear();
+        self.answers.lock().unwrap().clear();
     }
 
     /// While down, new connections are closed at once and requests on open connections are
     /// dropped unanswered; nothing is forwarded or recorded.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// From now on, requests are recorded on arrival but not forwarded until [`Tap::release`].
+    pub fn hold(&self) {
+        self.hold.send_replace(true);
+    }
+
+    /// Forwards the held requests and stops holding.
+    pub fn release(&self) {
+        self.hold.send_replace(false);
     }
 }
 
@@ -164,6 +199,7 @@ async fn forward(
         return Err(Unreachable("tap is down".to_owned()));
     }
     let (mut parts, body) = request.into_parts();
+    let method = parts.method.clone();
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -174,6 +210,9 @@ async fn forward(
         .lock()
         .unwrap()
         .push((parts.method.clone(), path_and_query.clone()));
+    // Held requests wait here, already counted; a dropped tap ends the wait too.
+    let mut hold = shared.hold.subscribe();
+    let _ = hold.wait_for(|held| !*held).await;
 
     // HTTP/2 clients send the authority in the URI, not a Host header; keep it for the origin.
     if !parts.headers.contains_key(HOST) {
@@ -187,7 +226,7 @@ async fn forward(
     parts.uri = Uri::builder()
         .scheme("http")
         .authority(shared.upstream.to_string())
-        .path_and_query(path_and_query)
+        .path_and_query(path_and_query.clone())
         .build()
         .expect("upstream URI");
     // The origin connection is HTTP/1.1 whatever the client spoke to the tap.
@@ -201,6 +240,11 @@ async fn forward(
         .await
         .map_err(|e| Unreachable(format!("origin: {e}")))?;
     strip_hop_by_hop(response.headers_mut());
+    shared
+        .answers
+        .lock()
+        .unwrap()
+        .push((method, path_and_query, response.status().as_u16()));
     Ok(response)
 }
 
