@@ -226,13 +226,6 @@ impl Authorizer {
         })
     }
 
-    /// Whether `token` is one berth itself holds (issued by its `/token`, or a static token):
-    /// never the origin's, so never sent there. In `passthrough` berth issues its own tokens
-    /// only where the origin asked for no authentication; they are worth an anonymous client.
-    fn is_own_token(&self, token: &str) -> bool {
-        self.local.check_token(token, "", None, true) != TokenCheck::Unknown
-    }
-
     /// Decides whether `principal` may read `target` through `sel`, and sets whose credentials
     /// `sel`'s origin requests carry. `visible` is the repository as the client named it (for
     /// the challenge).
@@ -271,10 +264,23 @@ impl Authorizer {
             AuthMode::Passthrough => {
                 sel.auth = match &principal.credential {
                     Credential::Anonymous => UpstreamAuth::Anonymous,
-                    Credential::Bearer(t) if self.is_own_token(t.expose()) => {
-                        UpstreamAuth::Anonymous
-                    }
-                    Credential::Bearer(t) => UpstreamAuth::Bearer(t.clone()),
+                    // A token berth holds itself (issued by its `/token` where the origin asked
+                    // for no authentication, or a static token) is never the origin's, so never
+                    // sent there: for its own upstream and repository it is worth an anonymous
+                    // client; anywhere else it opens nothing.
+                    Credential::Bearer(t) => match self.local.check_token(
+                        t.expose(),
+                        &service,
+                        Some(sel.name.as_str()),
+                        true,
+                    ) {
+                        TokenCheck::Unknown => UpstreamAuth::Bearer(t.clone()),
+                        TokenCheck::Valid => UpstreamAuth::Anonymous,
+                        TokenCheck::OutOfScope => {
+                            self.count("deny", "local");
+                            return Err(required("this token was not issued for this repository"));
+                        }
+                    },
                     Credential::Basic { user, password } => UpstreamAuth::Basic {
                         key: principal.key.clone(),
                         credentials: Credentials {

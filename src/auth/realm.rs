@@ -579,6 +579,68 @@ mod tests {
         );
     }
 
+    fn upstreams(toml: &str) -> Upstreams {
+        let c = crate::config::Config::from_toml(toml).unwrap();
+        Upstreams::new(&c.upstreams).unwrap()
+    }
+
+    fn token_request(query: &str) -> TokenRequest {
+        TokenRequest {
+            method: Method::GET,
+            params: decode_pairs(query),
+            principal: Principal::anonymous(),
+            authorization: None,
+        }
+    }
+
+    #[test]
+    fn requests_without_service_route_by_the_scope() {
+        let ups = upstreams(
+            "[[upstream]]\nname = \"origin\"\nurl = \"http://o\"\nauth = \"passthrough\"\n\
+             [[upstream]]\nname = \"hub\"\nurl = \"http://h\"\nauth = \"public\"\n",
+        );
+        let mut req = token_request("scope=repository:hub/a:pull+repository:origin/b:pull");
+        assert_eq!(route_by_scope(&mut req, &ups).unwrap().name(), "hub");
+        assert_eq!(req.scopes(), vec!["repository:hub/a:pull"]);
+        let mut req = token_request("scope=repository:origin/b:pull");
+        assert_eq!(route_by_scope(&mut req, &ups).unwrap().name(), "origin");
+        // No scope and no default: the one upstream whose origin decides (a docker login).
+        assert_eq!(
+            route_by_scope(&mut token_request("account=alice"), &ups)
+                .unwrap()
+                .name(),
+            "origin"
+        );
+        // A scope no upstream serves, and no default: nothing to pick but the login upstream.
+        let mut req = token_request("scope=repository:elsewhere/x:pull");
+        assert_eq!(route_by_scope(&mut req, &ups).unwrap().name(), "origin");
+        let two = upstreams(
+            "[[upstream]]\nname = \"a\"\nurl = \"http://a\"\nauth = \"passthrough\"\n\
+             [[upstream]]\nname = \"b\"\nurl = \"http://b\"\nauth = \"passthrough\"\n",
+        );
+        assert!(route_by_scope(&mut token_request(""), &two).is_none());
+    }
+
+    #[test]
+    fn scopes_carry_the_upstream_repository_prefix() {
+        let ups = upstreams(
+            "[[upstream]]\nname = \"region\"\nurl = \"http://r:5000/docker.io\"\naliases = [\"docker.io\"]\ndefault = true\n",
+        );
+        let u = &ups.all()[0];
+        assert_eq!(
+            translate_scope("repository:region/alpine:pull", u),
+            "repository:docker.io/library/alpine:pull"
+        );
+        assert_eq!(
+            translate_scope("repository:org/app:pull", u),
+            "repository:docker.io/org/app:pull"
+        );
+        assert_eq!(
+            translate_scope("registry:catalog:*", u),
+            "registry:catalog:*"
+        );
+    }
+
     #[test]
     fn pairs_round_trip() {
         let p = decode_pairs(

@@ -160,3 +160,36 @@ impl Upstreams {
         Some((u, rest.parse().ok()?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A path in an upstream's URL is a repository prefix at the origin, added after the
+    /// client's prefix is removed and Docker Hub's `library/` added.
+    #[test]
+    fn the_url_path_prefixes_repository_names() {
+        let c = crate::config::Config::from_toml(
+            "[[upstream]]\nname = \"hub\"\nurl = \"http://region:5000/docker.io\"\naliases = [\"docker.io\"]\ndefault = true\n\
+             [[upstream]]\nname = \"own\"\nurl = \"http://region:5000/origin/team\"\n",
+        )
+        .unwrap();
+        let ups = Upstreams::new(&c.upstreams).unwrap();
+        let name = |s: &str| s.parse::<RepoName>().unwrap();
+        let sel = ups.select(None, name("alpine")).unwrap();
+        assert_eq!(sel.name.as_str(), "docker.io/library/alpine");
+        let sel = ups.select(Some("docker.io"), name("org/app")).unwrap();
+        assert_eq!(sel.name.as_str(), "docker.io/org/app");
+        let sel = ups.select(None, name("own/app")).unwrap();
+        assert_eq!(
+            (sel.upstream.name(), sel.name.as_str()),
+            ("own", "origin/team/app")
+        );
+        assert_eq!(sel.prefix.as_deref(), Some("own"));
+        let long = format!("own/{}", "a".repeat(250));
+        assert!(matches!(
+            ups.select(None, name(&long)),
+            Err(SelectError::Prefixed(_))
+        ));
+    }
+}
