@@ -248,13 +248,20 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
         cap: client_cap,
     };
     let grace = config.server.shutdown_grace;
-    let mut tasks = vec![tokio::spawn(listener::run(
+    let client_task = tokio::spawn(listener::run(
         clients,
         metrics.clone(),
         rx.clone(),
         grace,
         Some(ready.clone()),
-    ))];
+    ));
+    // The admin listener outlives the client listener's drain, so that probes see `/readyz`
+    // turn 503 ("shutting down") while in-flight requests finish, and metrics stay scrapable.
+    let (admin_stop, admin_rx) = watch::channel(false);
+    let mut tasks = vec![tokio::spawn(async move {
+        let _ = client_task.await;
+        let _ = admin_stop.send(true);
+    })];
     if let Some(socket) = admin_listener {
         let admin_app = app.clone();
         let admin = Listener {
@@ -273,7 +280,7 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
         tasks.push(tokio::spawn(listener::run(
             admin,
             metrics.clone(),
-            rx.clone(),
+            admin_rx,
             grace,
             None,
         )));

@@ -359,6 +359,34 @@ impl BerthProcess {
         }
     }
 
+    /// Sends SIGTERM and returns at once (the process drains while the test watches).
+    pub fn terminate(&self) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(sent, "could not send SIGTERM to berth serve (pid {pid})");
+    }
+
+    /// Waits at most `secs` for the process to exit and returns its status; panics (after
+    /// SIGKILL) when it does not.
+    pub async fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("berth serve still running after {secs} s: {}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGTERM, then waits for a clean exit (which releases the cache directory's lock).
     pub async fn stop(mut self) -> String {
         if let Some(mut c) = self.child.take() {
