@@ -18,6 +18,11 @@ impl Challenge {
     }
 }
 
+/// RFC 7230 `tchar`: the characters of a token such as an auth scheme.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// Parses a header value into its challenges. Tolerates quoted strings with escapes and commas.
 pub fn parse(header: &str) -> Vec<Challenge> {
     let mut out: Vec<Challenge> = Vec::new();
@@ -69,7 +74,7 @@ pub fn parse(header: &str) -> Vec<Challenge> {
             if let Some(c) = out.last_mut() {
                 c.params.insert(word.to_ascii_lowercase(), value);
             }
-        } else if !word.is_empty() {
+        } else if !word.is_empty() && word.bytes().all(is_tchar) {
             out.push(Challenge {
                 scheme: word.to_ascii_lowercase(),
                 params: HashMap::new(),
@@ -105,6 +110,13 @@ mod tests {
         assert_eq!(c[1].param("realm"), Some("https://a/t"));
         assert_eq!(c[1].param("scope"), Some("a:b:pull,push"));
         assert!(parse("").is_empty());
-        assert!(parse("=,=\"").is_empty() || !parse("=,=\"").is_empty());
+        // Garbage yields no challenge (a scheme is an RFC 7230 token), and does not hide a
+        // real challenge after it.
+        assert!(parse("=,=\"").is_empty());
+        assert!(parse("\"").is_empty());
+        let c = parse("\"junk\", Bearer realm=\"r\"");
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(c[0].scheme, "bearer");
+        assert_eq!(c[0].param("realm"), Some("r"));
     }
 }
