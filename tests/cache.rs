@@ -110,6 +110,17 @@ async fn disk_budget_holds_under_concurrent_fills() {
     let peak = peak.load(Ordering::SeqCst);
     assert!(peak <= BUDGET, "peak {peak} > budget {BUDGET}");
     assert!(peak > 0, "the sampler saw the cache fill");
+    // Where the invariant is kept: the index records the most any fill ever held (checked
+    // against the budget, and its totals against its entries, on every change in this debug
+    // build), so a moment the sampler missed cannot hide an overshoot.
+    let usage = berth.app().cache().index().usage();
+    assert!(
+        usage.peak <= BUDGET,
+        "the index saw {} > {BUDGET}",
+        usage.peak
+    );
+    assert!(usage.peak >= 1_000_000, "the index saw fills: {usage:?}");
+    assert!(usage.used <= BUDGET && usage.reserved == 0, "{usage:?}");
     assert!(budgeted(&cache) <= BUDGET);
     // Some blobs were stored (the budget is not just refused).
     let stored = img

@@ -75,6 +75,8 @@ struct Inner {
     reserved: u64,
     evictions: u64,
     dirty: bool,
+    /// Highest `used + reserved` any fill left behind (reserve, grow, commit).
+    peak: u64,
 }
 
 /// Why space could not be reserved.
@@ -136,6 +138,9 @@ pub struct Usage {
     pub evictions: u64,
     /// Bytes of pinned objects.
     pub pinned: u64,
+    /// Highest committed plus reserved bytes a fill ever held: the budget's own record that
+    /// it was never exceeded (objects loaded at start-up are not counted).
+    pub peak: u64,
 }
 
 // === impl DiskIndex ===
@@ -149,8 +154,10 @@ impl DiskIndex {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    /// The state, audited when the guard drops in builds with debug assertions (tests): every
+    /// change is checked against the index's own accounting.
+    fn lock(&self) -> Guard<'_> {
+        Guard(self.inner.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The budget in bytes.
@@ -167,6 +174,7 @@ impl DiskIndex {
             objects: i.entries.len() as u64,
             evictions: i.evictions,
             pinned: i.pinned_bytes,
+            peak: i.peak,
         }
     }
 
@@ -210,6 +218,7 @@ impl DiskIndex {
         let mut i = self.lock();
         let evicted = i.make_room(bytes, self.budget)?;
         i.reserved += bytes;
+        i.note_fill(self.budget);
         Ok((
             Reservation {
                 index: self.clone(),
@@ -315,6 +324,7 @@ impl Reservation {
         let evicted = i.make_room(more, self.index.budget)?;
         i.reserved += more;
         self.bytes += more;
+        i.note_fill(self.index.budget);
         Ok(evicted)
     }
 
@@ -335,6 +345,7 @@ impl Reservation {
             }
         }
         i.insert(key, size, Segment::Probation);
+        i.note_fill(self.index.budget);
         evicted
     }
 }
@@ -348,9 +359,88 @@ impl Drop for Reservation {
     }
 }
 
+/// The locked state; see [`DiskIndex::lock`].
+struct Guard<'a>(MutexGuard<'a, Inner>);
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.0
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        #[cfg(debug_assertions)]
+        if !std::thread::panicking() {
+            if let Err(e) = self.0.audit() {
+                panic!("disk index accounting broken: {e}");
+            }
+        }
+    }
+}
+
 // === impl Inner ===
 
 impl Inner {
+    /// Records what a fill left behind; a fill never takes the cache past its budget.
+    fn note_fill(&mut self, budget: u64) {
+        let held = self.used + self.reserved;
+        self.peak = self.peak.max(held);
+        debug_assert!(
+            held <= budget,
+            "a fill took the disk cache over its budget: {held} > {budget}"
+        );
+    }
+
+    /// Checks the running totals against the entries and the segment maps.
+    #[cfg(debug_assertions)]
+    fn audit(&self) -> Result<(), String> {
+        let (mut used, mut protected, mut pinned) = (0u64, 0u64, 0u64);
+        for (k, e) in &self.entries {
+            used += e.size;
+            let listed = match e.segment {
+                Segment::Probation => self.probation.get(&e.tick) == Some(k),
+                Segment::Protected => {
+                    protected += e.size;
+                    self.protected.get(&e.tick) == Some(k)
+                }
+                Segment::Pinned => {
+                    pinned += e.size;
+                    true
+                }
+            };
+            if !listed {
+                return Err(format!("{k:?} missing from its segment"));
+            }
+        }
+        let pinned_count = self
+            .entries
+            .values()
+            .filter(|e| e.segment == Segment::Pinned)
+            .count();
+        let listed = self.probation.len() + self.protected.len() + pinned_count;
+        if (used, protected, pinned) != (self.used, self.protected_bytes, self.pinned_bytes)
+            || listed != self.entries.len()
+        {
+            return Err(format!(
+                "totals used {}/{used}, protected {}/{protected}, pinned {}/{pinned}, \
+                 listed {listed}/{}",
+                self.used,
+                self.protected_bytes,
+                self.pinned_bytes,
+                self.entries.len()
+            ));
+        }
+        Ok(())
+    }
+
     fn next_tick(&mut self) -> u64 {
         self.tick += 1;
         self.dirty = true;
