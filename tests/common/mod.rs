@@ -9,10 +9,12 @@
 
 pub mod airgap;
 pub mod berth;
+pub mod cluster;
 pub mod containerd;
 pub mod content;
 pub mod fault;
 pub mod issuer;
+pub mod pace;
 pub mod registry;
 pub mod tap;
 pub mod tls;
