@@ -157,7 +157,7 @@ impl Cluster {
         let resolved = match &self.config.peers_dns {
             None => Vec::new(),
             Some(name) => match resolve(name, self.config.timeout).await {
-                Ok(addrs) if !addrs.is_empty() => addrs,
+                Ok(addrs) if !addrs.is_empty() => one_family(addrs),
                 Ok(_) => current.resolved().to_vec(),
                 Err(e) => {
                     tracing::warn!(name = %name, error = %e, "cluster.peers_dns did not resolve; keeping the last peer set");
@@ -188,11 +188,22 @@ impl Cluster {
         }
     }
 
+    /// The `Authorization` value of this replica's peer requests.
     fn bearer(&self) -> http::HeaderValue {
         let mut v = http::HeaderValue::from_str(&format!("Bearer {}", self.secret.expose()))
             .expect("the secret is one line of text");
         v.set_sensitive(true);
         v
+    }
+}
+
+/// A dual-stack answer names every replica twice (A and AAAA) with nothing to pair them: keep
+/// the IPv4 addresses when there are any, so that every replica builds the same set.
+fn one_family(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    if addrs.iter().any(SocketAddr::is_ipv4) {
+        addrs.into_iter().filter(SocketAddr::is_ipv4).collect()
+    } else {
+        addrs
     }
 }
 
@@ -216,5 +227,18 @@ async fn resolve(host_port: &str, timeout: Duration) -> Result<Vec<SocketAddr>, 
         Err(_) => Err(format!("resolving {host} timed out")),
         Ok(Err(e)) => Err(e.to_string()),
         Ok(Ok(addrs)) => Ok(addrs.map(|a| SocketAddr::new(a.ip(), port)).collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dual_stack_answer_keeps_one_family() {
+        let v4: SocketAddr = "10.0.0.1:5002".parse().unwrap();
+        let v6: SocketAddr = "[fd00::1]:5002".parse().unwrap();
+        assert_eq!(one_family(vec![v6, v4]), vec![v4]);
+        assert_eq!(one_family(vec![v6]), vec![v6]);
     }
 }

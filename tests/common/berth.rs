@@ -26,6 +26,8 @@ pub struct Berth {
     pub addr: SocketAddr,
     /// Admin listener address.
     pub admin_addr: SocketAddr,
+    /// Peer listener address (`[cluster]`), if configured.
+    pub peer_addr: Option<SocketAddr>,
     scheme: &'static str,
     cache_dir: PathBuf,
     _dir: TempDir,
@@ -179,6 +181,11 @@ impl BerthBuilder {
 
     /// Starts berth in this process.
     pub async fn start(self) -> Berth {
+        self.try_start().await.expect("berth starts")
+    }
+
+    /// Starts berth in this process, or says why it could not (a port taken meanwhile).
+    pub async fn try_start(self) -> Result<Berth, berth::server::StartError> {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache_dir = self
             .cache_dir
@@ -187,16 +194,15 @@ impl BerthBuilder {
         let text = self.config_text(&cache_dir);
         let config = berth::Config::from_toml(&text)
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{text}"));
-        let running = berth::start(config, prometheus::Registry::new())
-            .await
-            .expect("berth starts");
-        Berth {
+        let running = berth::start(config, prometheus::Registry::new()).await?;
+        Ok(Berth {
             addr: running.addr,
             admin_addr: running.admin_addr.expect("admin configured"),
+            peer_addr: running.peer_addr,
             running: Some(running),
             scheme: if self.tls.is_some() { "https" } else { "http" },
             cache_dir,
             _dir: dir,
-        }
+        })
     }
 }

@@ -9,11 +9,13 @@
 
 pub mod airgap;
 pub mod berth;
+pub mod cluster;
 pub mod containerd;
 pub mod content;
 pub mod fault;
 pub mod issuer;
 pub mod objstore;
+pub mod pace;
 pub mod registry;
 pub mod tap;
 pub mod tls;
