@@ -10,7 +10,7 @@ mod common;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::berth::Berth;
 use common::content::{pseudo_random, sha256_digest, OCI_MANIFEST};
@@ -269,14 +269,16 @@ async fn origin_errors_come_back_quickly_as_oci_errors() {
         fault.set_manifest_fault(REPO, &tag, Fault::Status(status));
 
         for url in [blob_url(&berth, &digest), manifest_url(&berth, &tag)] {
-            let started = Instant::now();
-            let resp = get(&url, &[OCI_MANIFEST]).await;
+            let before = fault.requests().len();
+            // "Quickly" is counted, not timed: berth gives up after a bounded number of origin
+            // requests (no retry loop the client waits out). The timeout only guards a hang.
+            let resp = within(30, &url, get(&url, &[OCI_MANIFEST])).await;
             let retry_after = resp.headers().get("retry-after").cloned();
             let (got, code) = error_code(resp).await;
+            let asked = fault.requests().len() - before;
             assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "{url}: answered after {:?}",
-                started.elapsed()
+                (1..=3).contains(&asked),
+                "{url}: {asked} origin requests for one client request"
             );
             if status == 429 {
                 assert_eq!(
@@ -440,20 +442,16 @@ async fn first_byte_and_idle_timeouts() {
     .await;
 
     // No response head within first_byte_timeout: 504, for blobs and manifests alike.
+    // The origin stalls for an hour: any answer at all comes from berth's timeout, however
+    // loaded the machine (the outer timeout only turns a hang into a failure).
     let stalled = fault.add_blob(pseudo_random(60, 10_000));
-    fault.set_blob_fault(&stalled, Fault::Stall(Duration::from_secs(30)));
+    fault.set_blob_fault(&stalled, Fault::Stall(Duration::from_secs(3600)));
     fault.add_manifest(REPO, "stalled", OCI_MANIFEST, test_manifest(60));
-    fault.set_manifest_fault(REPO, "stalled", Fault::Stall(Duration::from_secs(30)));
+    fault.set_manifest_fault(REPO, "stalled", Fault::Stall(Duration::from_secs(3600)));
     for url in [blob_url(&berth, &stalled), manifest_url(&berth, "stalled")] {
-        let started = Instant::now();
-        let resp = get(&url, &[OCI_MANIFEST]).await;
+        let resp = within(60, &url, get(&url, &[OCI_MANIFEST])).await;
         let (status, _) = error_code(resp).await;
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{url}");
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{url}: answered after {:?}",
-            started.elapsed()
-        );
     }
 
     // The body stops for longer than idle_timeout: the transfer is aborted, nothing stored.
@@ -463,16 +461,16 @@ async fn first_byte_and_idle_timeouts() {
         &idle,
         Fault::StallBody {
             after: 300_000,
-            pause: Duration::from_secs(30),
+            pause: Duration::from_secs(3600),
         },
     );
-    let started = Instant::now();
-    expect_failed_blob(&blob_url(&berth, &idle)).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "idle stall noticed after {:?}",
-        started.elapsed()
-    );
+    // The body pauses for an hour: only berth's idle timeout can end the transfer.
+    within(
+        60,
+        "idle stall",
+        expect_failed_blob(&blob_url(&berth, &idle)),
+    )
+    .await;
     assert_not_stored(berth.cache_dir(), &idle).await;
 
     // Slow but never idle for a whole idle_timeout: the idle timeout is not a deadline.
