@@ -58,7 +58,9 @@ async fn pull(client: &reqwest::Client, url: &str, img: &TestImage) {
 async fn origin_bytes(berths: &[&Berth]) -> f64 {
     let mut sum = 0.0;
     for b in berths {
-        sum += b.metric("berth_upstream_bytes_total{upstream=\"origin\"}").await;
+        sum += b
+            .metric("berth_upstream_bytes_total{upstream=\"origin\"}")
+            .await;
     }
     sum
 }
