@@ -13,6 +13,8 @@
 mod common;
 
 use std::future::Future;
+
+use base64::Engine as _;
 use std::time::Duration;
 
 use common::berth::{Berth, BerthBuilder};
@@ -24,6 +26,53 @@ use common::{push_oci_image, Registry, Tap};
 use reqwest::{Client, Method, StatusCode};
 
 const REPO: &str = "peers/app";
+
+/// Everything this test binary logged at DEBUG and above once [`capture_logs`] ran.
+static LOGS: std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> =
+    std::sync::OnceLock::new();
+
+/// Writes formatted events into [`LOGS`].
+#[derive(Clone)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+/// Captures every replica's logs (they share the process) from now on.
+fn capture_logs() {
+    LOGS.get_or_init(|| {
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::DEBUG)
+            .with_ansi(false)
+            .with_writer(Capture(buffer.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global tracing subscriber in this test binary");
+        buffer
+    });
+}
+
+fn captured_logs() -> String {
+    let buffer = LOGS.get().expect("capture_logs() called first");
+    String::from_utf8_lossy(&buffer.lock().unwrap()).into_owned()
+}
 const MIB: usize = 1 << 20;
 
 /// `fut`, or a panic naming `what` if it takes longer than `secs`.
@@ -395,6 +444,7 @@ async fn bytes_from_the_owner_are_not_evidence_for_another_repository() {
 async fn a_client_the_origin_refuses_is_refused_at_its_replica_however_warm_the_owner() {
     const ALICE: (&str, &str) = ("alice", "pw-alice-Peer-7c1");
     const BOB: (&str, &str) = ("bob", "pw-bob-Peer-2f9");
+    capture_logs();
     let issuer = TokenIssuer::builder()
         .rs256()
         .user(ALICE.0, ALICE.1)
@@ -500,6 +550,17 @@ async fn a_client_the_origin_refuses_is_refused_at_its_replica_however_warm_the_
     );
     // bob's own image through either replica works.
     pull_as(a, &team, Some(BOB)).await;
+    // Neither the client credentials relayed to the owner nor the cluster's secret reach a log.
+    let logs = captured_logs();
+    assert!(logs.contains("peer request"), "peer requests were logged");
+    for secret in [
+        ALICE.1.to_owned(),
+        BOB.1.to_owned(),
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", ALICE.0, ALICE.1)),
+        cluster.secret().to_owned(),
+    ] {
+        assert!(!logs.contains(&secret), "a secret was logged");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

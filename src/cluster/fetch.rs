@@ -19,7 +19,7 @@ use super::{Cluster, BLOB_PATH, MEMBER_HEADER, UPSTREAM_AUTH_HEADER};
 use crate::cache::fill::{BlobFetcher, Fetched, FetchedFrom};
 use crate::cache::Memberships;
 use crate::oci::Digest;
-use crate::upstream::{UpstreamAuth, UpstreamError};
+use crate::upstream::{Selected, UpstreamAuth, UpstreamError};
 
 /// Fetches a blob from the replica that owns it.
 pub struct PeerBlob {
@@ -38,27 +38,23 @@ pub struct PeerBlob {
 }
 
 impl PeerBlob {
-    /// A fetch of `digest` in (`upstream`, `repo`) from `owner`, carrying the client's origin
-    /// credential `auth` when it is the client's own.
-    #[allow(clippy::too_many_arguments)]
+    /// A fetch of `digest` in `sel`'s upstream and repository from `owner`, carrying the
+    /// client's origin credential when `sel` holds the client's own.
     pub fn new(
         cluster: Arc<Cluster>,
         owner: String,
         digest: Digest,
-        upstream: &str,
-        repo: &str,
-        auth: &UpstreamAuth,
-        idle: Duration,
+        sel: &Selected,
         members: Arc<Memberships>,
     ) -> PeerBlob {
         PeerBlob {
             cluster,
             owner,
             digest,
-            upstream: upstream.to_owned(),
-            repo: repo.to_owned(),
-            upstream_auth: upstream_auth_header(auth),
-            idle,
+            upstream: sel.upstream.name().to_owned(),
+            repo: sel.name.to_string(),
+            upstream_auth: upstream_auth_header(&sel.auth),
+            idle: sel.upstream.config().idle_timeout,
             members,
         }
     }

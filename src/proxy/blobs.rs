@@ -252,10 +252,7 @@ impl App {
                     cluster.clone(),
                     owner,
                     digest.clone(),
-                    sel.upstream.name(),
-                    sel.name.as_str(),
-                    &sel.auth,
-                    sel.upstream.config().idle_timeout,
+                    sel,
                     self.cache().memberships().clone(),
                 )) as Arc<dyn BlobFetcher>
             }),
