@@ -85,6 +85,25 @@ pub enum Command {
         #[arg(long)]
         pin: bool,
     },
+    /// Scrub the cache directory of a stopped berth: re-hash stored objects (all, or a random
+    /// sample) at a bounded rate, remove those that do not match their digest or recorded size,
+    /// and report. Exit status 0 when all matched, 1 when corrupt objects were removed (they
+    /// are fetched again on the next request). For a running berth: `POST /verify` on its
+    /// admin listener.
+    Verify {
+        /// Config options.
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Check this many objects chosen at random instead of all.
+        #[arg(long)]
+        sample: Option<usize>,
+        /// Read at most this much per second, e.g. `100MiB` (unbounded when absent).
+        #[arg(long, value_parser = crate::config::units::parse_size)]
+        rate: Option<u64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Release images pinned by `warm --pin` or `import --pin` (as they were named there):
     /// they become ordinary cache entries, evicted first when space is needed.
     Unpin {
@@ -270,6 +289,66 @@ pub fn main() -> i32 {
                 if pin { ", pinned" } else { "" }
             ))
         }),
+        Command::Verify {
+            config,
+            sample,
+            rate,
+            json,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging_quiet();
+            let cache = match crate::cache::Cache::open(&cfg.cache) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!(
+                        "berth: verify: cache {}: {e} (a running berth scrubs its cache with \
+                         `POST /verify` on its admin listener)",
+                        cfg.cache.dir.display()
+                    );
+                    return 1;
+                }
+            };
+            let report = match cache.scrub(&crate::cache::ScrubOptions { sample, rate }) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("berth: verify: {e}");
+                    return 1;
+                }
+            };
+            let _ = cache.save_recency();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                for f in &report.corrupt {
+                    println!(
+                        "removed {} {}: {}{}",
+                        f.kind,
+                        f.digest,
+                        f.reason,
+                        if f.pinned {
+                            " (pinned: warm or import its image again)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                println!(
+                    "verified {} object(s), {} bytes in {:.1} s: {} corrupt (removed), {} missing",
+                    report.checked,
+                    report.bytes,
+                    report.seconds,
+                    report.corrupt.len(),
+                    report.missing
+                );
+            }
+            i32::from(!report.corrupt.is_empty())
+        }
         Command::Unpin { config, images } => {
             let cfg = match load(&config) {
                 Ok(c) => c,

@@ -42,6 +42,13 @@ pub struct Metrics {
     pub cache_write_failures: IntCounter,
     /// `berth_cache_passthrough_total`: blobs served without being stored.
     pub cache_passthrough: IntCounter,
+    /// `berth_cache_corrupt_total{found_by}`: stored objects found corrupt at rest (by the
+    /// serving path or a scrub) and removed.
+    pub cache_corrupt: IntCounterVec,
+    /// `berth_scrub_objects_total`: stored objects a scrub re-hashed.
+    pub scrub_objects: IntCounter,
+    /// `berth_scrub_bytes_total`: bytes a scrub read back.
+    pub scrub_bytes: IntCounter,
     /// `berth_served_bytes_total{source}`.
     pub served_bytes: IntCounterVec,
     /// `berth_upstream_requests_total{upstream,method,status}`.
@@ -110,6 +117,10 @@ pub struct Snapshot {
     pub write_failures: u64,
     /// Blobs served without storing so far.
     pub passthrough: u64,
+    /// Stored objects found corrupt at rest so far: by the serving path, by scrubs.
+    pub corrupt: (u64, u64),
+    /// Objects and bytes scrubbed so far.
+    pub scrubbed: (u64, u64),
     /// Blob fills that failed digest verification so far, per upstream.
     pub fill_digest_mismatches: Vec<(String, u64)>,
     /// Per upstream: name, body bytes received so far, last rate-limit remaining (if seen).
@@ -176,6 +187,22 @@ impl Metrics {
             cache_passthrough: register_int_counter_with_registry!(
                 "berth_cache_passthrough_total",
                 "Blobs served without being stored (too large, no budget, disk failure).",
+                r
+            )?,
+            cache_corrupt: register_int_counter_vec_with_registry!(
+                "berth_cache_corrupt_total",
+                "Stored objects found corrupt at rest and removed, by who found them.",
+                &["found_by"],
+                r
+            )?,
+            scrub_objects: register_int_counter_with_registry!(
+                "berth_scrub_objects_total",
+                "Stored objects a scrub re-hashed.",
+                r
+            )?,
+            scrub_bytes: register_int_counter_with_registry!(
+                "berth_scrub_bytes_total",
+                "Bytes a scrub read back from the disk tier.",
                 r
             )?,
             served_bytes: register_int_counter_vec_with_registry!(
@@ -394,6 +421,12 @@ impl Metrics {
             &self.cache_write_failures,
         );
         self.add_delta("passthrough", s.passthrough, &self.cache_passthrough);
+        for (found_by, n) in [("serve", s.corrupt.0), ("scrub", s.corrupt.1)] {
+            let counter = self.cache_corrupt.with_label_values(&[found_by]);
+            self.add_delta(&format!("corrupt/{found_by}"), n, &counter);
+        }
+        self.add_delta("scrub_objects", s.scrubbed.0, &self.scrub_objects);
+        self.add_delta("scrub_bytes", s.scrubbed.1, &self.scrub_bytes);
         for (name, n) in &s.fill_digest_mismatches {
             let counter = self.digest_mismatches.with_label_values(&[name]);
             self.add_delta(&format!("fill_mismatch/{name}"), *n, &counter);

@@ -181,6 +181,9 @@ pub struct FillStats {
     pub pass_through: AtomicU64,
     /// Disk write or commit failures.
     pub write_failures: AtomicU64,
+    /// Stored blobs the serving path refused because their size differs from the index
+    /// (truncated or grown at rest); dropped and fetched again.
+    pub corrupt_at_rest: AtomicU64,
     /// Told about queueing and unverified Range responses as they happen.
     observer: Arc<OnceLock<Arc<dyn FillObserver>>>,
 }
@@ -675,6 +678,10 @@ impl Fills {
             .await
             .map_err(io::Error::other)??;
         match opened {
+            Some((_, len)) if self.index.size_of(&key) != Some(len) => {
+                self.stale_size(&key, len);
+                Ok(None)
+            }
             Some(x) => {
                 self.index.touch(&key);
                 Ok(Some(x))
@@ -684,6 +691,20 @@ impl Fills {
                 Ok(None)
             }
         }
+    }
+
+    /// A stored blob whose length differs from the index (truncated or grown at rest): never
+    /// served, dropped and counted; the request goes on as a miss.
+    pub(crate) fn stale_size(&self, key: &Key, len: u64) {
+        let Some(indexed) = self.index.remove(key) else {
+            return;
+        };
+        tracing::error!(
+            digest = %key.digest, size = len, indexed,
+            "stored blob changed size at rest; removed (it will be fetched again)"
+        );
+        self.store.delete(key);
+        self.stats.corrupt_at_rest.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The blob from disk, or a fill to read: an existing one, or a new one that runs in its

@@ -178,6 +178,20 @@ impl DiskIndex {
         }
     }
 
+    /// The size recorded for `key`, if indexed.
+    pub fn size_of(&self, key: &Key) -> Option<u64> {
+        self.lock().entries.get(key).map(|e| e.size)
+    }
+
+    /// Every indexed object with its recorded size (pinned ones included), for a scrub.
+    pub fn entries(&self) -> Vec<(Key, u64)> {
+        self.lock()
+            .entries
+            .iter()
+            .map(|(k, e)| (k.clone(), e.size))
+            .collect()
+    }
+
     /// Whether `key` is indexed.
     pub fn contains(&self, key: &Key) -> bool {
         self.lock().entries.contains_key(key)

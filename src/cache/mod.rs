@@ -13,6 +13,7 @@ pub mod memory;
 pub mod pins;
 pub mod queue;
 pub mod readbuf;
+pub mod scrub;
 pub mod store;
 pub mod tags;
 
@@ -28,6 +29,7 @@ pub use index::{DiskIndex, Key, Kind, PinError, Usage};
 pub use membership::Memberships;
 pub use pins::PinnedImage;
 pub use queue::{FillLimits, FillObserver};
+pub use scrub::{CorruptionStats, Finding, ScrubError, ScrubOptions, ScrubReport};
 pub use store::{DiskStore, StoredManifest};
 pub use tags::{accept_key, TagEntry, TagKey, TagStore};
 
@@ -64,6 +66,7 @@ pub struct Cache {
     tags: TagStore,
     fills: Arc<Fills>,
     memberships: Arc<Memberships>,
+    corruption: CorruptionStats,
 }
 
 impl Cache {
@@ -127,6 +130,7 @@ impl Cache {
         );
         Ok(Cache {
             _lock: lock,
+            corruption: CorruptionStats::default(),
             pins: std::sync::Mutex::new(pinned),
             memory: memory::MemoryTier::new(cfg.memory_bytes, cfg.memory_max_object_bytes),
             tags: TagStore::new(store.clone()),
@@ -303,7 +307,14 @@ impl Cache {
         let opened = tokio::task::spawn_blocking(move || store.open_blob(&digest))
             .await
             .map_err(io::Error::other)??;
-        Ok(opened.map(|(_, len)| len))
+        match opened {
+            Some((_, len)) if self.index.size_of(&key) == Some(len) => Ok(Some(len)),
+            Some((_, len)) => {
+                self.fills.stale_size(&key, len);
+                Ok(None)
+            }
+            None => Ok(None),
+        }
     }
 
     /// Stores a manifest already verified against `d` in both tiers (the fsynced disk write

@@ -226,6 +226,14 @@ impl App {
             fill_digest_mismatches: mismatches.into_iter().collect(),
             write_failures: stats.write_failures.load(Relaxed),
             passthrough: stats.pass_through.load(Relaxed),
+            corrupt: (
+                stats.corrupt_at_rest.load(Relaxed),
+                self.cache.corruption().by_scrub.load(Relaxed),
+            ),
+            scrubbed: (
+                self.cache.corruption().scrubbed_objects.load(Relaxed),
+                self.cache.corruption().scrubbed_bytes.load(Relaxed),
+            ),
             upstreams: self
                 .upstreams
                 .all()

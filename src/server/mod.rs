@@ -269,8 +269,13 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
             socket,
             setup: Arc::new(conn::Setup::new(
                 move |req: Request<Incoming>| {
-                    let response = admin_response(req.uri().path(), &admin_app, &ready);
-                    std::future::ready(response)
+                    let (app, ready) = (admin_app.clone(), ready.clone());
+                    async move {
+                        if req.uri().path() == "/verify" {
+                            return verify_response(&req, &app).await;
+                        }
+                        admin_response(req.uri().path(), &app, &ready)
+                    }
                 },
                 None,
                 limits,
@@ -388,6 +393,68 @@ fn admin_response(path: &str, app: &App, ready: &AtomicBool) -> Response<Body> {
         ),
     };
     admin_text(status, ctype, text)
+}
+
+/// `POST /verify[?sample=N][&rate=SIZE]`: scrubs the running cache's disk tier on the blocking
+/// pool and answers the report as JSON (409 while another scrub runs).
+async fn verify_response(req: &Request<Incoming>, app: &Arc<App>) -> Response<Body> {
+    if req.method() != hyper::Method::POST {
+        return admin_text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "POST /verify scrubs the cache\n".to_owned(),
+        );
+    }
+    let query = req.uri().query();
+    let sample = match crate::router::query_param(query, "sample").map(|v| v.parse::<usize>()) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => {
+            return admin_text(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                "sample: a number of objects\n".to_owned(),
+            )
+        }
+    };
+    let rate = match crate::router::query_param(query, "rate")
+        .map(|v| crate::config::units::parse_size(&v))
+    {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(e)) => {
+            return admin_text(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("rate: {e}\n"),
+            )
+        }
+    };
+    let app = app.clone();
+    let opts = crate::cache::ScrubOptions { sample, rate };
+    let result = tokio::task::spawn_blocking(move || app.cache().scrub(&opts)).await;
+    match result {
+        Ok(Ok(report)) => admin_text(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string(&report).unwrap_or_default(),
+        ),
+        Ok(Err(crate::cache::ScrubError::Busy)) => admin_text(
+            StatusCode::CONFLICT,
+            "text/plain",
+            "a scrub is already running\n".to_owned(),
+        ),
+        Ok(Err(e)) => admin_text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
+        Err(e) => admin_text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("scrub task: {e}\n"),
+        ),
+    }
 }
 
 /// An admin listener answer: a status and a small text body (shared with the start-up
