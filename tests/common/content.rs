@@ -155,6 +155,27 @@ pub async fn push_oci_image(
     push_single(base_url, repo, tag, layer_sizes, seed, &MediaTypes::OCI).await
 }
 
+/// Like [`push_oci_image`], through `client` (one that trusts an HTTPS registry's CA, say).
+pub async fn push_oci_image_with(
+    client: &Client,
+    base_url: &str,
+    repo: &str,
+    tag: &str,
+    layer_sizes: &[usize],
+    seed: u64,
+) -> TestImage {
+    let image = build_image(
+        repo,
+        tag,
+        layer_sizes,
+        seed,
+        ("linux", "amd64"),
+        &MediaTypes::OCI,
+    );
+    push_image(client, base_url, &image).await;
+    image
+}
+
 /// Pushes a Docker schema 2 image (`application/vnd.docker.distribution.manifest.v2+json`),
 /// otherwise like [`push_oci_image`].
 pub async fn push_docker_image(

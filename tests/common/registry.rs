@@ -24,6 +24,7 @@ pub struct Registry {
     child: Option<Child>,
     addr: SocketAddr,
     dir: TempDir,
+    tls: bool,
 }
 
 // === impl Registry ===
@@ -41,6 +42,21 @@ impl Registry {
     /// to the config; ready then also means a 401 from `GET /v2/`, as an auth-enabled registry
     /// answers. Used by `issuer::TokenIssuer::start_registry`.
     pub async fn start_with_config(extra: &str) -> Registry {
+        Registry::start_inner(extra, false).await
+    }
+
+    /// A registry serving HTTPS with `ca`'s server certificate (`localhost` and `127.0.0.1`);
+    /// [`Registry::url`] is then `https://…`.
+    pub async fn start_tls(ca: &super::TestCa) -> Registry {
+        let tls = format!(
+            "  tls:\n    certificate: \"{}\"\n    key: \"{}\"\n",
+            ca.server_cert_path().display(),
+            ca.server_key_path().display()
+        );
+        Registry::start_inner(&tls, true).await
+    }
+
+    async fn start_inner(extra: &str, tls: bool) -> Registry {
         let binary = require_binary("docker-registry");
         let dir = tempfile::Builder::new()
             .prefix("berth-registry-")
@@ -72,12 +88,13 @@ impl Registry {
                 .stderr(stderr)
                 .spawn()
                 .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
-            match wait_ready(&mut child, addr, &stderr_path).await {
+            match wait_ready(&mut child, addr, &stderr_path, tls).await {
                 Ok(()) => {
                     return Registry {
                         child: Some(child),
                         addr,
                         dir,
+                        tls,
                     }
                 }
                 Err(error) => {
@@ -98,9 +115,10 @@ impl Registry {
         self.addr
     }
 
-    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:5123`.
+    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:5123` (`https` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// `host:port` as skopeo and containerd want it in image references.
@@ -144,12 +162,20 @@ impl Drop for Registry {
 
 /// Polls `GET /v2/` until it answers 200 (401 with auth on), the child exits, or the deadline
 /// passes.
-async fn wait_ready(child: &mut Child, addr: SocketAddr, stderr_path: &Path) -> Result<(), String> {
+async fn wait_ready(
+    child: &mut Child,
+    addr: SocketAddr,
+    stderr_path: &Path,
+    tls: bool,
+) -> Result<(), String> {
+    // Readiness only: the certificate itself is what the tests check, through berth.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(1))
+        .danger_accept_invalid_certs(tls)
         .build()
         .expect("build reqwest client");
-    let url = format!("http://{addr}/v2/");
+    let scheme = if tls { "https" } else { "http" };
+    let url = format!("{scheme}://{addr}/v2/");
     let deadline = Instant::now() + READY_TIMEOUT;
     let stderr = || std::fs::read_to_string(stderr_path).unwrap_or_default();
     loop {
