@@ -2706,3 +2706,62 @@ async fn wrong_passwords_are_held_back_from_the_origin_token_service() {
     assert_eq!(got.status, StatusCode::OK, "{}", got.text());
     assert_nothing_leaked(&berth, &errors).await;
 }
+
+/// `server.external_url` is the realm clients are sent to (berth behind a load balancer or an
+/// ingress), and `auth.token_ttl` the lifetime of the tokens berth issues.
+#[tokio::test]
+async fn external_url_names_the_realm_and_token_ttl_bounds_issued_tokens() {
+    capture_logs();
+    let origin = start_origin(robot_issuer("*")).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let auth =
+        local_auth_files(secrets.path()).replace("[auth]\n", "[auth]\ntoken_ttl = \"90s\"\n");
+    let table = format!(
+        "[[upstream]]\nname = \"{UPSTREAM}\"\nurl = \"{}\"\ndefault = true\nauth = \"service\"\n\
+         anonymous = false\nusername = \"{ROBOT}\"\npassword_file = \"{}\"\n\
+         connect_timeout = \"2s\"\nfirst_byte_timeout = \"10s\"\nidle_timeout = \"10s\"\n{auth}",
+        origin.registry.url(),
+        secrets.path().join("origin-password").display(),
+    );
+    let external = "https://cache.example.test:8443";
+    let berth = Berth::with_upstreams(&table)
+        .server(&format!("external_url = \"{external}\""))
+        .start()
+        .await;
+    let client = http();
+    let manifest = Req::manifest(PRIVATE, &origin.content.private.tag);
+    let got = Got::read(manifest.build(&client, &berth.url()).send().await.unwrap()).await;
+    assert_eq!(got.status, StatusCode::UNAUTHORIZED);
+    let challenge = bearer_params(&got).expect("Bearer challenge");
+    assert_eq!(challenge["realm"], format!("{external}/token"));
+    // The token endpoint itself is berth's (the external URL is only what clients are told).
+    let got = Got::read(
+        client
+            .get(format!("{}/token", berth.url()))
+            .basic_auth(CAROL, Some(CAROL_PASSWORD))
+            .query(&[
+                ("service", UPSTREAM),
+                ("scope", challenge["scope"].as_str()),
+            ])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    let v: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(v["expires_in"], 90, "{v}");
+    let token = v["token"].as_str().expect("token").to_owned();
+    remember_secret(&token);
+    let got = Got::read(
+        manifest
+            .build(&client, &berth.url())
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    assert_nothing_leaked(&berth, &[]).await;
+}

@@ -202,3 +202,41 @@ async fn serve_runs_the_example_config_and_stops_on_sigterm() {
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[test]
+fn offline_with_passthrough_is_refused_at_config_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("berth.toml");
+    std::fs::write(
+        &config,
+        "[cache]\ndir = \"cache\"\n[[upstream]]\nname = \"hub\"\nurl = \"https://registry-1.docker.io\"\n\
+         default = true\nauth = \"passthrough\"\noffline = true\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("offline") && err.contains("passthrough"),
+        "the conflict is named: {err}"
+    );
+    // `serve --offline` refuses a passthrough upstream the same way.
+    std::fs::write(
+        &config,
+        "[cache]\ndir = \"cache\"\n[[upstream]]\nname = \"hub\"\nurl = \"https://registry-1.docker.io\"\n\
+         default = true\nauth = \"passthrough\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--offline", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("passthrough"), "{err}");
+}

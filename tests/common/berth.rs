@@ -13,6 +13,7 @@ pub struct BerthBuilder {
     upstreams: Vec<String>,
     tls: Option<(PathBuf, PathBuf)>,
     tag_ttl: String,
+    server_keys: String,
     cache_dir: Option<PathBuf>,
     disk_bytes: String,
     memory_max_object: String,
@@ -47,6 +48,7 @@ impl Berth {
             )],
             tls: None,
             tag_ttl: "5m".into(),
+            server_keys: String::new(),
             cache_dir: None,
             disk_bytes: "10GiB".into(),
             memory_max_object: "1MiB".into(),
@@ -60,6 +62,7 @@ impl Berth {
             upstreams: vec![tables.to_owned()],
             tls: None,
             tag_ttl: "5m".into(),
+            server_keys: String::new(),
             cache_dir: None,
             disk_bytes: "10GiB".into(),
             memory_max_object: "1MiB".into(),
@@ -158,7 +161,8 @@ impl BerthBuilder {
     /// The config file text this builder produces.
     pub fn config_text(&self, cache_dir: &Path) -> String {
         let mut s = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\ndisk_bytes = \"{}\"\nmemory_max_object_bytes = \"{}\"\ntag_ttl = \"{}\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\ndisk_bytes = \"{}\"\nmemory_max_object_bytes = \"{}\"\ntag_ttl = \"{}\"\n",
+            self.server_keys,
             cache_dir.display(),
             self.disk_bytes,
             self.memory_max_object,
@@ -177,6 +181,15 @@ impl BerthBuilder {
             s.push('\n');
         }
         s
+    }
+
+    /// Adds `key = value` lines to the `[server]` table (e.g. `external_url`).
+    pub fn server(mut self, lines: &str) -> Self {
+        self.server_keys.push_str(lines);
+        if !lines.ends_with('\n') {
+            self.server_keys.push('\n');
+        }
+        self
     }
 
     /// Starts berth in this process.
