@@ -42,7 +42,8 @@ fn blob_file(cache: &Path, digest: &str) -> std::path::PathBuf {
 /// Waits (bounded) until a blob's commit landed: the last bytes reach clients before the fsync
 /// and rename that store them.
 async fn wait_stored(path: &Path) {
-    for _ in 0..500 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         if path.is_file() {
             return;
         }
@@ -257,13 +258,24 @@ async fn the_hot_set_survives_a_restart() {
     };
     let hot = img.layers[0].0.clone();
     let first = start().await;
-    // Hot is stored first (the least recent by time) but pulled again and again.
-    for _ in 0..3 {
-        get_blob(&first, "hot/app", &hot)
-            .await
-            .bytes()
-            .await
-            .unwrap();
+    // Hot is stored first (the least recent by time) but pulled again and again: once its fill
+    // committed (a request that joins the fill is not a hit), two hits protect it.
+    get_blob(&first, "hot/app", &hot)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        first.app().cache().fills().all_settled(),
+    )
+    .await
+    .expect("the fill settles");
+    assert!(blob_file(&cache, &hot).is_file());
+    for _ in 0..2 {
+        let resp = get_blob(&first, "hot/app", &hot).await;
+        assert_eq!(resp.headers()["x-berth-cache"], "hit");
+        resp.bytes().await.unwrap();
     }
     get_blob(&first, "hot/app", &img.layers[1].0)
         .await
