@@ -1120,3 +1120,85 @@ async fn a_referrers_listing_is_not_evidence_of_membership() {
     assert!(asked >= 1, "{:?}", fault.requests());
     berth.stop().await;
 }
+
+/// The referrers route over berth's HTTP API (README: "referrers"): forwarded with its
+/// `artifactType` filter, answered as an OCI index, kept for `tag_ttl` (no second origin
+/// request), HEAD answered alike, served stale when the origin fails, and a bad digest refused.
+#[tokio::test]
+async fn referrers_are_forwarded_kept_briefly_and_served_stale() {
+    let (fault, berth) = setup().await;
+    let subject = fault.add_manifest(REPO, "1", OCI_MANIFEST, test_manifest(150));
+    let signature = fault.add_referrer(&subject, OCI_MANIFEST, test_manifest(151));
+    let url = format!(
+        "{}/v2/{REPO}/referrers/{subject}?artifactType=application%2Fvnd.example.sig",
+        berth.url()
+    );
+    let index = "application/vnd.oci.image.index.v1+json";
+
+    let first = get(&url, &[index]).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(first.headers()["content-type"], index);
+    let listing = first.bytes().await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&listing).unwrap();
+    assert_eq!(v["manifests"][0]["digest"], signature.as_str(), "{v}");
+    let asked =
+        |f: &FaultUpstream| f.count(|r| r.method == Method::GET && r.path.contains("/referrers/"));
+    assert_eq!(asked(&fault), 1);
+    let filter = |path: &str| {
+        reqwest::Url::parse(&format!("http://origin{path}"))
+            .ok()?
+            .query_pairs()
+            .find(|(k, _)| k == "artifactType")
+            .map(|(_, v)| v.into_owned())
+    };
+    assert!(
+        fault
+            .requests()
+            .iter()
+            .any(|r| filter(&r.path).as_deref() == Some("application/vnd.example.sig")),
+        "the filter reaches the origin: {:?}",
+        fault.requests()
+    );
+
+    // Kept for tag_ttl: the same bytes without asking the origin again, HEAD alike.
+    let second = get(&url, &[index]).await;
+    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(second.bytes().await.unwrap(), listing);
+    let head = Client::new().head(&url).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(
+        head.headers()["content-length"],
+        listing.len().to_string().as_str()
+    );
+    assert_eq!(asked(&fault), 1, "{:?}", fault.requests());
+
+    // A bad subject digest is the client's mistake.
+    let bad = get(
+        &format!("{}/v2/{REPO}/referrers/sha256:abc", berth.url()),
+        &[],
+    )
+    .await;
+    let (status, code) = error_code(bad).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "DIGEST_INVALID")
+    );
+
+    // With tag_ttl 0 every request asks the origin; when it fails, the last listing is served.
+    let eager = Berth::in_front_of(&fault.url()).tag_ttl("0s").start().await;
+    let eager_url = url.replace(&berth.url(), &eager.url());
+    let fresh = get(&eager_url, &[index]).await;
+    assert_eq!(fresh.status(), StatusCode::OK);
+    assert_eq!(fresh.bytes().await.unwrap(), listing);
+    fault.set_fault(Fault::Status(503));
+    let stale = get(&eager_url, &[index]).await;
+    assert_eq!(stale.status(), StatusCode::OK);
+    assert_eq!(stale.headers()["x-berth-cache"], "stale");
+    assert_eq!(stale.bytes().await.unwrap(), listing);
+    assert_eq!(
+        eager
+            .metric("berth_stale_served_total{kind=\"referrers\"}")
+            .await,
+        1.0
+    );
+}

@@ -359,14 +359,18 @@ impl BerthProcess {
         }
     }
 
-    /// Sends SIGTERM and returns at once (the process drains while the test watches).
-    pub fn terminate(&self) {
+    /// Sends SIGTERM and returns at once (the process drains while the test watches); when
+    /// it cannot be sent, kills the process and fails the test.
+    pub fn terminate(&mut self) {
         let pid = self.child.as_ref().expect("running").id().to_string();
         let sent = std::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .is_ok_and(|s| s.success());
-        assert!(sent, "could not send SIGTERM to berth serve (pid {pid})");
+        if !sent {
+            self.kill();
+            panic!("could not send SIGTERM to berth serve (pid {pid}); killed it");
+        }
     }
 
     /// Waits at most `secs` for the process to exit and returns its status; panics (after
@@ -387,33 +391,13 @@ impl BerthProcess {
         }
     }
 
-    /// SIGTERM, then waits for a clean exit (which releases the cache directory's lock).
+    /// SIGTERM, then waits for a clean exit (which releases the cache directory's lock). A
+    /// berth that does not exit within its grace (and then some) is a failure, not a hang; if
+    /// SIGTERM cannot be sent, the process is killed and the test fails.
     pub async fn stop(mut self) -> String {
-        if let Some(mut c) = self.child.take() {
-            let pid = c.id().to_string();
-            let sent = std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .is_ok_and(|s| s.success());
-            if !sent {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("could not send SIGTERM to berth serve (pid {pid}); killed it");
-            }
-            // A berth that does not exit within its grace (and then some) is a failure, not a
-            // hang.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let status = loop {
-                if let Some(status) = c.try_wait().expect("wait") {
-                    break status;
-                }
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    panic!("berth serve ignored SIGTERM for 30 s: {}", self.log());
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            };
+        if self.child.is_some() {
+            self.terminate();
+            let status = self.wait_exit(30).await;
             assert!(
                 status.success(),
                 "berth serve exited with {status}: {}",
