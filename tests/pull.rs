@@ -655,3 +655,56 @@ async fn tls_listener_speaks_h2_and_http1() {
         .await
         .is_err());
 }
+
+/// A hot manifest comes from the memory tier without touching the disk: counted by tier, and
+/// still served with its file gone from the cache directory.
+#[tokio::test]
+async fn a_hot_manifest_is_served_from_memory_without_a_disk_read() {
+    let s = setup().await;
+    let img = push_oci_image(&s.registry.url(), "hot/manifest", "v1", &[1000], 12).await;
+    let by_tag = format!("{}/v2/hot/manifest/manifests/v1", s.berth.url());
+    let by_digest = format!(
+        "{}/v2/hot/manifest/manifests/{}",
+        s.berth.url(),
+        img.manifest_digest
+    );
+    let first = get(&by_tag, &[OCI_MANIFEST]).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(first.bytes().await.unwrap(), img.manifest_bytes);
+    let file = common::airgap::manifest_file(s.berth.cache_dir(), &img.manifest_digest);
+    assert!(file.is_file(), "stored on disk too");
+    let disk_before = disk_lookups(&s.berth).await;
+    let memory_hits = "berth_cache_lookups_total{kind=\"manifest\",result=\"hit\",tier=\"memory\"}";
+    let hits_before = s.berth.metric(memory_hits).await;
+    // The disk copy disappears: only the memory tier can answer now.
+    std::fs::remove_file(&file).unwrap();
+    for url in [&by_tag, &by_digest, &by_tag] {
+        let r = get(url, &[OCI_MANIFEST]).await;
+        assert_eq!(r.status(), StatusCode::OK, "{url}");
+        assert_eq!(r.headers()["x-berth-cache"], "hit");
+        assert_eq!(r.bytes().await.unwrap(), img.manifest_bytes);
+    }
+    assert_eq!(s.berth.metric(memory_hits).await, hits_before + 3.0);
+    assert_eq!(disk_lookups(&s.berth).await, disk_before, "no disk lookup");
+    assert_eq!(
+        s.tap
+            .count(|m, p| m == Method::GET && p.contains("/manifests/")),
+        1,
+        "{:?}",
+        s.tap.requests()
+    );
+}
+
+/// Every manifest lookup counted against the disk tier, hit or miss.
+async fn disk_lookups(berth: &Berth) -> f64 {
+    berth
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| {
+            l.starts_with("berth_cache_lookups_total{kind=\"manifest\"")
+                && l.contains("tier=\"disk\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}

@@ -106,6 +106,14 @@ impl App {
                 .map_err(io_err)?,
             None => None,
         };
+        if known.is_some() {
+            // The manifest the mapping names, read like one asked for by digest: by tier.
+            let in_memory = matches!(cached, Some((_, Tier::Memory)));
+            self.count_lookup("manifest", "memory", in_memory);
+            if !in_memory {
+                self.count_lookup("manifest", "disk", cached.is_some());
+            }
+        }
         self.count_lookup(
             "tag",
             "memory",
