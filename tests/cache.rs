@@ -322,6 +322,44 @@ impl Tmpfs {
     }
 }
 
+/// A read-only bind mount of a directory over itself: paths under it resolve through the
+/// read-only mount (every write fails with EROFS, for root too) while files already open keep
+/// working; unmounted (writable again) on drop.
+struct ReadOnly {
+    path: std::path::PathBuf,
+}
+
+impl ReadOnly {
+    fn over(path: &Path) -> ReadOnly {
+        let mount = |args: &[&str]| {
+            let status = std::process::Command::new("mount")
+                .args(args)
+                .arg(path)
+                .arg(path)
+                .status()
+                .expect("mount runs");
+            assert!(
+                status.success(),
+                "mount {args:?} failed (tests run as root)"
+            );
+        };
+        mount(&["--bind"]);
+        let ro = ReadOnly {
+            path: path.to_owned(),
+        };
+        mount(&["-o", "remount,bind,ro"]);
+        ro
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
@@ -380,6 +418,75 @@ async fn a_full_disk_still_serves_and_damages_nothing() {
         std::fs::read_dir(cache.join("tmp")).unwrap().count(),
         0,
         "no temp files left"
+    );
+    berth.stop().await;
+}
+
+/// The cache directory turns read-only under a running berth (a filesystem remounted `ro` after
+/// an error, say): every pull is still served in full from the origin, the failed writes are
+/// counted, nothing cached before is lost, and storing resumes once the directory is writable.
+#[tokio::test]
+async fn a_read_only_cache_directory_still_serves_and_loses_nothing() {
+    let registry = Registry::start().await;
+    let img = push_oci_image(&registry.url(), "ro/app", "v1", &[100_000, 400_000], 36).await;
+    let later = push_oci_image(&registry.url(), "ro/later", "v1", &[50_000], 37).await;
+    let berth = Berth::in_front_of(&registry.url())
+        .memory_max_object("0")
+        .start()
+        .await;
+    let cache = berth.cache_dir().to_owned();
+    let (cached, cached_bytes) = img.layers[0].clone();
+    get_blob(&berth, "ro/app", &cached)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    wait_stored(&blob_file(&cache, &cached)).await;
+
+    let read_only = ReadOnly::over(&cache);
+    let failures = "berth_cache_write_failures_total";
+    let before = berth.metric(failures).await;
+    let (fresh, fresh_bytes) = img.layers[1].clone();
+    for _ in 0..2 {
+        let resp = get_blob(&berth, "ro/app", &fresh).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.bytes().await.unwrap();
+        assert_eq!(
+            &body[..],
+            &fresh_bytes[..],
+            "served in full from the origin"
+        );
+    }
+    assert!(!blob_file(&cache, &fresh).exists());
+    // A manifest that cannot be written is still served (and kept in memory).
+    let m = Client::new()
+        .get(format!("{}/v2/ro/later/manifests/v1", berth.url()))
+        .header("accept", common::content::OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(m.status(), StatusCode::OK);
+    assert_eq!(m.bytes().await.unwrap(), later.manifest_bytes);
+    assert!(
+        berth.metric(failures).await > before,
+        "the failed writes are counted"
+    );
+    // What was cached before is intact and still served from disk.
+    let resp = get_blob(&berth, "ro/app", &cached).await;
+    assert_eq!(resp.headers()["x-berth-cache"], "hit");
+    assert_eq!(&resp.bytes().await.unwrap()[..], &cached_bytes[..]);
+
+    // Writable again: the next pull stores.
+    drop(read_only);
+    get_blob(&berth, "ro/app", &fresh)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    wait_stored(&blob_file(&cache, &fresh)).await;
+    assert_eq!(
+        std::fs::read(blob_file(&cache, &fresh)).unwrap(),
+        fresh_bytes
     );
     berth.stop().await;
 }
