@@ -1362,3 +1362,177 @@ async fn memberships_survive_kill_9_and_an_offline_restart() {
     let log_text = offline.stop().await;
     assert!(!log_text.contains("panicked"), "{log_text}");
 }
+
+/// `--platform a,b` keeps exactly those platforms of an index; an image the origin does not
+/// have and a line that is not a reference make the warm exit non-zero, named with their
+/// reason, while everything else is still warmed.
+#[tokio::test]
+async fn warm_keeps_the_platforms_asked_and_fails_loudly_for_the_rest() {
+    let registry = Registry::start().await;
+    let idx = push_oci_index(
+        &registry.url(),
+        "airgap/plat",
+        "1.0",
+        &[("linux", "amd64"), ("linux", "arm64"), ("linux", "s390x")],
+        91,
+    )
+    .await;
+    let ok = push_oci_image(&registry.url(), "airgap/ok", "1.0", &[30_000], 92).await;
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let config = write_config(
+        &work.path().join("berth.toml"),
+        &cache,
+        "1GiB",
+        &registry.url(),
+        &registry.host(),
+    );
+    let host = registry.host();
+    let list = work.path().join("images.txt");
+    std::fs::write(
+        &list,
+        format!(
+            "# the good, the missing and the garbled\n{host}/airgap/ok:1.0\n\
+             {host}/airgap/missing:1.0\nNot A Reference!!\n"
+        ),
+    )
+    .unwrap();
+    let run = berth(&args(&[
+        "warm",
+        "--config",
+        &config.display().to_string(),
+        "--platform",
+        "linux/amd64,linux/arm64",
+        &format!("{host}/airgap/plat:1.0"),
+        "--file",
+        &list.display().to_string(),
+    ]))
+    .await;
+    println!("{}", run.transcript());
+    assert!(!run.ok(), "a failed image makes the warm fail");
+    let text = format!("{}{}", run.stdout, run.stderr);
+    assert!(text.contains("airgap/missing"), "{text}");
+    assert!(text.contains("Not A Reference!!"), "{text}");
+    for platform in ["amd64", "arm64"] {
+        let img = idx.image_for("linux", platform).unwrap();
+        for (d, _) in img.blobs() {
+            assert!(
+                blob_file(&cache, d).is_file(),
+                "linux/{platform} {d} warmed"
+            );
+        }
+    }
+    let s390x = idx.image_for("linux", "s390x").unwrap();
+    for (d, _) in &s390x.layers {
+        assert!(
+            !blob_file(&cache, d).exists(),
+            "linux/s390x was not asked for"
+        );
+    }
+    for (d, _) in ok.blobs() {
+        assert!(
+            blob_file(&cache, d).is_file(),
+            "the good image is warmed anyway"
+        );
+    }
+}
+
+/// One process per cache directory: while a warm holds the cache (its origin held mid-fetch),
+/// export and import are refused with a message naming the cause, and change nothing; once the
+/// warm is done they run.
+#[tokio::test]
+async fn warm_export_and_import_exclude_each_other() {
+    let registry = Registry::start().await;
+    let tap = Tap::start(registry.addr()).await;
+    let first = push_oci_image(&registry.url(), "airgap/first", "1.0", &[40_000], 93).await;
+    let second = push_oci_image(&registry.url(), "airgap/second", "1.0", &[60_000], 94).await;
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let config = write_config(
+        &work.path().join("berth.toml"),
+        &cache,
+        "1GiB",
+        &tap.url(),
+        &registry.host(),
+    );
+    let c = config.display().to_string();
+    let host = registry.host();
+    let first_ref = format!("{host}/airgap/first:1.0");
+    let second_ref = format!("{host}/airgap/second:1.0");
+    berth(&args(&["warm", "--config", &c, &first_ref]))
+        .await
+        .expect_ok();
+    let bundle = work.path().join("first.tar");
+    let bundle_s = bundle.display().to_string();
+    berth(&args(&[
+        "export", "--config", &c, "--out", &bundle_s, &first_ref,
+    ]))
+    .await
+    .expect_ok();
+
+    // A warm that holds the cache: the origin holds its requests.
+    tap.clear();
+    tap.hold();
+    // (Its origin timeout outlasts the refusals below: each waits out the lock's 5 s grace.)
+    let warm_args = args(&[
+        "warm",
+        "--config",
+        &c,
+        "--set",
+        "upstream.0.first_byte_timeout=300s",
+        &second_ref,
+    ]);
+    let warm = tokio::spawn(async move { berth(&warm_args).await });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tap.requests().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the warm never reached the origin"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let listing = cache_listing(&cache);
+    let out = work.path().join("during.tar");
+    let out_s = out.display().to_string();
+    let export_args = args(&["export", "--config", &c, "--out", &out_s, &first_ref]);
+    let import_args = args(&["import", "--config", &c, &bundle_s]);
+    let (export, import) = tokio::join!(berth(&export_args), berth(&import_args));
+    for (what, run) in [("export", export), ("import", import)] {
+        println!(
+            "=== {what} while a warm holds the cache ===\n{}",
+            run.transcript()
+        );
+        assert!(!run.ok(), "{what} must not open a held cache");
+        assert!(
+            run.stderr.contains("in use by another berth process"),
+            "{what}: {}",
+            run.transcript()
+        );
+    }
+    assert!(!out.exists(), "the refused export wrote nothing");
+    assert_eq!(
+        cache_listing(&cache),
+        listing,
+        "the refused import changed nothing"
+    );
+
+    tap.release();
+    let run = warm.await.unwrap();
+    println!("{}", run.transcript());
+    run.expect_ok();
+    for (d, _) in second.blobs() {
+        assert!(blob_file(&cache, d).is_file());
+    }
+    berth(&args(&[
+        "export",
+        "--config",
+        &c,
+        "--out",
+        &out.display().to_string(),
+        &first_ref,
+    ]))
+    .await
+    .expect_ok();
+    assert!(out.is_file());
+    let _ = first;
+}

@@ -207,3 +207,76 @@ async fn containerd_pulls_through_berth_as_a_mirror_with_ns() {
         assert!(content.contains(digest), "{content}");
     }
 }
+
+/// containerd's own token dance through a `passthrough` upstream: `ctr images pull --user`
+/// logs in at berth's realm with the origin credentials, berth passes them to the origin's
+/// token service, and the pull completes; a user the origin refuses and an anonymous pull fail
+/// with an authorization error, even though berth has every byte cached.
+#[tokio::test]
+async fn containerd_pulls_a_private_image_with_user_through_passthrough() {
+    use common::issuer::{Grantee, TokenIssuer};
+    let issuer = TokenIssuer::builder()
+        .user("alice", "pw-alice-ctr")
+        .user("bob", "pw-bob-ctr")
+        .allow(Grantee::user("alice"), "private/*", &["pull"])
+        .start()
+        .await;
+    let registry = issuer.start_registry().await;
+    let img = issuer
+        .push_oci_image(&registry, "private/app", "v1", &[120_000, 4_000], 61)
+        .await;
+    let origin_host = registry.host();
+    let berth = Berth::with_upstreams(&format!(
+        "[[upstream]]\nname = \"origin\"\nurl = \"{}\"\naliases = [\"{origin_host}\"]\nauth = \"passthrough\"\n",
+        registry.url()
+    ))
+    .start()
+    .await;
+    let hosts = tempfile::tempdir().unwrap();
+    let host_dir = hosts.path().join(&origin_host);
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"http://127.0.0.1:9\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            berth.host()
+        ),
+    )
+    .unwrap();
+    let containerd = Containerd::start().await;
+    let image = format!("{origin_host}/private/app:v1");
+    let pull = |user: Option<&str>| {
+        let mut cmd = containerd.ctr();
+        cmd.args(["images", "pull", "--snapshotter", "native", "--hosts-dir"])
+            .arg(hosts.path());
+        if let Some(u) = user {
+            cmd.args(["--user", u]);
+        }
+        cmd.arg(&image).stdin(Stdio::null());
+        async move { cmd.output().await.expect("ctr starts") }
+    };
+
+    let out = pull(Some("alice:pw-alice-ctr")).await;
+    assert!(
+        out.status.success(),
+        "alice: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let content = run(containerd.ctr().args(["content", "ls"])).await;
+    for (digest, _) in img.blobs() {
+        assert!(content.contains(digest), "{content}");
+    }
+    run(containerd.ctr().args(["images", "rm", &image])).await;
+    // Everything is cached now; bob and anonymous still get nothing.
+    for user in [Some("bob:pw-bob-ctr"), Some("alice:wrong-password"), None] {
+        let out = pull(user).await;
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(!out.status.success(), "{user:?} must not pull private/app");
+        assert!(
+            err.contains("401") || err.contains("unauthorized") || err.contains("authoriz"),
+            "{user:?} refused for the wrong reason: {err}"
+        );
+    }
+    let images = run(containerd.ctr().args(["images", "list", "-q"])).await;
+    assert!(!images.contains("private/app"), "{images}");
+}

@@ -107,10 +107,17 @@ impl Setup {
         }
     }
 
-    /// The client port refuses new connections.
-    fn refuses_new_connections(&self) {
-        let refused = std::net::TcpStream::connect(("127.0.0.1", self.berth.port)).is_err();
-        assert!(refused, "the client listener still accepts after SIGTERM");
+    /// The client port refuses new connections (the listener is dropped right after readiness
+    /// turns: wait for it, bounded).
+    async fn refuses_new_connections(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.berth.port)).is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the client listener still accepts 20 s after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -125,7 +132,7 @@ async fn in_flight_requests_drain_while_new_ones_are_refused() {
 
     s.berth.terminate();
     s.readyz_goes_unready().await;
-    s.refuses_new_connections();
+    s.refuses_new_connections().await;
     // The process is still there, draining: the in-flight request completes in full.
     s.tap.release();
     let body = request
