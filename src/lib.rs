@@ -12,6 +12,7 @@ pub mod body;
 pub mod bundle;
 pub mod cache;
 pub mod cli;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod error;

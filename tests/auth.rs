@@ -1307,13 +1307,18 @@ async fn decisions(berth: &Berth, result: &str, source: &str) -> u64 {
 #[tokio::test]
 async fn an_expired_token_is_refused_even_though_a_decision_was_cached_with_it() {
     capture_logs();
-    // Tokens live 3 s at the registry. decision_ttl is long: only the token bounds the decision.
-    let origin = start_origin(policy_issuer().expires_in(Duration::from_secs(3))).await;
+    // Tokens live 10 s at the registry (expiry there is wall-clock time: the registry's own),
+    // long enough that the pull and the first check cannot outlast the token however slow the
+    // machine. decision_ttl is long: only the token bounds the decision.
+    let lifetime = Duration::from_secs(10);
+    let origin = start_origin(policy_issuer().expires_in(lifetime)).await;
     let image = &origin.content.private;
     let berth = passthrough_berth(&origin, "[auth]\ndecision_ttl = \"1h\"\n").await;
     let mut alice = Puller::new(&berth, Who::Alice);
-    let issued = Instant::now();
     alice.pull(image).await;
+    // Taken after the pull: the token was issued no later than this, so waiting from here
+    // always reaches its expiry.
+    let issued = Instant::now();
     let token = alice.tokens[&format!("repository:{PRIVATE}:pull")].clone();
     let manifest = Req::manifest(PRIVATE, &image.tag);
     let with = |token: &str| {
@@ -1323,7 +1328,7 @@ async fn an_expired_token_is_refused_even_though_a_decision_was_cached_with_it()
     assert_eq!(with(&token).await.status, StatusCode::OK);
 
     tokio::time::sleep(
-        (issued + Duration::from_millis(3_500)).saturating_duration_since(Instant::now()),
+        (issued + lifetime + Duration::from_millis(500)).saturating_duration_since(Instant::now()),
     )
     .await;
     let direct = Got::read(
@@ -1377,12 +1382,13 @@ async fn an_expired_token_is_refused_even_though_a_decision_was_cached_with_it()
 #[tokio::test]
 async fn decisions_are_reused_only_until_the_token_expires() {
     capture_logs();
-    // 64 s at the registry (its 60 s leeway included) means `exp` is 4 s after issue.
-    let origin = start_origin(policy_issuer().expires_in(Duration::from_secs(64))).await;
+    // 660 s at the registry (its 60 s leeway included) means `exp` is 600 s after issue: both
+    // requests below fall well inside the token's life however slow the machine. Its end is
+    // reached by moving berth's clock forward, not by waiting.
+    let origin = start_origin(policy_issuer().expires_in(Duration::from_secs(660))).await;
     let image = &origin.content.private;
     let berth = passthrough_berth(&origin, "[auth]\ndecision_ttl = \"1h\"\n").await;
     let mut alice = Puller::new(&berth, Who::Alice);
-    let issued = Instant::now();
     let manifest = Req::manifest(PRIVATE, &image.tag);
     assert_eq!(alice.fetch(&manifest).await.status, StatusCode::OK);
     let from_origin = decisions(&berth, "allow", "origin").await;
@@ -1396,8 +1402,11 @@ async fn decisions_are_reused_only_until_the_token_expires() {
     );
     assert_eq!(decisions(&berth, "allow", "origin").await, from_origin);
 
-    tokio::time::sleep((issued + Duration::from_secs(5)).saturating_duration_since(Instant::now()))
-        .await;
+    // Just before exp by berth's clock the decision still holds; just after, it does not.
+    berth.app().auth().clock().advance(Duration::from_secs(500));
+    assert_eq!(alice.fetch(&manifest).await.status, StatusCode::OK);
+    assert_eq!(decisions(&berth, "allow", "origin").await, from_origin);
+    berth.app().auth().clock().advance(Duration::from_secs(101));
     let got = alice.fetch(&manifest).await;
     // The registry still takes the token (its leeway): the origin's answer is berth's answer.
     assert_eq!(got.status, StatusCode::OK, "{}", got.text());

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
 
+use crate::clock::Clock;
+
 /// Most decisions kept in memory.
 const MAX_DECISIONS: u64 = 100_000;
 
@@ -26,33 +28,40 @@ pub type DecisionKey = (String, String, String);
 /// Decisions, bounded in number.
 pub struct Decisions {
     decisions: Cache<DecisionKey, Decision>,
+    clock: Clock,
 }
 
 impl Default for Decisions {
     fn default() -> Self {
-        Decisions {
-            decisions: Cache::builder().max_capacity(MAX_DECISIONS).build(),
-        }
+        Decisions::new(Clock::default())
     }
 }
 
 impl Decisions {
+    /// Decisions timed by `clock`.
+    pub fn new(clock: Clock) -> Decisions {
+        Decisions {
+            decisions: Cache::builder().max_capacity(MAX_DECISIONS).build(),
+            clock,
+        }
+    }
+
     /// A decision still valid now.
     pub fn valid(&self, key: &DecisionKey) -> Option<bool> {
         let d = self.decisions.get(key)?;
-        (d.until > Instant::now()).then_some(d.allow)
+        (d.until > self.clock.now()).then_some(d.allow)
     }
 
     /// An allow decision that expired but is within its grace period.
     pub fn in_grace(&self, key: &DecisionKey) -> bool {
         self.decisions
             .get(key)
-            .is_some_and(|d| d.allow && d.grace_until > Instant::now())
+            .is_some_and(|d| d.allow && d.grace_until > self.clock.now())
     }
 
     /// Records an allow for `ttl`, usable offline for `grace` longer.
     pub fn allow(&self, key: DecisionKey, ttl: Duration, grace: Duration) {
-        let now = Instant::now();
+        let now = self.clock.now();
         self.decisions.insert(
             key,
             Decision {
@@ -65,7 +74,7 @@ impl Decisions {
 
     /// Records a denial for `ttl`.
     pub fn deny(&self, key: DecisionKey, ttl: Duration) {
-        let now = Instant::now();
+        let now = self.clock.now();
         self.decisions.insert(
             key,
             Decision {

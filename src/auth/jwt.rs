@@ -23,11 +23,13 @@ pub fn expiry(token: &str) -> Option<SystemTime> {
 
 /// How long from now until the token's expiry (zero when expired), if it states one.
 pub fn remaining(token: &str) -> Option<Duration> {
+    remaining_at(token, SystemTime::now())
+}
+
+/// How long from `now` until the token's expiry (zero when expired), if it states one.
+pub fn remaining_at(token: &str, now: SystemTime) -> Option<Duration> {
     let exp = expiry(token)?;
-    Some(
-        exp.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    Some(exp.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 #[cfg(test)]

@@ -84,6 +84,7 @@ pub struct LocalAuth {
     refused: super::backoff::Backoff,
     bcrypt: tokio::sync::Semaphore,
     token_ttl: Duration,
+    clock: crate::clock::Clock,
 }
 
 fn token_key(token: &str) -> String {
@@ -150,7 +151,14 @@ impl LocalAuth {
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
             token_ttl,
+            clock: crate::clock::Clock::default(),
         })
+    }
+
+    /// Times issued tokens by `clock` (the authorizer's).
+    pub fn with_clock(mut self, clock: crate::clock::Clock) -> LocalAuth {
+        self.clock = clock;
+        self
     }
 
     /// Checks a username and password against the htpasswd file. bcrypt runs on at most one
@@ -221,7 +229,7 @@ impl LocalAuth {
         let Some(g) = self.issued.get(&k) else {
             return TokenCheck::Unknown;
         };
-        if g.expires <= Instant::now() {
+        if g.expires <= self.clock.now() {
             return TokenCheck::Unknown;
         }
         let subject_ok = if g.subject.is_empty() {
@@ -253,7 +261,7 @@ impl LocalAuth {
                 audience: audience.to_owned(),
                 subject: subject.to_owned(),
                 repositories,
-                expires: Instant::now() + self.token_ttl,
+                expires: self.clock.now() + self.token_ttl,
             }),
         );
         (Secret::new(token), self.token_ttl)

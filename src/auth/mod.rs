@@ -24,6 +24,8 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 
 pub use decisions::Decisions;
 pub use local::{LocalAuth, TokenCheck};
+
+use crate::clock::Clock;
 pub use principal::{Credential, Principal};
 
 use crate::cache::Memberships;
@@ -130,6 +132,8 @@ pub struct Authorizer {
     challenges: moka::sync::Cache<String, Option<Challenge>>,
     open_repositories: moka::sync::Cache<String, ()>,
     metrics: Arc<Metrics>,
+    /// The clock of every expiry this authorizer decides (decisions, issued tokens).
+    clock: Clock,
 }
 
 // === impl Authorizer ===
@@ -141,15 +145,18 @@ impl Authorizer {
         metrics: Arc<Metrics>,
         members: Arc<Memberships>,
     ) -> Result<Authorizer, local::LocalAuthError> {
+        let clock = Clock::default();
         let local = LocalAuth::load(
             config.htpasswd_file.as_deref(),
             config.tokens_file.as_deref(),
             config.token_ttl,
-        )?;
+        )?
+        .with_clock(clock.clone());
         Ok(Authorizer {
             config,
             local: Arc::new(local),
-            decisions: Decisions::default(),
+            decisions: Decisions::new(clock.clone()),
+            clock,
             members,
             logins: backoff::Backoff::default(),
             challenges: moka::sync::Cache::builder()
@@ -540,11 +547,16 @@ impl Authorizer {
         }
     }
 
+    /// The clock of this authorizer's expiries (moved forward by tests instead of sleeping).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// How long an allow for this principal may be reused: the configured maximum, never past
     /// the expiry its token states.
     fn decision_ttl(&self, principal: &Principal) -> Duration {
         match &principal.credential {
-            Credential::Bearer(t) => jwt::remaining(t.expose())
+            Credential::Bearer(t) => jwt::remaining_at(t.expose(), self.clock.system_now())
                 .map_or(self.config.decision_ttl, |r| {
                     r.min(self.config.decision_ttl)
                 }),

@@ -160,6 +160,11 @@ impl App {
         })
     }
 
+    /// The authorizer (decisions, local users, its clock).
+    pub fn auth(&self) -> &Authorizer {
+        &self.auth
+    }
+
     /// The scale-out parts.
     pub fn scale(&self) -> &Scale {
         &self.scale
