@@ -24,9 +24,11 @@ const PASSWORD: &str = "pw-Xq7-robot-secret";
 /// Longest any single request through berth may take here: an auth failure is an answer, not a
 /// hang.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
-/// Token lifetime of the expiry tests, and how long they wait for it to pass.
-const SHORT_LIFETIME: Duration = Duration::from_secs(2);
-const PAST_EXPIRY: Duration = Duration::from_millis(2_200);
+/// Token lifetime of the expiry tests, and how long they wait for it to pass (counted from
+/// after the token was issued, so the wait always reaches expiry). Expiry is the registry's own
+/// wall-clock time; six seconds keeps the "still valid" checks out of reach of a slow machine.
+const SHORT_LIFETIME: Duration = Duration::from_secs(6);
+const PAST_EXPIRY: Duration = Duration::from_millis(6_500);
 
 /// A token issuer and the registry that trusts it.
 struct Origin {
@@ -480,8 +482,8 @@ async fn refetches_a_token_after_it_expired() {
     let p = berth_for(&o, Some((USER, PASSWORD))).await;
     let base = p.berth.url();
 
-    // One request before the wait: a whole pull could outlive berth's one-second use of a
-    // two-second token on a slow machine and fetch a second token early.
+    // One request before the wait: a whole pull could outlive berth's five-second use of a
+    // six-second token on a slow machine and fetch a second token early.
     let resp = get_manifest(&base, "team/app", &first.tag).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(issued_to_berth(&o.issuer), 1);
