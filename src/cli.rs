@@ -85,6 +85,24 @@ pub enum Command {
         #[arg(long)]
         pin: bool,
     },
+    /// Drop from the cache directory of a stopped berth: an image (`host/repo:tag` drops the
+    /// tag mapping and the image; `host/repo@sha256:…` or a manifest digest the image), a tag
+    /// mapping alone (`--tag-only`), or a blob (its digest). The next pull fetches it again. For
+    /// a running berth: `POST /purge?target=…` on its admin listener.
+    Purge {
+        /// Config options.
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Images, tags or digests.
+        #[arg(required = true)]
+        targets: Vec<String>,
+        /// Drop only the tag mapping, keep the image.
+        #[arg(long)]
+        tag_only: bool,
+        /// Also drop pinned content (its pins are released).
+        #[arg(long)]
+        force: bool,
+    },
     /// Scrub the cache directory of a stopped berth: re-hash stored objects (all, or a random
     /// sample) at a bounded rate, remove those that do not match their digest or recorded size,
     /// and report. Exit status 0 when all matched, 1 when corrupt objects were removed (they
@@ -289,6 +307,50 @@ pub fn main() -> i32 {
                 if pin { ", pinned" } else { "" }
             ))
         }),
+        Command::Purge {
+            config,
+            targets,
+            tag_only,
+            force,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging_quiet();
+            let (cache, upstreams) = match open_offline(&cfg) {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!(
+                        "berth: purge: {e} (a running berth purges with `POST /purge` on its \
+                         admin listener)"
+                    );
+                    return 1;
+                }
+            };
+            let mut failed = 0;
+            for target in &targets {
+                match crate::proxy::purge::purge(&cache, &upstreams, target, tag_only, force) {
+                    Ok(r) => println!(
+                        "purged {target}: {} tag mapping(s), {} manifest(s), {} blob(s), {} bytes{}",
+                        r.tags,
+                        r.manifests,
+                        r.blobs,
+                        r.bytes,
+                        if r.unpinned.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; unpinned {}", r.unpinned.join(", "))
+                        }
+                    ),
+                    Err(e) => {
+                        eprintln!("berth: purge: {e}");
+                        failed += 1;
+                    }
+                }
+            }
+            i32::from(failed > 0)
+        }
         Command::Verify {
             config,
             sample,

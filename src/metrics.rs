@@ -49,6 +49,8 @@ pub struct Metrics {
     pub scrub_objects: IntCounter,
     /// `berth_scrub_bytes_total`: bytes a scrub read back.
     pub scrub_bytes: IntCounter,
+    /// `berth_purged_total{kind}`: tag mappings, manifests and blobs dropped by purges.
+    pub purged: IntCounterVec,
     /// `berth_served_bytes_total{source}`.
     pub served_bytes: IntCounterVec,
     /// `berth_upstream_requests_total{upstream,method,status}`.
@@ -121,6 +123,8 @@ pub struct Snapshot {
     pub corrupt: (u64, u64),
     /// Objects and bytes scrubbed so far.
     pub scrubbed: (u64, u64),
+    /// Tag mappings, manifests and blobs purged so far.
+    pub purged: (u64, u64, u64),
     /// Blob fills that failed digest verification so far, per upstream.
     pub fill_digest_mismatches: Vec<(String, u64)>,
     /// Per upstream: name, body bytes received so far, last rate-limit remaining (if seen).
@@ -203,6 +207,12 @@ impl Metrics {
             scrub_bytes: register_int_counter_with_registry!(
                 "berth_scrub_bytes_total",
                 "Bytes a scrub read back from the disk tier.",
+                r
+            )?,
+            purged: register_int_counter_vec_with_registry!(
+                "berth_purged_total",
+                "Tag mappings, manifests and blobs dropped by purges, by kind.",
+                &["kind"],
                 r
             )?,
             served_bytes: register_int_counter_vec_with_registry!(
@@ -427,6 +437,11 @@ impl Metrics {
         }
         self.add_delta("scrub_objects", s.scrubbed.0, &self.scrub_objects);
         self.add_delta("scrub_bytes", s.scrubbed.1, &self.scrub_bytes);
+        let (tags, manifests, blobs) = s.purged;
+        for (kind, n) in [("tag", tags), ("manifest", manifests), ("blob", blobs)] {
+            let counter = self.purged.with_label_values(&[kind]);
+            self.add_delta(&format!("purged/{kind}"), n, &counter);
+        }
         for (name, n) in &s.fill_digest_mismatches {
             let counter = self.digest_mismatches.with_label_values(&[name]);
             self.add_delta(&format!("fill_mismatch/{name}"), *n, &counter);

@@ -99,6 +99,16 @@ impl MemoryTier {
         }
     }
 
+    /// Forgets a manifest (a purge).
+    pub fn remove_manifest(&self, d: &Digest) {
+        self.objects.invalidate(&MemKey::Manifest(d.clone()));
+    }
+
+    /// Forgets a blob (a purge).
+    pub fn remove_blob(&self, d: &Digest) {
+        self.objects.invalidate(&MemKey::Blob(d.clone()));
+    }
+
     /// Bytes held (moka's estimate), budget, object count and evictions, for metrics.
     pub fn usage(&self) -> (u64, u64, u64, u64) {
         (

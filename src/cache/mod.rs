@@ -11,6 +11,7 @@ pub mod index;
 pub mod membership;
 pub mod memory;
 pub mod pins;
+pub mod purge;
 pub mod queue;
 pub mod readbuf;
 pub mod scrub;
@@ -28,6 +29,7 @@ pub use fill::{BlobFetcher, BlobSource, BlobStream, Fetched, Fill, FillError, Fi
 pub use index::{DiskIndex, Key, Kind, PinError, Usage};
 pub use membership::Memberships;
 pub use pins::PinnedImage;
+pub use purge::{PurgeError, PurgeReport, PurgeStats};
 pub use queue::{FillLimits, FillObserver};
 pub use scrub::{CorruptionStats, Finding, ScrubError, ScrubOptions, ScrubReport};
 pub use store::{DiskStore, StoredManifest};
@@ -67,6 +69,7 @@ pub struct Cache {
     fills: Arc<Fills>,
     memberships: Arc<Memberships>,
     corruption: CorruptionStats,
+    purged: PurgeStats,
 }
 
 impl Cache {
@@ -131,6 +134,7 @@ impl Cache {
         Ok(Cache {
             _lock: lock,
             corruption: CorruptionStats::default(),
+            purged: PurgeStats::default(),
             pins: std::sync::Mutex::new(pinned),
             memory: memory::MemoryTier::new(cfg.memory_bytes, cfg.memory_max_object_bytes),
             tags: TagStore::new(store.clone()),

@@ -223,6 +223,58 @@ impl TagStore {
         }
     }
 
+    /// The directory holding every Accept variant of `(upstream, repo, tag)`.
+    fn tag_dir(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
+        self.store
+            .root()
+            .join("tags")
+            .join(upstream)
+            .join(repo.as_str())
+            .join("_tags")
+            .join(tag.as_str())
+    }
+
+    /// The digests `(upstream, repo, tag)` points to, over every Accept variant, from memory
+    /// and disk. Blocking.
+    pub fn digests_of(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> Vec<Digest> {
+        let mut out: Vec<Digest> = self
+            .mem
+            .iter()
+            .filter(|(k, _)| k.upstream == upstream && k.repo == *repo && k.tag == *tag)
+            .map(|(_, e)| e.digest.clone())
+            .collect();
+        if let Ok(dir) = std::fs::read_dir(self.tag_dir(upstream, repo, tag)) {
+            for e in dir.flatten() {
+                if let Some(entry) = std::fs::read(e.path()).ok().and_then(|raw| parse(&raw)) {
+                    out.push(entry.digest);
+                }
+            }
+        }
+        out.sort_by_key(|d| d.to_string());
+        out.dedup();
+        out
+    }
+
+    /// Forgets every Accept variant of `(upstream, repo, tag)`; how many there were. Blocking.
+    pub fn remove_all(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> u64 {
+        let keys: Vec<Arc<TagKey>> = self
+            .mem
+            .iter()
+            .filter(|(k, _)| k.upstream == upstream && k.repo == *repo && k.tag == *tag)
+            .map(|(k, _)| k)
+            .collect();
+        let mut n = keys.len() as u64;
+        for k in keys {
+            self.mem.invalidate(&*k);
+        }
+        let dir = self.tag_dir(upstream, repo, tag);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            n = n.max(entries.count() as u64);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        n
+    }
+
     /// Forgets a mapping (the origin says the tag no longer exists). Blocking.
     pub fn remove(&self, k: &TagKey) {
         self.mem.invalidate(k);

@@ -5,6 +5,7 @@
 mod blobs;
 mod listing;
 mod manifests;
+pub mod purge;
 pub mod range;
 mod sources;
 
@@ -238,6 +239,11 @@ impl App {
             scrubbed: (
                 self.cache.corruption().scrubbed_objects.load(Relaxed),
                 self.cache.corruption().scrubbed_bytes.load(Relaxed),
+            ),
+            purged: (
+                self.cache.purged().tags.load(Relaxed),
+                self.cache.purged().manifests.load(Relaxed),
+                self.cache.purged().blobs.load(Relaxed),
             ),
             upstreams: self
                 .upstreams

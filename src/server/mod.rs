@@ -274,6 +274,9 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
                         if req.uri().path() == "/verify" {
                             return verify_response(&req, &app).await;
                         }
+                        if req.uri().path() == "/purge" {
+                            return purge_response(&req, &app).await;
+                        }
                         admin_response(req.uri().path(), &app, &ready)
                     }
                 },
@@ -453,6 +456,56 @@ async fn verify_response(req: &Request<Incoming>, app: &Arc<App>) -> Response<Bo
             StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
             format!("scrub task: {e}\n"),
+        ),
+    }
+}
+
+/// `POST /purge?target=…[&tag_only=true][&force=true]`: drops an image, a tag mapping or a blob
+/// (see `berth purge`) and answers what went as JSON; 404 when it is not cached, 409 when it is
+/// pinned and not forced, 400 for a target that names nothing.
+async fn purge_response(req: &Request<Incoming>, app: &Arc<App>) -> Response<Body> {
+    if req.method() != hyper::Method::POST {
+        return admin_text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "POST /purge?target=IMAGE|DIGEST drops it from the cache\n".to_owned(),
+        );
+    }
+    let query = req.uri().query();
+    let flag = |k| crate::router::query_param(query, k).is_some_and(|v| v == "true" || v == "1");
+    let Some(target) = crate::router::query_param(query, "target") else {
+        return admin_text(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "target: an image reference or a digest\n".to_owned(),
+        );
+    };
+    let (tag_only, force) = (flag("tag_only"), flag("force"));
+    let app2 = app.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        crate::proxy::purge::purge(app2.cache(), app2.upstreams(), &target, tag_only, force)
+    })
+    .await;
+    match result {
+        Ok(Ok(report)) => admin_text(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string(&report).unwrap_or_default(),
+        ),
+        Ok(Err(e)) => {
+            use crate::cache::PurgeError;
+            use crate::proxy::purge::TargetError;
+            let status = match &e {
+                TargetError::Purge(PurgeError::Pinned(_)) => StatusCode::CONFLICT,
+                TargetError::Purge(PurgeError::NotCached(_)) => StatusCode::NOT_FOUND,
+                TargetError::Invalid(_) => StatusCode::BAD_REQUEST,
+            };
+            admin_text(status, "text/plain", format!("{e}\n"))
+        }
+        Err(e) => admin_text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("purge task: {e}\n"),
         ),
     }
 }
