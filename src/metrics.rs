@@ -81,6 +81,8 @@ pub struct Metrics {
     pub digest_mismatches: IntCounterVec,
     /// `berth_stale_served_total{kind}`.
     pub stale_served: IntCounterVec,
+    /// `berth_events_total{action,outcome}`: registry notifications received on `/events`.
+    pub events: IntCounterVec,
     /// `berth_auth_decisions_total{result,source}`.
     pub auth_decisions: IntCounterVec,
     /// `berth_build_info{version}`.
@@ -287,6 +289,12 @@ impl Metrics {
                 "berth_digest_mismatches_total",
                 "Origin content that did not match its digest.",
                 &["upstream"],
+                r
+            )?,
+            events: register_int_counter_vec_with_registry!(
+                "berth_events_total",
+                "Registry notifications received, by action and what berth did.",
+                &["action", "outcome"],
                 r
             )?,
             stale_served: register_int_counter_vec_with_registry!(

@@ -255,6 +255,23 @@ impl TagStore {
         out
     }
 
+    /// Makes every Accept variant of `(upstream, repo, tag)` stale (the origin says the tag was
+    /// pushed): the next request revalidates it. How many were held in memory (mappings read
+    /// from disk start stale anyway).
+    pub fn mark_stale(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> u64 {
+        let held: Vec<(Arc<TagKey>, TagEntry)> = self
+            .mem
+            .iter()
+            .filter(|(k, _)| k.upstream == upstream && k.repo == *repo && k.tag == *tag)
+            .collect();
+        let n = held.len() as u64;
+        for (k, mut e) in held {
+            e.confirmed = None;
+            self.mem.insert((*k).clone(), e);
+        }
+        n
+    }
+
     /// Forgets every Accept variant of `(upstream, repo, tag)`; how many there were. Blocking.
     pub fn remove_all(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> u64 {
         let keys: Vec<Arc<TagKey>> = self

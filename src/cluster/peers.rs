@@ -87,11 +87,7 @@ fn weight(member: &str, digest: &str) -> u64 {
 /// Whether `a == b`, in time that depends on the lengths only (the secret's length is not
 /// hidden; its content is).
 pub(super) fn constant_time_eq(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    crate::secret::constant_time_eq(a.as_bytes(), b.as_bytes())
 }
 
 #[cfg(test)]

@@ -145,6 +145,9 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
     /// Most admin connections held at once (timeouts are the `[server]` ones).
     pub max_connections: usize,
+    /// File holding the bearer secret of `POST /events` (registry push notifications); the
+    /// endpoint is off without it.
+    pub events_secret_file: Option<PathBuf>,
 }
 
 /// `[cache]`: where and how much berth keeps.
@@ -293,7 +296,7 @@ impl Config {
     pub fn from_table(mut table: Table, base: &Path) -> Result<Config, ConfigErrors> {
         let mut e = Errors::default();
         let server = e.server(&mut table, base);
-        let admin = e.admin(&mut table);
+        let admin = e.admin(&mut table, base);
 
         let mut cache_t = e.table(&mut table, "cache");
         let shared = e.shared(&mut cache_t);
@@ -547,13 +550,23 @@ impl Errors {
     }
 
     /// `[admin]`.
-    fn admin(&mut self, table: &mut Table) -> AdminConfig {
+    fn admin(&mut self, table: &mut Table, base: &Path) -> AdminConfig {
         let mut t = self.table(table, "admin");
+        let events_secret_file = self.path(&mut t, "admin.events_secret_file", base);
+        if let Some(p) = &events_secret_file {
+            if !p.is_file() {
+                self.push(format!(
+                    "admin.events_secret_file: {} is not a readable file",
+                    p.display()
+                ));
+            }
+        }
         let admin = AdminConfig {
             listen: self.addr(&mut t, "admin.listen"),
             max_connections: self
                 .count(&mut t, "admin.max_connections", 1..=MAX_CONNECTIONS_LIMIT)
                 .unwrap_or(DEFAULT_ADMIN_MAX_CONNECTIONS),
+            events_secret_file,
         };
         self.unknown(&t, "admin");
         admin

@@ -3,6 +3,7 @@
 //! [`crate::error::Error::into_response`] only.
 
 mod blobs;
+pub mod events;
 mod listing;
 mod manifests;
 pub mod purge;

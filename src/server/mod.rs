@@ -71,6 +71,9 @@ pub enum StartError {
     /// The cluster's secret could not be read.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// `admin.events_secret_file` could not be read.
+    #[error("admin.events_secret_file: {0}")]
+    Events(String),
 }
 
 /// A started berth: its bound addresses and the handle to stop it.
@@ -264,18 +267,29 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
     })];
     if let Some(socket) = admin_listener {
         let admin_app = app.clone();
+        let events_secret: Option<Arc<crate::secret::Secret>> = config
+            .admin
+            .events_secret_file
+            .as_deref()
+            .map(read_events_secret)
+            .transpose()?
+            .map(Arc::new);
         let admin = Listener {
             kind: ListenerKind::Admin,
             socket,
             setup: Arc::new(conn::Setup::new(
                 move |req: Request<Incoming>| {
                     let (app, ready) = (admin_app.clone(), ready.clone());
+                    let events_secret = events_secret.clone();
                     async move {
                         if req.uri().path() == "/verify" {
                             return verify_response(&req, &app).await;
                         }
                         if req.uri().path() == "/purge" {
                             return purge_response(&req, &app).await;
+                        }
+                        if req.uri().path() == "/events" {
+                            return events_response(req, &app, events_secret.as_deref()).await;
                         }
                         admin_response(req.uri().path(), &app, &ready)
                     }
@@ -506,6 +520,86 @@ async fn purge_response(req: &Request<Incoming>, app: &Arc<App>) -> Response<Bod
             StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
             format!("purge task: {e}\n"),
+        ),
+    }
+}
+
+/// The bearer secret of `POST /events`, from its file (trimmed; empty refused).
+fn read_events_secret(path: &std::path::Path) -> Result<crate::secret::Secret, StartError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| StartError::Events(format!("{}: {e}", path.display())))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(StartError::Events(format!("{} is empty", path.display())));
+    }
+    Ok(crate::secret::Secret::new(secret.to_owned()))
+}
+
+/// Most bytes of one notification delivery.
+const MAX_EVENTS_BODY: usize = 1 << 20;
+
+/// `POST /events[?upstream=NAME]` with `Authorization: Bearer <admin.events_secret_file>`:
+/// registry notifications (distribution envelopes, ACR webhooks) for the upstream named (the
+/// default upstream otherwise). 404 when not configured, 401 without the secret.
+async fn events_response(
+    req: Request<Incoming>,
+    app: &Arc<App>,
+    secret: Option<&crate::secret::Secret>,
+) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let Some(secret) = secret else {
+        return admin_text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "events are off (admin.events_secret_file)\n".to_owned(),
+        );
+    };
+    if req.method() != hyper::Method::POST {
+        return admin_text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "POST registry notifications here\n".to_owned(),
+        );
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !crate::secret::constant_time_eq(given.trim().as_bytes(), secret.expose().as_bytes()) {
+        return admin_text(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "a bearer secret is required\n".to_owned(),
+        );
+    }
+    let upstream = crate::router::query_param(req.uri().query(), "upstream");
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_EVENTS_BODY);
+    let body = match tokio::time::timeout(Duration::from_secs(10), limited.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        _ => {
+            return admin_text(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                "body too large, too slow or cut\n".to_owned(),
+            )
+        }
+    };
+    let app2 = app.clone();
+    let result =
+        tokio::task::spawn_blocking(move || app2.apply_events(upstream.as_deref(), &body)).await;
+    match result {
+        Ok(Ok(applied)) => admin_text(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string(&applied).unwrap_or_default(),
+        ),
+        Ok(Err(e)) => admin_text(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+        Err(e) => admin_text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("events task: {e}\n"),
         ),
     }
 }

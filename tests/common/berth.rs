@@ -14,6 +14,8 @@ pub struct BerthBuilder {
     tls: Option<(PathBuf, PathBuf)>,
     tag_ttl: String,
     server_keys: String,
+    admin_listen: String,
+    admin_keys: String,
     cache_dir: Option<PathBuf>,
     disk_bytes: String,
     memory_max_object: String,
@@ -49,6 +51,8 @@ impl Berth {
             tls: None,
             tag_ttl: "5m".into(),
             server_keys: String::new(),
+            admin_listen: "127.0.0.1:0".into(),
+            admin_keys: String::new(),
             cache_dir: None,
             disk_bytes: "10GiB".into(),
             memory_max_object: "1MiB".into(),
@@ -63,6 +67,8 @@ impl Berth {
             tls: None,
             tag_ttl: "5m".into(),
             server_keys: String::new(),
+            admin_listen: "127.0.0.1:0".into(),
+            admin_keys: String::new(),
             cache_dir: None,
             disk_bytes: "10GiB".into(),
             memory_max_object: "1MiB".into(),
@@ -161,8 +167,10 @@ impl BerthBuilder {
     /// The config file text this builder produces.
     pub fn config_text(&self, cache_dir: &Path) -> String {
         let mut s = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\ndisk_bytes = \"{}\"\nmemory_max_object_bytes = \"{}\"\ntag_ttl = \"{}\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n{}[admin]\nlisten = \"{}\"\n{}[cache]\ndir = \"{}\"\ndisk_bytes = \"{}\"\nmemory_max_object_bytes = \"{}\"\ntag_ttl = \"{}\"\n",
             self.server_keys,
+            self.admin_listen,
+            self.admin_keys,
             cache_dir.display(),
             self.disk_bytes,
             self.memory_max_object,
@@ -188,6 +196,16 @@ impl BerthBuilder {
         self.server_keys.push_str(lines);
         if !lines.ends_with('\n') {
             self.server_keys.push('\n');
+        }
+        self
+    }
+
+    /// The admin listener's address (`127.0.0.1:0` unless set) and extra `[admin]` lines.
+    pub fn admin(mut self, listen: &str, lines: &str) -> Self {
+        self.admin_listen = listen.to_owned();
+        self.admin_keys.push_str(lines);
+        if !lines.is_empty() && !lines.ends_with('\n') {
+            self.admin_keys.push('\n');
         }
         self
     }
