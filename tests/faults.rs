@@ -1202,3 +1202,52 @@ async fn referrers_are_forwarded_kept_briefly_and_served_stale() {
         1.0
     );
 }
+
+/// Docker Hub rate-limit awareness: once the origin reports at most `ratelimit_reserve` pulls
+/// left, a stale tag is served from the known mapping (counted as stale) instead of being
+/// revalidated, with one probe a minute; with pulls to spare, every stale tag is revalidated.
+#[tokio::test]
+async fn a_low_rate_limit_serves_known_tags_instead_of_revalidating() {
+    let fault = FaultUpstream::start().await;
+    let berth = Berth::in_front_of(&fault.url()).tag_ttl("0s").start().await;
+    fault.add_manifest(REPO, "rl", OCI_MANIFEST, test_manifest(160));
+    fault.set_ratelimit_remaining(Some(150));
+    let url = manifest_url(&berth, "rl");
+    let origin_manifests = |f: &FaultUpstream| f.count(|r| r.path.contains("/manifests/rl"));
+    let first = get(&url, &[OCI_MANIFEST]).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    // Pulls to spare: with tag_ttl 0 every request revalidates.
+    let before = origin_manifests(&fault);
+    let r = get(&url, &[OCI_MANIFEST]).await;
+    assert_eq!(r.headers()["x-berth-cache"], "hit");
+    assert_eq!(origin_manifests(&fault), before + 1);
+
+    // The origin now reports 5 pulls left (berth learns it from the next answer).
+    fault.set_ratelimit_remaining(Some(5));
+    get(&url, &[OCI_MANIFEST]).await;
+    assert_eq!(
+        berth
+            .metric("berth_upstream_ratelimit_remaining{upstream=\"origin\"}")
+            .await,
+        5.0
+    );
+    // One probe, then the known mapping without asking.
+    get(&url, &[OCI_MANIFEST]).await;
+    let asked = origin_manifests(&fault);
+    for _ in 0..3 {
+        let r = get(&url, &[OCI_MANIFEST]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["x-berth-cache"], "stale");
+    }
+    assert_eq!(
+        origin_manifests(&fault),
+        asked,
+        "no origin request while low"
+    );
+    assert_eq!(
+        berth
+            .metric("berth_stale_served_total{kind=\"ratelimit\"}")
+            .await,
+        3.0
+    );
+}

@@ -124,6 +124,9 @@ impl Default for ConnectionLimits {
 
 /// Default of `server.max_connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default of `upstream[].ratelimit_reserve`: Docker Hub pulls kept for what cannot wait.
+const DEFAULT_RATELIMIT_RESERVE: usize = 10;
+
 /// Default of `admin.max_connections`: scrapers and probes need few.
 pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 /// Largest accepted `max_connections`.
@@ -226,6 +229,10 @@ pub struct UpstreamConfig {
     pub first_byte_timeout: Duration,
     /// Longest pause between two body chunks.
     pub idle_timeout: Duration,
+    /// When the origin reports at most this many pulls left (`ratelimit-remaining`, Docker
+    /// Hub), stale tag mappings are served instead of revalidated, asking the origin at most
+    /// once a minute.
+    pub ratelimit_reserve: i64,
 }
 
 /// Username and password berth uses at an origin.
@@ -806,6 +813,9 @@ impl Errors {
         let idle_timeout = self
             .duration(&mut t, &at("idle_timeout"))
             .unwrap_or(Duration::from_secs(60));
+        let ratelimit_reserve = self
+            .count(&mut t, &at("ratelimit_reserve"), 0..=1_000_000)
+            .unwrap_or(DEFAULT_RATELIMIT_RESERVE) as i64;
         self.unknown(&t, &format!("upstream[{i}]"));
         let (name, (url, repository_prefix)) = (name?, url?);
         if self.0.len() > before {
@@ -843,6 +853,7 @@ impl Errors {
             connect_timeout,
             first_byte_timeout,
             idle_timeout,
+            ratelimit_reserve,
         })
     }
 }

@@ -13,6 +13,9 @@ use crate::upstream::{Selected, UpstreamError, UpstreamRequest};
 /// Header carrying the content digest.
 pub const DIGEST_HEADER: &str = "docker-content-digest";
 
+/// How often a stale tag is revalidated while its origin's rate limit is low.
+const RATELIMIT_PROBE: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl App {
     /// GET|HEAD: /v2/<name>/manifests/<reference>
     pub(super) async fn manifest(
@@ -128,6 +131,18 @@ impl App {
                     CacheResult::Hit,
                 ));
             }
+            // Few pulls left at the origin (Docker Hub's `ratelimit-remaining`): keep them for
+            // what cannot wait, serve the known mapping, and ask at most once a minute.
+            if self.ratelimit_low(sel) {
+                self.metrics
+                    .stale_served
+                    .with_label_values(&["ratelimit"])
+                    .inc();
+                return Ok((
+                    sourced(self.respond(sel, &e.digest, m, head), tier.into()),
+                    CacheResult::Stale,
+                ));
+            }
             // Stale mapping: revalidate with a HEAD (does not count against Docker Hub's limit).
             match self.head_manifest(sel, tag.as_str(), &accept).await {
                 Ok(Some(d)) if d == e.digest => {
@@ -207,6 +222,30 @@ impl App {
                     self.cache().tags().remove_async(&key).await;
                 }
                 Err(not_found_as(err, "manifest"))
+            }
+        }
+    }
+
+    /// Whether `sel`'s origin reported at most `ratelimit_reserve` pulls left and was asked
+    /// less than [`RATELIMIT_PROBE`] ago (else this request is the probe, and records it).
+    fn ratelimit_low(&self, sel: &Selected) -> bool {
+        let up = &sel.upstream;
+        let low = up
+            .ratelimit_remaining()
+            .is_some_and(|r| r <= up.config().ratelimit_reserve);
+        if !low {
+            return false;
+        }
+        let mut probes = self
+            .ratelimit_probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match probes.get(up.name()) {
+            Some(at) if now.duration_since(*at) < RATELIMIT_PROBE => true,
+            _ => {
+                probes.insert(up.name().to_owned(), now);
+                false
             }
         }
     }

@@ -116,6 +116,8 @@ pub struct App {
     upstreams: Upstreams,
     metrics: Arc<Metrics>,
     listings: listing::ListingCache,
+    /// Per upstream, when a stale tag was last revalidated while its rate limit was low.
+    ratelimit_probes: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     scale: Scale,
 }
 
@@ -158,6 +160,7 @@ impl App {
             upstreams,
             metrics,
             listings: listing::ListingCache::new(),
+            ratelimit_probes: std::sync::Mutex::default(),
             scale,
         })
     }

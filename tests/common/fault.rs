@@ -143,6 +143,8 @@ struct Content {
     global: Fault,
     /// Token the origin requires, if any.
     bearer: Option<String>,
+    /// `ratelimit-remaining` sent with every answer (Docker Hub's header), if any.
+    ratelimit: Option<i64>,
 }
 
 /// State shared by the handle and every connection.
@@ -305,6 +307,12 @@ impl FaultUpstream {
         self.content().global = fault;
     }
 
+    /// Sends `ratelimit-remaining: N;w=21600` (Docker Hub's header) with every answer from now on
+    /// (`None`: not at all).
+    pub fn set_ratelimit_remaining(&self, remaining: Option<i64>) {
+        self.content().ratelimit = remaining;
+    }
+
     /// Heals everything: no per-object faults, no global fault.
     pub fn clear_faults(&self) {
         let mut content = self.content();
@@ -457,6 +465,17 @@ struct Object {
 }
 
 async fn handle(conn: Conn, request: Request<Incoming>) -> Result<Response<Body>, Reset> {
+    let ratelimit = conn.state.content.lock().unwrap().ratelimit;
+    let mut response = handle_inner(conn, request).await?;
+    if let Some(r) = ratelimit {
+        if let Ok(v) = format!("{r};w=21600").parse() {
+            response.headers_mut().insert("ratelimit-remaining", v);
+        }
+    }
+    Ok(response)
+}
+
+async fn handle_inner(conn: Conn, request: Request<Incoming>) -> Result<Response<Body>, Reset> {
     let state = &conn.state;
     let which = conn.which;
     let method = request.method().clone();
