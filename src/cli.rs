@@ -223,17 +223,30 @@ fn load(args: &ConfigArgs) -> Result<Config, i32> {
     })
 }
 
-fn init_logging(format: LogFormat) {
+/// Lines the log writer thread may have waiting; past that, request handlers wait for it
+/// (nothing is dropped).
+const LOG_QUEUE_LINES: usize = 65_536;
+
+/// Logging for `serve`: request handlers hand lines to a writer thread instead of writing to
+/// stderr themselves (a line per request would otherwise cost a write system call on the hot
+/// path). The returned guard flushes what is queued when dropped at exit.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("berth-log")
+        .finish(std::io::stderr());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(stderr_is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Text => b.try_init(),
         LogFormat::Json => b.json().flatten_event(true).try_init(),
     };
+    guard
 }
 
 /// Runs the command line; returns the process exit status.
@@ -269,7 +282,7 @@ pub fn main() -> i32 {
                     return EXIT_CONFIG;
                 }
             }
-            init_logging(log_format);
+            let _log = init_logging(log_format);
             runtime_with(cfg.server.worker_threads).block_on(serve(cfg))
         }
         Command::Export {
