@@ -490,3 +490,91 @@ async fn a_read_only_cache_directory_still_serves_and_loses_nothing() {
     );
     berth.stop().await;
 }
+
+/// I/O errors injected through the store's interface (as a failing disk would give them):
+/// creating a temp file fails, or the last step of a commit does. Every pull is still served in
+/// full, the failures are counted, no temp file is left behind, what was cached stays, and
+/// storing resumes once the fault clears.
+#[tokio::test]
+async fn injected_write_errors_serve_in_full_and_leave_nothing_behind() {
+    use berth::cache::WriteFault;
+    let registry = Registry::start().await;
+    let img = push_oci_image(
+        &registry.url(),
+        "fault/app",
+        "v1",
+        &[60_000, 300_000, 400_000],
+        38,
+    )
+    .await;
+    let other = push_oci_image(&registry.url(), "fault/other", "v1", &[10_000], 39).await;
+    let berth = Berth::in_front_of(&registry.url())
+        .memory_max_object("0")
+        .start()
+        .await;
+    let cache = berth.cache_dir().to_owned();
+    let store = berth.app().cache().store().clone();
+    let (kept, kept_bytes) = img.layers[0].clone();
+    get_blob(&berth, "fault/app", &kept)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    wait_stored(&blob_file(&cache, &kept)).await;
+    let failures = "berth_cache_write_failures_total";
+
+    for (fault, (d, bytes)) in [
+        (WriteFault::Commit, img.layers[1].clone()),
+        (WriteFault::TempFile, img.layers[2].clone()),
+    ] {
+        store.inject_write_fault(fault);
+        let before = berth.metric(failures).await;
+        let resp = get_blob(&berth, "fault/app", &d).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{fault:?}");
+        assert_eq!(&resp.bytes().await.unwrap()[..], &bytes[..], "{fault:?}");
+        settle_fills(&berth).await;
+        assert!(!blob_file(&cache, &d).exists(), "{fault:?}: not stored");
+        assert!(
+            berth.metric(failures).await > before,
+            "{fault:?}: the failed write is counted"
+        );
+        assert_eq!(
+            std::fs::read_dir(cache.join("tmp")).unwrap().count(),
+            0,
+            "{fault:?}: no temp files left"
+        );
+    }
+    // A manifest whose write fails is still served (and kept in memory).
+    let m = Client::new()
+        .get(format!("{}/v2/fault/other/manifests/v1", berth.url()))
+        .header("accept", common::content::OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(m.status(), StatusCode::OK);
+    assert_eq!(m.bytes().await.unwrap(), other.manifest_bytes);
+    // What was cached before is intact and still served from disk.
+    let resp = get_blob(&berth, "fault/app", &kept).await;
+    assert_eq!(resp.headers()["x-berth-cache"], "hit");
+    assert_eq!(&resp.bytes().await.unwrap()[..], &kept_bytes[..]);
+
+    store.inject_write_fault(WriteFault::None);
+    let (d, bytes) = img.layers[1].clone();
+    get_blob(&berth, "fault/app", &d)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    wait_stored(&blob_file(&cache, &d)).await;
+    assert_eq!(std::fs::read(blob_file(&cache, &d)).unwrap(), bytes);
+    berth.stop().await;
+}
+
+async fn settle_fills(berth: &Berth) {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        berth.app().cache().fills().all_settled(),
+    )
+    .await
+    .expect("fills settle");
+}

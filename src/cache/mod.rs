@@ -32,7 +32,7 @@ pub use pins::PinnedImage;
 pub use purge::{PurgeError, PurgeReport, PurgeStats};
 pub use queue::{FillLimits, FillObserver};
 pub use scrub::{CorruptionStats, Finding, ScrubError, ScrubOptions, ScrubReport};
-pub use store::{DiskStore, StoredManifest};
+pub use store::{DiskStore, StoredManifest, WriteFault};
 pub use tags::{accept_key, TagEntry, TagKey, TagStore};
 
 use crate::config::CacheConfig;

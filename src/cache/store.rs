@@ -37,10 +37,23 @@ pub struct StoredManifest {
     pub bytes: Bytes,
 }
 
+/// A write failure injected through the store's interface (tests and failure drills): every
+/// write of that kind fails with an I/O error until cleared, as a failing disk would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteFault {
+    /// Writes work.
+    None = 0,
+    /// Creating a temp file fails (every fill and every small-file write).
+    TempFile = 1,
+    /// The last step of storing a blob or manifest (fsync and rename) fails.
+    Commit = 2,
+}
+
 /// Paths and atomic writes of the disk tier.
 pub struct DiskStore {
     root: PathBuf,
     tmp_seq: AtomicU64,
+    fault: std::sync::atomic::AtomicU8,
 }
 
 impl DiskStore {
@@ -56,7 +69,21 @@ impl DiskStore {
         Ok(DiskStore {
             root: root.to_owned(),
             tmp_seq: AtomicU64::new(0),
+            fault: std::sync::atomic::AtomicU8::new(WriteFault::None as u8),
         })
+    }
+
+    /// Makes writes of one kind fail from now on (`WriteFault::None` heals).
+    pub fn inject_write_fault(&self, fault: WriteFault) {
+        self.fault.store(fault as u8, Ordering::SeqCst);
+    }
+
+    /// An injected failure for `at`, if one is set.
+    fn injected(&self, at: WriteFault) -> io::Result<()> {
+        if self.fault.load(Ordering::SeqCst) == at as u8 {
+            return Err(io::Error::other(format!("injected write fault: {at:?}")));
+        }
+        Ok(())
     }
 
     /// The store's root directory.
@@ -204,6 +231,7 @@ impl DiskStore {
 
     /// A new temp file for a fill, readable by followers while it grows.
     pub fn temp_file(&self) -> io::Result<(File, PathBuf)> {
+        self.injected(WriteFault::TempFile)?;
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.root.join("tmp").join(format!(
             "{}-{n}-{}",
@@ -220,6 +248,7 @@ impl DiskStore {
 
     /// Makes a verified temp file the blob `d`: fsync, rename, fsync the directory.
     pub fn commit_blob(&self, file: &File, temp: &Path, d: &Digest) -> io::Result<()> {
+        self.injected(WriteFault::Commit)?;
         file.sync_all()?;
         let dest = self.blob_path(d);
         rename_into_place(temp, &dest)
@@ -266,6 +295,7 @@ impl DiskStore {
         }
         let (mut f, temp) = self.temp_file()?;
         let r = (|| {
+            self.injected(WriteFault::Commit)?;
             f.write_all(m.media_type.as_bytes())?;
             f.write_all(b"\n")?;
             f.write_all(&m.bytes)?;
