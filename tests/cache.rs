@@ -265,12 +265,7 @@ async fn the_hot_set_survives_a_restart() {
         .bytes()
         .await
         .unwrap();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        first.app().cache().fills().all_settled(),
-    )
-    .await
-    .expect("the fill settles");
+    first.settle().await;
     assert!(blob_file(&cache, &hot).is_file());
     for _ in 0..2 {
         let resp = get_blob(&first, "hot/app", &hot).await;
@@ -532,7 +527,7 @@ async fn injected_write_errors_serve_in_full_and_leave_nothing_behind() {
         let resp = get_blob(&berth, "fault/app", &d).await;
         assert_eq!(resp.status(), StatusCode::OK, "{fault:?}");
         assert_eq!(&resp.bytes().await.unwrap()[..], &bytes[..], "{fault:?}");
-        settle_fills(&berth).await;
+        berth.settle().await;
         assert!(!blob_file(&cache, &d).exists(), "{fault:?}: not stored");
         assert!(
             berth.metric(failures).await > before,
@@ -568,13 +563,4 @@ async fn injected_write_errors_serve_in_full_and_leave_nothing_behind() {
     wait_stored(&blob_file(&cache, &d)).await;
     assert_eq!(std::fs::read(blob_file(&cache, &d)).unwrap(), bytes);
     berth.stop().await;
-}
-
-async fn settle_fills(berth: &Berth) {
-    tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        berth.app().cache().fills().all_settled(),
-    )
-    .await
-    .expect("fills settle");
 }

@@ -6,41 +6,8 @@ mod common;
 
 use common::airgap::{args, berth as berth_cmd, blob_file, manifest_file, write_config};
 use common::berth::Berth;
-use common::content::{sha256_digest, OCI_MANIFEST};
-use common::{push_oci_image, Registry, Tap, TestImage};
+use common::{pull_and_verify, push_oci_image, Registry, Tap};
 use reqwest::{Client, Method, StatusCode};
-
-async fn pull(url: &str, img: &TestImage) {
-    let client = Client::new();
-    let m = client
-        .get(format!("{url}/v2/{}/manifests/{}", img.repo, img.tag))
-        .header("accept", OCI_MANIFEST)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(m.status(), StatusCode::OK);
-    assert_eq!(m.bytes().await.unwrap(), img.manifest_bytes);
-    for (digest, _) in img.blobs() {
-        let body = client
-            .get(format!("{url}/v2/{}/blobs/{digest}", img.repo))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        assert_eq!(sha256_digest(&body), digest);
-    }
-}
-
-async fn settle(berth: &Berth) {
-    tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        berth.app().cache().fills().all_settled(),
-    )
-    .await
-    .expect("fills settle");
-}
 
 async fn purge(berth: &Berth, query: &str) -> (StatusCode, String) {
     let r = Client::new()
@@ -63,9 +30,9 @@ async fn a_running_berth_purges_images_tags_and_blobs_on_request() {
     let tap = Tap::start(registry.addr()).await;
     let berth = Berth::in_front_of(&tap.url()).start().await;
     let cache = berth.cache_dir().to_owned();
-    pull(&berth.url(), &a).await;
-    pull(&berth.url(), &b).await;
-    settle(&berth).await;
+    pull_and_verify(&berth.url(), &a).await;
+    pull_and_verify(&berth.url(), &b).await;
+    berth.settle().await;
     let host = tap.addr().to_string();
 
     // The image by its tag: the mapping, the manifest and its blobs; b untouched.
@@ -85,12 +52,12 @@ async fn a_running_berth_purges_images_tags_and_blobs_on_request() {
     assert_eq!(berth.metric("berth_purged_total{kind=\"blob\"}").await, 3.0);
     // Pulled again: everything from the origin once more.
     tap.clear();
-    pull(&berth.url(), &a).await;
+    pull_and_verify(&berth.url(), &a).await;
     assert_eq!(gets(&tap, "/purge/a/manifests/"), 1);
     assert_eq!(gets(&tap, "/purge/a/blobs/"), 3);
 
     // One blob by digest.
-    settle(&berth).await;
+    berth.settle().await;
     let (layer, _) = b.layers[0].clone();
     let (status, body) = purge(&berth, &format!("target={layer}")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -104,7 +71,7 @@ async fn a_running_berth_purges_images_tags_and_blobs_on_request() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("\"manifests\":0"), "{body}");
     tap.clear();
-    pull(&berth.url(), &b).await;
+    pull_and_verify(&berth.url(), &b).await;
     assert_eq!(gets(&tap, "/purge/b/manifests/v1"), 1);
     assert_eq!(gets(&tap, &format!("/blobs/{}", b.config_digest)), 0);
     assert_eq!(gets(&tap, &format!("/blobs/{layer}")), 1);

@@ -63,25 +63,7 @@ async fn get(url: &str, accept: Option<&str>) -> reqwest::Response {
 
 /// Pulls `img` by tag through `berth` and checks every byte.
 async fn pull(berth: &Berth, img: &TestImage) {
-    let m = get(
-        &format!("{}/v2/{}/manifests/{}", berth.url(), img.repo, img.tag),
-        Some(OCI_MANIFEST),
-    )
-    .await;
-    assert_eq!(m.status(), StatusCode::OK);
-    assert_eq!(m.bytes().await.unwrap().as_ref(), img.manifest_bytes);
-    let mut blobs = vec![(img.config_digest.clone(), img.config_bytes.clone())];
-    blobs.extend(img.layers.iter().cloned());
-    for (digest, _) in blobs {
-        let r = get(
-            &format!("{}/v2/{}/blobs/{digest}", berth.url(), img.repo),
-            None,
-        )
-        .await;
-        assert_eq!(r.status(), StatusCode::OK, "{digest}");
-        let body = r.bytes().await.expect("complete body");
-        assert_eq!(sha256_digest(&body), digest, "served bytes verify");
-    }
+    common::pull_and_verify(&berth.url(), img).await;
 }
 
 fn blob_gets(tap: &Tap) -> usize {
@@ -441,23 +423,7 @@ mod stores {
 
         /// Pulls `img` by tag and checks every byte.
         async fn pull(&self, img: &TestImage) {
-            let m = get(
-                &format!("{}/v2/{}/manifests/{}", self.url(), img.repo, img.tag),
-                Some(OCI_MANIFEST),
-            )
-            .await;
-            assert_eq!(m.status(), StatusCode::OK, "{}", self.process.log());
-            assert_eq!(m.bytes().await.unwrap().as_ref(), img.manifest_bytes);
-            for (digest, _) in blobs_of(img) {
-                let r = get(
-                    &format!("{}/v2/{}/blobs/{digest}", self.url(), img.repo),
-                    None,
-                )
-                .await;
-                assert_eq!(r.status(), StatusCode::OK, "{digest}");
-                let body = r.bytes().await.expect("complete body");
-                assert_eq!(sha256_digest(&body), digest, "served bytes verify");
-            }
+            common::pull_and_verify(&self.url(), img).await;
         }
     }
 

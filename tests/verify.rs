@@ -10,38 +10,14 @@ use std::path::Path;
 
 use common::airgap::{berth as berth_cmd, blob_file, manifest_file, write_config};
 use common::berth::Berth;
-use common::content::{sha256_digest, OCI_MANIFEST};
-use common::{push_oci_image, Registry, Tap, TestImage};
+use common::content::sha256_digest;
+use common::{pull_and_verify, push_oci_image, Registry, Tap, TestImage};
 use reqwest::{Client, Method, StatusCode};
 
 const MIB: usize = 1 << 20;
 
 fn blob_gets(tap: &Tap, digest: &str) -> usize {
     tap.count(|m, p| m == Method::GET && p.ends_with(&format!("/blobs/{digest}")))
-}
-
-/// Pulls `img` through `url` and checks every byte of every complete body.
-async fn pull(url: &str, img: &TestImage) {
-    let client = Client::new();
-    let m = client
-        .get(format!("{url}/v2/{}/manifests/{}", img.repo, img.tag))
-        .header("accept", OCI_MANIFEST)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(m.status(), StatusCode::OK);
-    assert_eq!(m.bytes().await.unwrap(), img.manifest_bytes);
-    for (digest, bytes) in img.blobs() {
-        let r = client
-            .get(format!("{url}/v2/{}/blobs/{digest}", img.repo))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK, "{digest}");
-        let body = r.bytes().await.expect("complete body");
-        assert_eq!(sha256_digest(&body), digest, "a complete body verifies");
-        assert_eq!(body.len(), bytes.len());
-    }
 }
 
 /// Flips one byte of `path` in place (same size: only the digest can tell).
@@ -95,7 +71,7 @@ async fn berth_verify_removes_flipped_and_truncated_objects_of_a_stopped_cache()
         .cache_dir(&cache)
         .start()
         .await;
-    pull(&online.url(), &img).await;
+    pull_and_verify(&online.url(), &img).await;
     committed(&cache, &img).await;
     online.stop().await;
 
@@ -163,7 +139,7 @@ async fn berth_verify_removes_flipped_and_truncated_objects_of_a_stopped_cache()
         .cache_dir(&cache)
         .start()
         .await;
-    pull(&online.url(), &img).await;
+    pull_and_verify(&online.url(), &img).await;
     assert_eq!(blob_gets(&tap, &big), 1);
     assert_eq!(blob_gets(&tap, &small), 1);
     assert_eq!(blob_gets(&tap, &img.config_digest), 0);
@@ -180,7 +156,7 @@ async fn a_running_berth_refuses_a_resized_blob_and_scrubs_on_request() {
         .start()
         .await;
     let cache = berth.cache_dir().to_owned();
-    pull(&berth.url(), &img).await;
+    pull_and_verify(&berth.url(), &img).await;
     committed(&cache, &img).await;
 
     // Truncated at rest: the serving path sees the size differ from the index and never

@@ -119,9 +119,14 @@ impl Cache {
                 kind: Kind::Manifest,
                 digest: m.clone(),
             });
-            let bytes = match self.manifest(&m) {
-                Ok(Some((stored, _))) => stored.bytes.clone(),
-                _ => continue,
+            // Read where it is, without promoting it to memory or touching its recency: it is
+            // about to go.
+            let bytes = match self.memory.manifest(&m) {
+                Some(stored) => stored.bytes.clone(),
+                None => match self.store.read_manifest(&m) {
+                    Ok(Some(stored)) => stored.bytes,
+                    _ => continue,
+                },
             };
             for child in referenced_digests(&bytes) {
                 let as_manifest = Key {

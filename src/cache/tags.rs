@@ -96,13 +96,7 @@ impl TagStore {
 
     fn path(&self, k: &TagKey) -> PathBuf {
         let accept = crate::oci::Digest::sha256_of(k.accept.as_bytes());
-        self.store
-            .root()
-            .join("tags")
-            .join(&k.upstream)
-            .join(k.repo.as_str())
-            .join("_tags")
-            .join(k.tag.as_str())
+        self.tag_dir(&k.upstream, &k.repo, &k.tag)
             .join(format!("{}.json", &accept.hex()[..16]))
     }
 
@@ -223,6 +217,19 @@ impl TagStore {
         }
     }
 
+    /// Every Accept variant of `(upstream, repo, tag)` held in memory.
+    fn held_variants(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Vec<(Arc<TagKey>, TagEntry)> {
+        self.mem
+            .iter()
+            .filter(|(k, _)| k.upstream == upstream && k.repo == *repo && k.tag == *tag)
+            .collect()
+    }
+
     /// The directory holding every Accept variant of `(upstream, repo, tag)`.
     fn tag_dir(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
         self.store
@@ -238,10 +245,9 @@ impl TagStore {
     /// and disk. Blocking.
     pub fn digests_of(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> Vec<Digest> {
         let mut out: Vec<Digest> = self
-            .mem
-            .iter()
-            .filter(|(k, _)| k.upstream == upstream && k.repo == *repo && k.tag == *tag)
-            .map(|(_, e)| e.digest.clone())
+            .held_variants(upstream, repo, tag)
+            .into_iter()
+            .map(|(_, e)| e.digest)
             .collect();
         if let Ok(dir) = std::fs::read_dir(self.tag_dir(upstream, repo, tag)) {
             for e in dir.flatten() {
@@ -259,11 +265,7 @@ impl TagStore {
     /// pushed): the next request revalidates it. How many were held in memory (mappings read
     /// from disk start stale anyway).
     pub fn mark_stale(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> u64 {
-        let held: Vec<(Arc<TagKey>, TagEntry)> = self
-            .mem
-            .iter()
-            .filter(|(k, _)| k.upstream == upstream && k.repo == *repo && k.tag == *tag)
-            .collect();
+        let held = self.held_variants(upstream, repo, tag);
         let n = held.len() as u64;
         for (k, mut e) in held {
             e.confirmed = None;
@@ -275,9 +277,8 @@ impl TagStore {
     /// Forgets every Accept variant of `(upstream, repo, tag)`; how many there were. Blocking.
     pub fn remove_all(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> u64 {
         let keys: Vec<Arc<TagKey>> = self
-            .mem
-            .iter()
-            .filter(|(k, _)| k.upstream == upstream && k.repo == *repo && k.tag == *tag)
+            .held_variants(upstream, repo, tag)
+            .into_iter()
             .map(|(k, _)| k)
             .collect();
         let mut n = keys.len() as u64;

@@ -415,12 +415,8 @@ fn admin_response(path: &str, app: &App, ready: &AtomicBool) -> Response<Body> {
 /// `POST /verify[?sample=N][&rate=SIZE]`: scrubs the running cache's disk tier on the blocking
 /// pool and answers the report as JSON (409 while another scrub runs).
 async fn verify_response(req: &Request<Incoming>, app: &Arc<App>) -> Response<Body> {
-    if req.method() != hyper::Method::POST {
-        return admin_text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "POST /verify scrubs the cache\n".to_owned(),
-        );
+    if let Some(refused) = post_only(req, "POST /verify scrubs the cache") {
+        return refused;
     }
     let query = req.uri().query();
     let sample = match crate::router::query_param(query, "sample").map(|v| v.parse::<usize>()) {
@@ -466,11 +462,7 @@ async fn verify_response(req: &Request<Incoming>, app: &Arc<App>) -> Response<Bo
             "text/plain",
             format!("{e}\n"),
         ),
-        Err(e) => admin_text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            format!("scrub task: {e}\n"),
-        ),
+        Err(e) => task_failed("scrub task", &e),
     }
 }
 
@@ -478,12 +470,11 @@ async fn verify_response(req: &Request<Incoming>, app: &Arc<App>) -> Response<Bo
 /// (see `berth purge`) and answers what went as JSON; 404 when it is not cached, 409 when it is
 /// pinned and not forced, 400 for a target that names nothing.
 async fn purge_response(req: &Request<Incoming>, app: &Arc<App>) -> Response<Body> {
-    if req.method() != hyper::Method::POST {
-        return admin_text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "POST /purge?target=IMAGE|DIGEST drops it from the cache\n".to_owned(),
-        );
+    if let Some(refused) = post_only(
+        req,
+        "POST /purge?target=IMAGE|DIGEST drops it from the cache",
+    ) {
+        return refused;
     }
     let query = req.uri().query();
     let flag = |k| crate::router::query_param(query, k).is_some_and(|v| v == "true" || v == "1");
@@ -516,11 +507,7 @@ async fn purge_response(req: &Request<Incoming>, app: &Arc<App>) -> Response<Bod
             };
             admin_text(status, "text/plain", format!("{e}\n"))
         }
-        Err(e) => admin_text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            format!("purge task: {e}\n"),
-        ),
+        Err(e) => task_failed("purge task", &e),
     }
 }
 
@@ -554,12 +541,8 @@ async fn events_response(
             "events are off (admin.events_secret_file)\n".to_owned(),
         );
     };
-    if req.method() != hyper::Method::POST {
-        return admin_text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "POST registry notifications here\n".to_owned(),
-        );
+    if let Some(refused) = post_only(&req, "POST registry notifications here") {
+        return refused;
     }
     let given = req
         .headers()
@@ -596,12 +579,28 @@ async fn events_response(
             serde_json::to_string(&applied).unwrap_or_default(),
         ),
         Ok(Err(e)) => admin_text(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
-        Err(e) => admin_text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            format!("events task: {e}\n"),
-        ),
+        Err(e) => task_failed("events task", &e),
     }
+}
+
+/// 405 with `usage` for anything but a POST to an admin action.
+fn post_only(req: &Request<Incoming>, usage: &str) -> Option<Response<Body>> {
+    (req.method() != hyper::Method::POST).then(|| {
+        admin_text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            format!("{usage}\n"),
+        )
+    })
+}
+
+/// 500 for an admin action whose blocking task died.
+fn task_failed(what: &str, e: &tokio::task::JoinError) -> Response<Body> {
+    admin_text(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "text/plain",
+        format!("{what}: {e}\n"),
+    )
 }
 
 /// An admin listener answer: a status and a small text body (shared with the start-up

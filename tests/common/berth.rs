@@ -118,6 +118,17 @@ impl Berth {
             .expect("metrics body")
     }
 
+    /// Waits (at most 30 s) until no fill is running: every blob fetched so far is committed
+    /// (or abandoned) and indexed.
+    pub async fn settle(&self) {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            self.app().cache().fills().all_settled(),
+        )
+        .await
+        .expect("fills settle within 30 s");
+    }
+
     /// Stops berth gracefully.
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {

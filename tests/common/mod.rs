@@ -90,3 +90,37 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
         .port()
 }
+
+/// Pulls `img` by tag from the registry API at `base` (berth, or an origin) and checks every
+/// byte: the manifest exactly, each blob complete and matching its digest. Each request is
+/// bounded (60 s): a hang is a failure.
+pub async fn pull_and_verify(base: &str, img: &TestImage) {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let url = format!("{base}/v2/{}/manifests/{}", img.repo, img.tag);
+    let m = client
+        .get(&url)
+        .header("accept", content::OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    assert_eq!(m.status(), reqwest::StatusCode::OK, "{url}");
+    assert_eq!(
+        m.bytes().await.expect("manifest body").as_ref(),
+        img.manifest_bytes
+    );
+    for (digest, bytes) in img.blobs() {
+        let url = format!("{base}/v2/{}/blobs/{digest}", img.repo);
+        let r = client
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(r.status(), reqwest::StatusCode::OK, "{digest}");
+        let body = r.bytes().await.expect("complete body");
+        assert_eq!(content::sha256_digest(&body), digest, "served bytes verify");
+        assert_eq!(body.len(), bytes.len());
+    }
+}
