@@ -223,21 +223,14 @@ fn load(args: &ConfigArgs) -> Result<Config, i32> {
     })
 }
 
-/// Lines the log writer thread may have waiting; past that, request handlers wait for it
-/// (nothing is dropped).
-const LOG_QUEUE_LINES: usize = 65_536;
-
-/// Logging for `serve`: request handlers hand lines to a writer thread instead of writing to
-/// stderr themselves (a line per request would otherwise cost a write system call on the hot
-/// path). The returned guard flushes what is queued when dropped at exit.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logging for `serve`: request handlers hand lines to a writer thread that writes them in
+/// batches ([`crate::logwriter`]) instead of writing to stderr themselves (a line per request
+/// would otherwise cost a write system call on the hot path). The returned guard writes what is
+/// buffered when dropped at exit.
+fn init_logging(format: LogFormat) -> crate::logwriter::LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("berth-log")
-        .finish(std::io::stderr());
+    let (writer, guard) = crate::logwriter::spawn(std::io::stderr());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(stderr_is_terminal())

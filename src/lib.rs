@@ -16,6 +16,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod logwriter;
 pub mod metrics;
 pub mod nodeconf;
 pub mod oci;

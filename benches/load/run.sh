@@ -9,7 +9,8 @@
 # Knobs (environment variables; sizes take 4096, 4KiB, 64MiB, 1GiB, also 4K/64M/1G, all 1024-based):
 #   DURATION=10s        wrk duration per hot scenario (QUICK: 3s)
 #   WRK_THREADS=2       wrk -t
-#   WRK_CONNS=8         wrk -c
+#   WRK_CONNS=8         wrk -c (hot blob scenarios)
+#   MANIFEST_CONNS="8 64"  wrk -c values for the hot manifest scenario, one run each
 #   SMALL_SIZE=1MiB     blob for the hot requests/s scenario
 #   HOT_SIZE=64MiB      blob for the hot throughput scenario
 #   COLD_SIZE=512MiB    blob for the cold pull (one per target: berth, nginx, direct) (QUICK: 64MiB)
@@ -45,7 +46,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 
 KNOBS=(QUICK DURATION WRK_THREADS WRK_CONNS SMALL_SIZE HOT_SIZE COLD_SIZE CONC_SIZE CONC_CLIENTS
   BIG BIG_SIZE BIG_CLIENTS SCENARIOS SKIP_BUILD BERTH_BIN BERTH_WORKERS ORIGIN_RATE WAN_RATE
-  BERTH_RUST_LOG KEEP_TMP)
+  BERTH_RUST_LOG KEEP_TMP MANIFEST_CONNS)
 COMMAND=""
 for k in "${KNOBS[@]}"; do
   if [[ -n ${!k+x} ]]; then COMMAND+="$k=${!k} "; fi
@@ -74,6 +75,7 @@ BERTH_RUST_LOG=${BERTH_RUST_LOG:-warn}
 KEEP_TMP=${KEEP_TMP:-0}
 WAN_RATE=${WAN_RATE:-500MiB}
 SCENARIOS=${SCENARIOS:-hot small manifest cold wan conc}
+MANIFEST_CONNS=${MANIFEST_CONNS:-8 64}
 REPO=bench
 has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
@@ -753,13 +755,29 @@ if has small; then
 fi
 
 if has manifest; then
-  log "scenario: hot manifest by tag ($REPO:v1) requests/s and latency"
+  log "scenario: hot manifest by tag ($REPO:v1) requests/s and latency at -c$MANIFEST_CONNS (berth's request log off, then on)"
   for t in berth nginx; do
     base=$B
     [[ $t == nginx ]] && base=$N
     warm "$t" "$base/v2/$REPO/manifests/v1" "$MANIFEST_DG" -H "$MANIFEST_ACCEPT"
-    run_wrk "$t.manifest" "$base/v2/$REPO/manifests/v1" -H "$MANIFEST_ACCEPT"
   done
+  # berth with its request log on (a line per request at RUST_LOG=info, the default, written to
+  # a file as a service manager would collect it): a second berth process, same config, its own
+  # cache; the first berth keeps RUST_LOG=$BERTH_RUST_LOG.
+  saved=("$BERTH" "$BERTH_PID" "$BERTH_LOG")
+  BERTH_RUST_LOG=info start_berth "$T/berth/cache-log"
+  BL=$BERTH BL_PID=$BERTH_PID BL_LOG=$BERTH_LOG
+  BERTH=${saved[0]} BERTH_PID=${saved[1]} BERTH_LOG=${saved[2]}
+  warm berth "$BL/v2/$REPO/manifests/v1" "$MANIFEST_DG" -H "$MANIFEST_ACCEPT"
+  # interleaved, so that a burst of load elsewhere on the box hits all three alike
+  for c in $MANIFEST_CONNS; do
+    WRK_CONNS=$c run_wrk "berth.manifest$c" "$B/v2/$REPO/manifests/v1" -H "$MANIFEST_ACCEPT"
+    WRK_CONNS=$c run_wrk "nginx.manifest$c" "$N/v2/$REPO/manifests/v1" -H "$MANIFEST_ACCEPT"
+    WRK_CONNS=$c run_wrk "berthlog.manifest$c" "$BL/v2/$REPO/manifests/v1" -H "$MANIFEST_ACCEPT"
+  done
+  R[berthlog.lines]=$(grep -c '"request"\|request' "$BL_LOG" || true)
+  stop_pid "$BL_PID"
+  mv "$BL_LOG" "$T/berth/request-log.txt"
   berth_alive || true
 fi
 
@@ -868,6 +886,8 @@ v() { echo "${R[$1]:--}"; }
 row() { # metric berth nginx [direct]
   local m=$1 b=$2 n=$3 d=${4:--}
   local bd="-" nd="-"
+  # a scenario that did not run (SCENARIOS) leaves no row
+  [[ $b$n$d == --- || $b$n$d == "- / -- / --" ]] && return 0
   if [[ $d != - ]]; then
     bd=$(ratio "$b" "$d")
     nd=$(ratio "$n" "$d")
@@ -887,22 +907,29 @@ HS=$(human "$HOT_BYTES") SS=$(human "$SMALL_BYTES") CS=$(human "$COLD_BYTES") QS
   echo
   echo "- berth $REV (release build), nginx $(nginx -v 2>&1 | sed 's|.*/||'), docker-registry $(docker-registry --version | awk '{print $3}'), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')"
   echo "- $(nproc) CPUs ($CPU), $(uname -sr); load average at start $LOAD_START, at end $LOAD_END"
-  echo "- client (wrk/curl), proxies and origin on one machine, loopback; wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION"
+  echo "- client (wrk/curl), proxies and origin on one machine, loopback; wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION for blobs, -c${MANIFEST_CONNS// / and -c} for the manifest"
   echo "- ↑ higher is better, ↓ lower is better; ratios are left column / right column"
   echo
   echo "| metric | berth | nginx | direct | berth/nginx | berth/direct | nginx/direct |"
   echo "|---|---:|---:|---:|---:|---:|---:|"
   row "hot $HS blob, MiB/s ↑" "$(v berth.hot.mibs)" "$(v nginx.hot.mibs)"
   row "hot $SS blob, req/s ↑" "$(v berth.small.rps)" "$(v nginx.small.rps)"
-  row "hot manifest by tag, req/s ↑" "$(v berth.manifest.rps)" "$(v nginx.manifest.rps)"
-  row "hot manifest p50, ms ↓" "$(v berth.manifest.p50)" "$(v nginx.manifest.p50)"
-  row "hot manifest p99, ms ↓" "$(v berth.manifest.p99)" "$(v nginx.manifest.p99)"
-  row "hot runs: failed requests (non-2xx, socket errors) ↓" \
-    "$((${R[berth.hot.errs]:-0} + ${R[berth.small.errs]:-0} + ${R[berth.manifest.errs]:-0}))" \
-    "$((${R[nginx.hot.errs]:-0} + ${R[nginx.small.errs]:-0} + ${R[nginx.manifest.errs]:-0}))"
-  row "hot runs: origin requests during wrk ↓" \
-    "$((${R[berth.hot.upstream]:-0} + ${R[berth.small.upstream]:-0} + ${R[berth.manifest.upstream]:-0}))" \
-    "$((${R[nginx.hot.upstream]:-0} + ${R[nginx.small.upstream]:-0} + ${R[nginx.manifest.upstream]:-0}))"
+  for c in $MANIFEST_CONNS; do
+    row "hot manifest by tag -c$c, request log off, req/s ↑" "$(v berth.manifest$c.rps)" "$(v nginx.manifest$c.rps)"
+    row "hot manifest by tag -c$c, request log off, p50 / p99, ms ↓" "$(v berth.manifest$c.p50) / $(v berth.manifest$c.p99)" "$(v nginx.manifest$c.p50) / $(v nginx.manifest$c.p99)"
+    row "hot manifest by tag -c$c, berth's request log on (⁴), req/s ↑" "$(v berthlog.manifest$c.rps)" "$(v nginx.manifest$c.rps)"
+    row "hot manifest by tag -c$c, berth's request log on (⁴), p50 / p99, ms ↓" "$(v berthlog.manifest$c.p50) / $(v berthlog.manifest$c.p99)" "$(v nginx.manifest$c.p50) / $(v nginx.manifest$c.p99)"
+    row "hot manifest by tag -c$c, berth's req/s with the log on ÷ off ↑" "$(ratio "$(v berthlog.manifest$c.rps)" "$(v berth.manifest$c.rps)")" "-"
+  done
+  errs=(0 0) ups=(0 0)
+  for k in hot small $(for c in $MANIFEST_CONNS; do echo "manifest$c"; done); do
+    errs[0]=$((errs[0] + ${R[berth.$k.errs]:-0} + ${R[berthlog.$k.errs]:-0}))
+    errs[1]=$((errs[1] + ${R[nginx.$k.errs]:-0}))
+    ups[0]=$((ups[0] + ${R[berth.$k.upstream]:-0} + ${R[berthlog.$k.upstream]:-0}))
+    ups[1]=$((ups[1] + ${R[nginx.$k.upstream]:-0}))
+  done
+  row "hot runs: failed requests (non-2xx, socket errors) ↓" "${errs[0]}" "${errs[1]}"
+  row "hot runs: origin requests during wrk ↓" "${ups[0]}" "${ups[1]}"
   row "cold $CS pull, time to first byte, ms ↓" "$(v berth.cold.ttfb)" "$(v nginx.cold.ttfb)" "$(v direct.cold.ttfb)"
   row "cold $CS pull, total, s ↓" "$(v berth.cold.total)" "$(v nginx.cold.total)" "$(v direct.cold.total)"
   row "cold $CS pull, total vs SHA-256 of it on one core (²), s ↓" "$(v berth.cold.total)" "$(v nginx.cold.total)" "$(v floor.cold.total)"
@@ -934,6 +961,10 @@ HS=$(human "$HOT_BYTES") SS=$(human "$SMALL_BYTES") CS=$(human "$COLD_BYTES") QS
   fi
   if has wan; then
     echo "(³) the registry behind benches/load/ratelink.rs, which paces every response to $(rate_label "$WAN_RATE") (\`WAN_RATE=$WAN_RATE\`), as an origin across a WAN; berth, nginx and the direct pull each fetch a distinct fresh blob through it."
+    echo
+  fi
+  if has manifest; then
+    echo "(⁴) request logs: every row but these is berth at RUST_LOG=$BERTH_RUST_LOG (no line per request) and nginx with \`access_log off\`. These rows are a second berth process at RUST_LOG=info (berth's default: one line per request, handed to a writer thread, stderr redirected to a file; it wrote ${R[berthlog.lines]:-?} request lines), measured interleaved with the other two."
     echo
   fi
   echo "berth logged $BERTH_LOG_LINES line(s) at RUST_LOG=$BERTH_RUST_LOG; nginx error.log has $NGINX_ERR_LINES line(s)."
