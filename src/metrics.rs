@@ -5,6 +5,7 @@
 //! Counters that other layers keep as plain atomics (cache usage, fill outcomes, upstream
 //! bytes) are copied in by [`Metrics::refresh`] when `/metrics` is scraped.
 
+mod hot;
 mod scale;
 
 pub use scale::ScaleMetrics;
@@ -102,6 +103,8 @@ pub struct Metrics {
     pub scale: ScaleMetrics,
     /// Last values copied into counters by `refresh`, to add only the difference.
     last: Mutex<HashMap<String, u64>>,
+    /// Handles of the per-request series.
+    hot: hot::HotSeries,
 }
 
 /// Figures other layers keep, copied in at scrape time.
@@ -341,6 +344,7 @@ impl Metrics {
             )?,
             scale: ScaleMetrics::new(r)?,
             last: Mutex::new(HashMap::new()),
+            hot: hot::HotSeries::new(),
             registry,
         };
         m.build_info
@@ -400,6 +404,33 @@ impl Metrics {
             m.stale_served.with_label_values(&[kind]);
         }
         Ok(m)
+    }
+
+    /// Counts one request in `berth_http_requests_total` (a resolved handle, no label lookup
+    /// for the common label sets).
+    pub fn count_request(&self, route: &str, method: &str, status: &str) {
+        self.hot.request(&self.http_requests, route, method, status);
+    }
+
+    /// Observes one request's time to the response head in
+    /// `berth_http_request_duration_seconds`.
+    pub fn observe_request(&self, route: &str, cache: &str, secs: f64) {
+        self.hot.duration(&self.http_duration, route, cache, secs);
+    }
+
+    /// Counts one lookup in `berth_cache_lookups_total`.
+    pub fn count_lookup(&self, kind: &str, tier: &str, hit: bool) {
+        self.hot.lookup(&self.cache_lookups, kind, tier, hit);
+    }
+
+    /// The `berth_served_bytes_total` counter of `source`.
+    pub fn served_bytes_of(&self, source: &str) -> IntCounter {
+        self.hot.served(&self.served_bytes, source)
+    }
+
+    /// Counts one decision in `berth_auth_decisions_total`.
+    pub fn count_auth(&self, result: &str, source: &str) {
+        self.hot.auth(&self.auth_decisions, result, source);
     }
 
     /// Adds the growth of a monotonic figure kept elsewhere to `counter`.

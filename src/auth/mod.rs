@@ -172,10 +172,7 @@ impl Authorizer {
     }
 
     fn count(&self, result: &str, source: &str) {
-        self.metrics
-            .auth_decisions
-            .with_label_values(&[result, source])
-            .inc();
+        self.metrics.count_auth(result, source);
     }
 
     /// GET /v2/: the API version check doubles as the login probe. Anonymous clients of

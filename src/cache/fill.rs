@@ -1,6 +1,6 @@
 //! One fill per digest (docs/ARCHITECTURE.md, "Cache"): the first request for a missing blob starts a single
 //! upstream fetch in its own task; it and every later request for the same digest read the
-//! growing temp file as bytes land. The last bytes are published only after the digest checked
+//! growing temp file as bytes land (the last few batches written straight from memory). The last bytes are published only after the digest checked
 //! out, so no client ever receives a complete-looking body with wrong bytes.
 //!
 //! When the blob cannot be stored (larger than the disk budget, the budget held by other fills,
@@ -42,11 +42,16 @@ use crate::upstream::UpstreamError;
 
 /// Size of the reads and writes a fill and its readers make.
 pub const CHUNK: usize = 256 * 1024;
-/// Most bytes a fill gathers from the origin into one write.
-const FILL_BATCH: usize = 128 * 1024;
+/// Most bytes a fill gathers from the origin into one write (only what already arrived is
+/// joined: a fill never waits to fill a batch).
+const FILL_BATCH: usize = 256 * 1024;
+/// Most recently written batches a fill keeps in memory for its readers (each at most
+/// FILL_BATCH): a reader that keeps up with the fill takes
+/// its bytes from here instead of reading back from the file what was just written.
+const TAIL_BATCHES: usize = 8;
 /// Chunks queued between a fill and its disk writer (and its hasher). Chunks are at most
-/// 128 KiB (FILL_BATCH here, the upstream client's read buffer for single chunks), so a fill
-/// holds well under 1 MiB of the blob in memory whatever the origin's speed.
+/// 256 KiB (FILL_BATCH here; the upstream client's read buffer, 128 KiB, for single chunks),
+/// so with its tail a fill holds about 2 MiB of the blob in memory whatever the origin's speed.
 const WRITE_QUEUE: usize = 4;
 /// How often a storage failure is logged at most.
 const WARN_INTERVAL: Duration = Duration::from_secs(60);
@@ -170,6 +175,8 @@ pub struct Fill {
     late_hits: AtomicU64,
     /// Which source the fill's own fetch found the bytes at.
     from: OnceLock<FetchedFrom>,
+    /// The last [`TAIL_BATCHES`] batches written to the file, with their offsets.
+    tail: Mutex<std::collections::VecDeque<(u64, Bytes)>>,
 }
 
 /// Counters the metrics layer reads.
@@ -248,7 +255,28 @@ impl Fill {
             handoff: Mutex::new(None),
             late_hits: AtomicU64::new(0),
             from: OnceLock::new(),
+            tail: Mutex::new(std::collections::VecDeque::with_capacity(TAIL_BATCHES)),
         })
+    }
+
+    /// Bytes `offset..limit` (at most [`CHUNK`]) if a batch still in memory holds `offset`.
+    fn from_tail(&self, offset: u64, limit: u64) -> Option<Bytes> {
+        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, b) = tail
+            .iter()
+            .find(|(at, b)| *at <= offset && offset < at + b.len() as u64)?;
+        let from = (offset - at) as usize;
+        let to = (limit - at).min(b.len() as u64) as usize;
+        Some(b.slice(from..to.min(from + CHUNK)))
+    }
+
+    /// Records a batch just written at `offset`, forgetting the oldest.
+    fn push_tail(&self, offset: u64, data: Bytes) {
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        if tail.len() == TAIL_BATCHES {
+            tail.pop_front();
+        }
+        tail.push_back((offset, data));
     }
 
     /// Which source the fill's bytes come from, once its fetch answered.
@@ -410,13 +438,19 @@ impl Reader {
             if self.offset >= limit {
                 return Ok(None);
             }
-            let file = self.fill.written_file()?;
-            let b = read_at(
-                file,
-                self.offset,
-                (limit - self.offset).min(CHUNK as u64) as usize,
-            )
-            .await?;
+            // Bytes just written are usually still in memory; older ones come from the file.
+            let b = match self.fill.from_tail(self.offset, limit) {
+                Some(b) => b,
+                None => {
+                    let file = self.fill.written_file()?;
+                    read_at(
+                        file,
+                        self.offset,
+                        (limit - self.offset).min(CHUNK as u64) as usize,
+                    )
+                    .await?
+                }
+            };
             // Bytes of a fill that has not verified yet (or never will: pass-through). A whole
             // body is safe (its last bytes wait for the check); a part is not.
             if !matches!(state, FillState::Done { .. }) && self.partial() {
@@ -545,29 +579,50 @@ impl Reader {
 }
 
 async fn read_at(file: Arc<File>, offset: u64, len: usize) -> io::Result<Bytes> {
-    debug_assert!(len <= CHUNK);
-    tokio::task::spawn_blocking(move || {
-        let mut buf = super::readbuf::take();
-        file.read_exact_at(&mut buf[..len], offset)?;
-        Ok::<_, io::Error>(super::readbuf::freeze(buf, len))
-    })
-    .await
-    .unwrap_or_else(|e| Err(io::Error::other(e)))
+    tokio::task::spawn_blocking(move || read_chunk(&file, offset, len))
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
-/// Reads `start..end` of a committed file.
+/// Reads `start..end` of a committed file, one [`CHUNK`] ahead: the next read runs on the
+/// blocking pool while the chunk before it is written to the client.
 pub fn read_file_range(file: Arc<File>, start: u64, end: u64) -> BlobStream {
-    futures_util::stream::unfold((file, start), move |(file, offset)| async move {
-        if offset >= end {
-            return None;
-        }
-        let len = (end - offset).min(CHUNK as u64) as usize;
-        match read_at(file.clone(), offset, len).await {
-            Ok(b) => Some((Ok(b), (file, offset + len as u64))),
-            Err(e) => Some((Err(e), (file, end))),
-        }
-    })
+    /// Starts the read of the chunk at `offset`, if any is left.
+    fn ahead(
+        file: &Arc<File>,
+        offset: u64,
+        end: u64,
+    ) -> Option<tokio::task::JoinHandle<io::Result<Bytes>>> {
+        (offset < end).then(|| {
+            let len = (end - offset).min(CHUNK as u64) as usize;
+            let file = file.clone();
+            tokio::task::spawn_blocking(move || read_chunk(&file, offset, len))
+        })
+    }
+    let first = ahead(&file, start, end);
+    futures_util::stream::unfold(
+        (file, start, first),
+        move |(file, offset, pending)| async move {
+            let read = pending?.await.unwrap_or_else(|e| Err(io::Error::other(e)));
+            match read {
+                Ok(b) => {
+                    let next = offset + b.len() as u64;
+                    let pending = ahead(&file, next, end);
+                    Some((Ok(b), (file, next, pending)))
+                }
+                Err(e) => Some((Err(e), (file, end, None))),
+            }
+        },
+    )
     .boxed()
+}
+
+/// Reads `len` (at most [`CHUNK`]) bytes at `offset` into a pooled buffer; blocking.
+fn read_chunk(file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
+    debug_assert!(len <= CHUNK);
+    let mut buf = super::readbuf::take();
+    file.read_exact_at(&mut buf[..len], offset)?;
+    Ok(super::readbuf::freeze(buf, len))
 }
 
 /// A committed blob or a fill to read from.
@@ -879,7 +934,9 @@ impl Fills {
                     if let Err(e) = file.write_all_at(&data, written) {
                         return Err((e, written));
                     }
-                    written += data.len() as u64;
+                    let len = data.len() as u64;
+                    fill.push_tail(written, data);
+                    written += len;
                     // Hold back the final bytes until the digest is verified.
                     if total.is_none_or(|t| written < t) {
                         fill.state.send_replace(FillState::Running {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 
 use crate::auth::{Authorizer, Principal, Realm, Target};
 use crate::body::{self, Body};
@@ -133,6 +133,8 @@ pub struct Scale {
 
 /// What the request log records besides method, path and status.
 struct Outcome {
+    /// Whether the request log is on: the strings below are built only then.
+    log: bool,
     route: &'static str,
     upstream: Option<String>,
     repository: Option<String>,
@@ -272,9 +274,15 @@ impl App {
     {
         let start = Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        let log = tracing::enabled!(tracing::Level::INFO);
+        let path = if log {
+            req.uri().path().to_owned()
+        } else {
+            String::new()
+        };
         let head = method == Method::HEAD;
         let mut outcome = Outcome {
+            log,
             route: "unknown",
             upstream: None,
             repository: None,
@@ -307,10 +315,13 @@ impl App {
             }
         };
         let h = resp.headers_mut();
-        h.insert(API_VERSION_HEADER, HeaderValue::from_static(API_VERSION));
+        h.insert(
+            HeaderName::from_static(API_VERSION_HEADER),
+            HeaderValue::from_static(API_VERSION),
+        );
         if outcome.cache != CacheResult::None {
             h.insert(
-                CACHE_HEADER,
+                HeaderName::from_static(CACHE_HEADER),
                 HeaderValue::from_static(outcome.cache.as_str()),
             );
         }
@@ -320,25 +331,23 @@ impl App {
                 HeaderValue::from_static("110 - \"Response is Stale\""),
             );
         }
-        let counter = resp.extensions().get::<Source>().map(|source| {
-            self.metrics
-                .served_bytes
-                .with_label_values(&[source.as_str()])
-        });
+        let counter = resp
+            .extensions()
+            .get::<Source>()
+            .map(|source| self.metrics.served_bytes_of(source.as_str()));
         let status = resp.status();
         let elapsed = start.elapsed();
         self.metrics
-            .http_requests
-            .with_label_values(&[outcome.route, method_label(&method), status.as_str()])
-            .inc();
+            .count_request(outcome.route, method_label(&method), status.as_str());
         self.metrics
-            .http_duration
-            .with_label_values(&[outcome.route, outcome.cache.as_str()])
-            .observe(elapsed.as_secs_f64());
+            .observe_request(outcome.route, outcome.cache.as_str(), elapsed.as_secs_f64());
         // The request log: one event per request, when its body is done (or abandoned), with
         // the bytes actually sent. Never a header value: no credential can reach the log.
         let (parts, b) = resp.into_parts();
         let done = move |bytes: u64| {
+            if !outcome.log {
+                return;
+            }
             tracing::info!(
                 method = %method,
                 path = %path,
@@ -362,8 +371,9 @@ impl App {
         req: &Request<B>,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, Error> {
-        outcome.route = router::classify(req.uri().path());
-        let route = router::parse(req.uri().path())?;
+        let route = router::parse(req.uri().path()).inspect_err(|_| {
+            outcome.route = router::classify(req.uri().path());
+        })?;
         outcome.route = route.as_str();
         let method = req.method();
         let read = method == Method::GET || method == Method::HEAD;
@@ -407,20 +417,20 @@ impl App {
             )),
             Route::Upload => unreachable!("refused above"),
             Route::Manifest { name, reference } => {
-                outcome.repository = Some(name.to_string());
-                outcome.reference = Some(reference.to_string());
+                outcome.repository = outcome.log.then(|| name.to_string());
+                outcome.reference = outcome.log.then(|| reference.to_string());
                 let sel = self.admit(who, name, Target::Manifest(&reference)).await?;
-                outcome.upstream = Some(sel.upstream.name().to_owned());
+                outcome.upstream = outcome.log.then(|| sel.upstream.name().to_owned());
                 let accept = accept_values(req.headers());
                 let (resp, cache) = self.manifest(&sel, reference, accept, head).await?;
                 outcome.cache = cache;
                 Ok(resp)
             }
             Route::Blob { name, digest } => {
-                outcome.repository = Some(name.to_string());
-                outcome.reference = Some(digest.to_string());
+                outcome.repository = outcome.log.then(|| name.to_string());
+                outcome.reference = outcome.log.then(|| digest.to_string());
                 let sel = self.admit(who, name, Target::Blob(&digest)).await?;
-                outcome.upstream = Some(sel.upstream.name().to_owned());
+                outcome.upstream = outcome.log.then(|| sel.upstream.name().to_owned());
                 let range = req
                     .headers()
                     .get(header::RANGE)
@@ -448,9 +458,9 @@ impl App {
                 Ok(resp)
             }
             Route::Tags { name } => {
-                outcome.repository = Some(name.to_string());
+                outcome.repository = outcome.log.then(|| name.to_string());
                 let sel = self.admit(who, name, Target::Listing).await?;
-                outcome.upstream = Some(sel.upstream.name().to_owned());
+                outcome.upstream = outcome.log.then(|| sel.upstream.name().to_owned());
                 let mut q = Vec::new();
                 for k in ["n", "last"] {
                     if let Some(v) = router::query_param(query, k) {
@@ -465,10 +475,10 @@ impl App {
                 Ok(resp)
             }
             Route::Referrers { name, digest } => {
-                outcome.repository = Some(name.to_string());
-                outcome.reference = Some(digest.to_string());
+                outcome.repository = outcome.log.then(|| name.to_string());
+                outcome.reference = outcome.log.then(|| digest.to_string());
                 let sel = self.admit(who, name, Target::Listing).await?;
-                outcome.upstream = Some(sel.upstream.name().to_owned());
+                outcome.upstream = outcome.log.then(|| sel.upstream.name().to_owned());
                 let mut q = Vec::new();
                 if let Some(v) = router::query_param(query, "artifactType") {
                     q.push(("artifactType", v));
@@ -507,10 +517,7 @@ impl App {
     }
 
     fn count_lookup(&self, kind: &str, tier: &str, hit: bool) {
-        self.metrics
-            .cache_lookups
-            .with_label_values(&[kind, tier, if hit { "hit" } else { "miss" }])
-            .inc();
+        self.metrics.count_lookup(kind, tier, hit);
     }
 
     /// Sends a request to the origin (counted) and requires a 200.

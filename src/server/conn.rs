@@ -114,7 +114,7 @@ pub(crate) struct Activity {
     served: AtomicBool,
     shedding: AtomicBool,
     shed: Notify,
-    /// Woken when a request starts or ends, so the connection recomputes its deadline.
+    /// Woken when the first request starts, so the connection recomputes its deadline.
     changed: Notify,
 }
 
@@ -139,9 +139,13 @@ impl Activity {
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
-        self.served.store(true, Ordering::SeqCst);
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        self.changed.notify_one();
+        // Only the first request can bring the deadline forward (`idle_timeout` may be shorter
+        // than `header_timeout`); later ones only push it back, which the connection finds out
+        // when its timer fires. Waking it per request cost a task poll and a timer each.
+        if !self.served.swap(true, Ordering::SeqCst) {
+            self.changed.notify_one();
+        }
         InFlight(self.clone())
     }
 
@@ -186,10 +190,10 @@ struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        // The idle time is written before the count drops, so whoever sees zero sees it.
+        // The idle time is written before the count drops, so whoever sees zero sees it. The
+        // connection is not woken: its deadline only moved later.
         self.0.mark_idle_now();
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.0.changed.notify_one();
     }
 }
 
@@ -288,10 +292,16 @@ where
     if stopping {
         conn.as_mut().graceful_shutdown();
     }
+    // One timer for the connection's life, reset only when it fires or the first request
+    // comes: it may fire early (requests since pushed the deadline back), never late.
+    let next_wake = || {
+        activity
+            .deadline(&setup.limits)
+            .map_or_else(|| Instant::now() + setup.limits.idle_timeout, |(at, _)| at)
+    };
+    let timer = tokio::time::sleep_until(next_wake());
+    tokio::pin!(timer);
     loop {
-        let deadline = activity.deadline(&setup.limits);
-        let wake =
-            deadline.map_or_else(|| Instant::now() + setup.limits.idle_timeout, |(at, _)| at);
         tokio::select! {
             r = conn.as_mut() => {
                 let Err(e) = r else { return None };
@@ -306,18 +316,21 @@ where
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = activity.changed.notified() => {}
+            _ = activity.changed.notified() => timer.as_mut().reset(next_wake()),
             _ = activity.shed.notified() => {
                 if activity.idle_since().is_some() {
                     return Some(CloseReason::Shed);
                 }
                 activity.shedding.store(false, Ordering::SeqCst);
             }
-            _ = tokio::time::sleep_until(wake) => {
-                let Some((at, reason)) = activity.deadline(&setup.limits) else { continue };
-                if Instant::now() < at {
+            _ = timer.as_mut() => {
+                let due = activity
+                    .deadline(&setup.limits)
+                    .filter(|(at, _)| Instant::now() >= *at);
+                let Some((_, reason)) = due else {
+                    timer.as_mut().reset(next_wake());
                     continue;
-                }
+                };
                 if reason == CloseReason::IdleTimeout {
                     // Tell an HTTP/2 client (GOAWAY) rather than just vanish; bounded.
                     conn.as_mut().graceful_shutdown();
