@@ -59,6 +59,7 @@ impl App {
                             .await?;
                     }
                     let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
+                    self.prefetch_unless_head(sel, &m, head);
                     return Ok((
                         sourced(self.respond(sel, &d, &m, head), Source::Shared),
                         CacheResult::Miss,
@@ -70,6 +71,7 @@ impl App {
                     .map_err(|e| not_found_as(e, "manifest"))?;
                 self.share_manifest(&got, &m);
                 let m = self.cache().put_manifest(&got, m).await.map_err(io_err)?;
+                self.prefetch_unless_head(sel, &m, head);
                 Ok((
                     sourced(self.respond(sel, &got, &m, head), Source::Upstream),
                     CacheResult::Miss,
@@ -150,6 +152,7 @@ impl App {
                         .tags()
                         .put_async(&key, d.clone(), m.media_type.clone())
                         .await;
+                    self.prefetch_unless_head(sel, m, head);
                     return Ok((
                         sourced(self.respond(sel, &d, m, head), tier.into()),
                         CacheResult::Hit,
@@ -177,6 +180,7 @@ impl App {
                         .tags()
                         .put_async(&key, d.clone(), media_type)
                         .await;
+                    self.prefetch_unless_head(sel, &m, head);
                     return Ok((
                         sourced(self.respond(sel, &d, &m, head), Source::Shared),
                         CacheResult::Miss,
@@ -193,6 +197,7 @@ impl App {
                     .tags()
                     .put_async(&key, d.clone(), media_type)
                     .await;
+                self.prefetch_unless_head(sel, &m, head);
                 Ok((
                     sourced(self.respond(sel, &d, &m, head), Source::Upstream),
                     CacheResult::Miss,
@@ -223,6 +228,14 @@ impl App {
                 }
                 Err(not_found_as(err, "manifest"))
             }
+        }
+    }
+
+    /// A GET of manifest `m` the origin just sent or confirmed: prefetch its image's blobs
+    /// (a HEAD only checks, and an answer from the cache alone does not prefetch).
+    fn prefetch_unless_head(&self, sel: &Selected, m: &StoredManifest, head: bool) {
+        if !head {
+            self.prefetch(sel, m);
         }
     }
 
