@@ -1,6 +1,6 @@
 //! Where `berth serve` writes its log lines: request handlers append each formatted line to a
 //! shared buffer, and one writer thread writes what gathered in a single `write` at most every
-//! [`FLUSH_INTERVAL`] (sooner once [`FLUSH_AT`] bytes wait).
+//! [`FLUSH_INTERVAL`] (sooner once [`FLUSH_AT`] bytes wait; warnings and errors at once).
 //!
 //! Measured on the hot manifest path (2 CPUs, wrk -c8/-c64, a line per request at `info`):
 //! tracing-appender's writer thread, which writes every line with its own system call and is
@@ -41,6 +41,8 @@ enum Writer {
 struct State {
     buf: Vec<u8>,
     writer: Writer,
+    /// A warning or an error waits: write without gathering more.
+    urgent: bool,
     closed: bool,
 }
 
@@ -77,6 +79,7 @@ pub fn spawn<W: Write + Send + 'static>(out: W) -> (LogWriter, LogGuard) {
         state: Mutex::new(State {
             buf: Vec::with_capacity(FLUSH_AT),
             writer: Writer::Busy,
+            urgent: false,
             closed: false,
         }),
         lines: Condvar::new(),
@@ -111,15 +114,18 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
             }
         }
         // Let lines gather for a moment rather than write each as it comes.
-        if !st.closed && st.buf.len() < FLUSH_AT {
+        if !st.closed && !st.urgent && st.buf.len() < FLUSH_AT {
             st.writer = Writer::Gathering;
             st = shared
                 .lines
-                .wait_timeout_while(st, FLUSH_INTERVAL, |s| !s.closed && s.buf.len() < FLUSH_AT)
+                .wait_timeout_while(st, FLUSH_INTERVAL, |s| {
+                    !s.closed && !s.urgent && s.buf.len() < FLUSH_AT
+                })
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
         st.writer = Writer::Busy;
+        st.urgent = false;
         std::mem::swap(&mut st.buf, &mut spare);
         let closed = st.closed;
         drop(st);
@@ -133,24 +139,15 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
     }
 }
 
-impl io::Write for &LogWriter {
+/// One event's writer: knows whether the line is a warning or an error.
+pub struct LogLine<'a> {
+    writer: &'a LogWriter,
+    urgent: bool,
+}
+
+impl io::Write for LogLine<'_> {
     fn write(&mut self, line: &[u8]) -> io::Result<usize> {
-        let shared = &*self.shared;
-        let mut st = shared.lock();
-        while st.buf.len() >= MAX_PENDING && !st.closed {
-            st = shared.room.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
-        let before = st.buf.len();
-        st.buf.extend_from_slice(line);
-        let wake = match st.writer {
-            Writer::Idle => before == 0,
-            Writer::Gathering => before < FLUSH_AT && st.buf.len() >= FLUSH_AT,
-            Writer::Busy => false,
-        };
-        drop(st);
-        if wake {
-            shared.lines.notify_one();
-        }
+        self.writer.append(line, self.urgent);
         Ok(line.len())
     }
 
@@ -159,11 +156,59 @@ impl io::Write for &LogWriter {
     }
 }
 
+impl io::Write for &LogWriter {
+    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+        self.append(line, false);
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogWriter {
+    /// Appends one line (waiting while the buffer is full) and wakes the writer when it must
+    /// write now: a first line, a full batch, a warning or an error.
+    fn append(&self, line: &[u8], urgent: bool) {
+        let shared = &*self.shared;
+        let mut st = shared.lock();
+        while st.buf.len() >= MAX_PENDING && !st.closed {
+            st = shared.room.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        let before = st.buf.len();
+        st.buf.extend_from_slice(line);
+        let was_urgent = st.urgent;
+        st.urgent |= urgent;
+        let wake = match st.writer {
+            Writer::Idle => before == 0,
+            Writer::Gathering => {
+                (before < FLUSH_AT && st.buf.len() >= FLUSH_AT) || (urgent && !was_urgent)
+            }
+            Writer::Busy => false,
+        };
+        drop(st);
+        if wake {
+            shared.lines.notify_one();
+        }
+    }
+}
+
 impl<'a> MakeWriter<'a> for LogWriter {
-    type Writer = &'a LogWriter;
+    type Writer = LogLine<'a>;
 
     fn make_writer(&'a self) -> Self::Writer {
-        self
+        LogLine {
+            writer: self,
+            urgent: false,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        LogLine {
+            writer: self,
+            urgent: *meta.level() <= tracing::Level::WARN,
+        }
     }
 }
 
@@ -207,7 +252,9 @@ mod tests {
                 let w = w.clone();
                 std::thread::spawn(move || {
                     for i in 0..20_000 {
-                        writeln!(&w, "t{t} line {i}").unwrap();
+                        // One write per line, as the fmt layer does.
+                        (&w).write_all(format!("t{t} line {i}\n").as_bytes())
+                            .unwrap();
                     }
                 })
             })
@@ -243,6 +290,25 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(sink.0.lock().unwrap().0, b"hello\n");
+    }
+
+    #[test]
+    fn a_warning_is_written_without_waiting_out_the_interval() {
+        let sink = Sink::default();
+        let (w, _guard) = spawn(sink.clone());
+        // The writer is gathering after the first line; the warning cuts that short.
+        (&w).write_all(b"info\n").unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        let started = std::time::Instant::now();
+        w.append(b"warn\n", true);
+        while !sink.0.lock().unwrap().0.ends_with(b"warn\n") {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        assert!(
+            started.elapsed() < FLUSH_INTERVAL,
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
