@@ -260,7 +260,7 @@ impl Fill {
     }
 
     /// Bytes `offset..limit` (at most [`CHUNK`]) if a batch still in memory holds `offset`.
-    fn from_tail(&self, offset: u64, limit: u64) -> Option<Bytes> {
+    fn tail_bytes(&self, offset: u64, limit: u64) -> Option<Bytes> {
         let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let (at, b) = tail
             .iter()
@@ -456,7 +456,7 @@ impl Reader {
                 return Ok(None);
             }
             // Bytes just written are usually still in memory; older ones come from the file.
-            let b = match self.fill.from_tail(self.offset, limit) {
+            let b = match self.fill.tail_bytes(self.offset, limit) {
                 Some(b) => b,
                 None => {
                     let file = self.fill.written_file()?;
