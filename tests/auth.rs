@@ -1230,6 +1230,13 @@ async fn prefetched_blobs_give_nobody_but_the_client_a_byte() {
     content.assert_no_private_bytes(Who::Bob, &bodies);
     assert!(unexpected.is_empty(), "{}", unexpected.join("\n"));
 
+    // Refused requests used nothing of what was prefetched.
+    assert_eq!(
+        berth
+            .metric("berth_prefetch_bytes_total{outcome=\"used\"}")
+            .await,
+        0.0
+    );
     // alice's own requests find the prefetched blobs.
     for (d, bytes) in private.blobs() {
         let got = alice.fetch(&Req::blob(PRIVATE, d)).await;
