@@ -99,10 +99,7 @@ async fn a_listing_lives_for_its_max_age_and_revalidates_with_its_etag() {
     fault.send_etags(true);
     fault.set_headers("/tags/list", &[("cache-control", "max-age=60")]);
     let d1 = fault.add_manifest(REPO, "1", OCI_MANIFEST, test_manifest(1));
-    let berth = Berth::in_front_of(&fault.url())
-        .tag_ttl("0s")
-        .start()
-        .await;
+    let berth = Berth::in_front_of(&fault.url()).tag_ttl("0s").start().await;
     let url = tags_url(&berth);
 
     let first = get(&url, "application/json").await;
@@ -239,7 +236,9 @@ async fn no_store_no_cache_last_modified_and_stale_if_error() {
     assert_eq!(stale.headers()["x-berth-cache"], "stale");
     assert_eq!(listed_tags(stale).await, ["1"]);
     assert_eq!(
-        berth.metric("berth_stale_served_total{kind=\"tags\"}").await,
+        berth
+            .metric("berth_stale_served_total{kind=\"tags\"}")
+            .await,
         1.0
     );
     assert_eq!(
@@ -378,7 +377,10 @@ async fn tag_revalidation_uses_the_etag_and_no_store_keeps_nothing_fresh() {
     assert_eq!(r.headers()["x-berth-cache"], "hit", "the bytes are cached");
     assert_eq!(r.headers()["cache-control"], "max-age=31536000, immutable");
     let gets = fault.count(|r| r.method == Method::GET && r.path.contains("/manifests/"));
-    assert_eq!(gets, 3, "one GET per manifest content, never for no-store again");
+    assert_eq!(
+        gets, 3,
+        "one GET per manifest content, never for no-store again"
+    );
 }
 
 /// berth's own conditional answers: a client holding a manifest's ETag gets `304` with no body,

@@ -591,7 +591,12 @@ async fn handle(conn: Conn, request: Request<Incoming>) -> Result<Response<Body>
             let (mut parts, _) = response.into_parts();
             parts.status = StatusCode::NOT_MODIFIED;
             parts.headers.remove(CONTENT_LENGTH);
-            response = Response::from_parts(parts, Full::new(Bytes::new()).map_err(|n| match n {}).boxed_unsync());
+            response = Response::from_parts(
+                parts,
+                Full::new(Bytes::new())
+                    .map_err(|n| match n {})
+                    .boxed_unsync(),
+            );
         }
     }
     if let Some(r) = ratelimit {
@@ -703,9 +708,8 @@ async fn handle_inner(conn: Conn, request: Request<Incoming>) -> Result<Response
                     .collect();
                 tags.sort();
                 (!tags.is_empty()).then(|| {
-                    let bytes = Bytes::from(
-                        serde_json::json!({ "name": name, "tags": tags }).to_string(),
-                    );
+                    let bytes =
+                        Bytes::from(serde_json::json!({ "name": name, "tags": tags }).to_string());
                     Object {
                         media_type: "application/json".to_owned(),
                         digest: sha256_digest(&bytes),
