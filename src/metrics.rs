@@ -5,8 +5,10 @@
 //! Counters that other layers keep as plain atomics (cache usage, fill outcomes, upstream
 //! bytes) are copied in by [`Metrics::refresh`] when `/metrics` is scraped.
 
+mod prefetch;
 mod scale;
 
+pub use prefetch::PrefetchMetrics;
 pub use scale::ScaleMetrics;
 
 use std::collections::HashMap;
@@ -104,6 +106,8 @@ pub struct Metrics {
     pub listener_pauses: IntCounterVec,
     /// Shared tier and peers (`berth_shared_*`, `berth_peer*`, `berth_origin_bytes_spared_*`).
     pub scale: ScaleMetrics,
+    /// Manifest-driven prefetch (`berth_prefetch_*`).
+    pub prefetch: PrefetchMetrics,
     /// Last values copied into counters by `refresh`, to add only the difference.
     last: Mutex<HashMap<String, u64>>,
 }
@@ -350,6 +354,7 @@ impl Metrics {
                 r
             )?,
             scale: ScaleMetrics::new(r)?,
+            prefetch: PrefetchMetrics::new(r)?,
             last: Mutex::new(HashMap::new()),
             registry,
         };

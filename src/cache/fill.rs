@@ -285,6 +285,23 @@ impl Fill {
         }
     }
 
+    /// Waits for the fill's end: `Ok(true)` once the blob is verified, `Ok(false)` when it is
+    /// not being stored (pass-through), or the failure.
+    pub async fn finished(&self) -> Result<bool, FillError> {
+        let mut rx = self.state.subscribe();
+        loop {
+            match &*rx.borrow_and_update() {
+                FillState::Starting | FillState::Running { .. } => {}
+                FillState::Done { .. } => return Ok(true),
+                FillState::PassThrough { .. } => return Ok(false),
+                FillState::Failed(e) => return Err(e.clone()),
+            }
+            if rx.changed().await.is_err() {
+                return Err(FillError::Internal("fill abandoned".into()));
+            }
+        }
+    }
+
     /// A body of bytes `start..end` (`end` = the blob's end when `None`) as they land. Fails
     /// (aborting the response) if the fill fails; continues from the origin if storage fails.
     pub fn reader(

@@ -3,6 +3,7 @@
 //! into typed values. Validation reports every problem at once.
 
 mod overrides;
+mod prefetch;
 mod scale;
 pub mod units;
 
@@ -16,6 +17,7 @@ use http::Uri;
 use toml::{Table, Value};
 
 pub use overrides::{apply_env_overrides, apply_override};
+pub use prefetch::PrefetchConfig;
 pub use scale::{ClusterConfig, SharedConfig};
 
 use crate::secret::Secret;
@@ -51,6 +53,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Replicas that know each other (`[cluster]`); `None` for a lone berth.
     pub cluster: Option<ClusterConfig>,
+    /// Manifest-driven prefetch (`[prefetch]`).
+    pub prefetch: PrefetchConfig,
 }
 
 /// `[auth]`: how berth authenticates its own clients and caches authorization decisions
@@ -383,6 +387,7 @@ impl Config {
         e.unknown(&auth_t, "auth");
 
         let cluster = e.cluster(&mut table, base);
+        let prefetch = e.prefetch(&mut table);
 
         let mut upstreams = Vec::new();
         match table.remove("upstream") {
@@ -449,6 +454,7 @@ impl Config {
                 upstreams,
                 auth,
                 cluster,
+                prefetch,
             })
         } else {
             Err(ConfigErrors(e.0))

@@ -81,6 +81,9 @@ impl App {
                 self.auth.require_member(sel, Target::Blob(&digest)).await
             }
         };
+        if caller == Caller::Client {
+            self.prefetch.used(&digest, &self.metrics.prefetch);
+        }
         // The memory tier first: a hot small blob costs no file open.
         if let Some(bytes) = self.cache().memory().blob(&digest) {
             confirm().await?;
@@ -91,12 +94,26 @@ impl App {
             self.count_lookup("blob", "memory", true);
             return memory_response(&digest, bytes, range_header, Tier::Memory);
         }
-        let source = self
-            .cache()
-            .fills()
+        let fills = self.cache().fills();
+        let mut source = fills
             .blob_or_fill(&digest, || self.blob_fetcher(sel, &digest, caller))
             .await
             .map_err(io_err)?;
+        // A prefetch must never fail a client: one that failed before its first byte, which
+        // this request had joined, is replaced by this request's own fill.
+        if let BlobSource::Filling {
+            fill,
+            leader: false,
+        } = &source
+        {
+            if self.prefetch.started(&digest, fill) && fill.ready().await.is_err() {
+                self.metrics.prefetch.blob("client_retried").inc();
+                source = fills
+                    .blob_or_fill(&digest, || self.blob_fetcher(sel, &digest, caller))
+                    .await
+                    .map_err(io_err)?;
+            }
+        }
         match source {
             BlobSource::Cached(file, size) => {
                 confirm().await?;
@@ -229,7 +246,7 @@ impl App {
     /// Where a fill of `digest` for `sel` finds its bytes: the owner replica (for a client's
     /// request when another replica owns the digest; a peer's request is never forwarded
     /// again), the shared tier, then the origin (see `sources.rs`).
-    fn blob_fetcher(
+    pub(super) fn blob_fetcher(
         &self,
         sel: &Selected,
         digest: &Digest,
@@ -273,7 +290,7 @@ impl App {
 
 /// Who asks for a blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Caller {
+pub(super) enum Caller {
     /// A registry client, authorized by this replica; its misses may go to the owner replica.
     Client,
     /// Another replica (authenticated by the cluster's secret), which authorized its client

@@ -60,6 +60,7 @@ impl App {
                             .await?;
                     }
                     let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
+                    self.prefetch_unless_head(sel, &m, head);
                     return Ok((
                         sourced(self.respond(sel, &d, &m, head), Source::Shared),
                         CacheResult::Miss,
@@ -71,6 +72,7 @@ impl App {
                     .map_err(|e| not_found_as(e, "manifest"))?;
                 self.share_manifest(&got, &m);
                 let m = self.cache().put_manifest(&got, m).await.map_err(io_err)?;
+                self.prefetch_unless_head(sel, &m, head);
                 Ok((
                     sourced(self.respond(sel, &got, &m, head), Source::Upstream),
                     CacheResult::Miss,
@@ -155,6 +157,7 @@ impl App {
                         .tags()
                         .put_async(&key, e.digest.clone(), m.media_type.clone(), h.validity)
                         .await;
+                    self.prefetch_unless_head(sel, m, head);
                     return Ok((
                         sourced(self.respond(sel, &e.digest, m, head), tier.into()),
                         CacheResult::Hit,
@@ -192,6 +195,7 @@ impl App {
                         .tags()
                         .put_async(&key, d.clone(), media_type, validity)
                         .await;
+                    self.prefetch_unless_head(sel, &m, head);
                     return Ok((
                         sourced(self.respond(sel, &d, &m, head), Source::Shared),
                         CacheResult::Miss,
@@ -208,6 +212,7 @@ impl App {
                     .tags()
                     .put_async(&key, d.clone(), media_type, validity)
                     .await;
+                self.prefetch_unless_head(sel, &m, head);
                 Ok((
                     sourced(self.respond(sel, &d, &m, head), Source::Upstream),
                     CacheResult::Miss,
@@ -238,6 +243,14 @@ impl App {
                 }
                 Err(not_found_as(err, "manifest"))
             }
+        }
+    }
+
+    /// A GET of manifest `m` the origin just sent or confirmed: prefetch its image's blobs
+    /// (a HEAD only checks, and an answer from the cache alone does not prefetch).
+    fn prefetch_unless_head(&self, sel: &Selected, m: &StoredManifest, head: bool) {
+        if !head {
+            self.prefetch(sel, m);
         }
     }
 

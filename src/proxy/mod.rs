@@ -8,6 +8,7 @@ pub mod events;
 pub mod freshness;
 mod listing;
 mod manifests;
+mod prefetch;
 pub mod purge;
 pub mod range;
 mod sources;
@@ -121,6 +122,8 @@ pub struct App {
     /// Per upstream, when a stale tag was last revalidated while its rate limit was low.
     ratelimit_probes: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     scale: Scale,
+    /// Manifest-driven prefetch.
+    prefetch: Arc<prefetch::Prefetcher>,
 }
 
 /// The scale-out parts of a replica (docs/ARCHITECTURE.md, "Scale-out"); empty for a lone
@@ -155,6 +158,11 @@ impl App {
         scale: Scale,
     ) -> Arc<App> {
         cache.fills().set_observer(metrics.clone());
+        let prefetch = Arc::new(prefetch::Prefetcher::new(
+            config.prefetch.clone(),
+            config.cache.max_concurrent_fills,
+            &metrics.prefetch,
+        ));
         Arc::new(App {
             config,
             auth,
@@ -164,6 +172,7 @@ impl App {
             listings: listing::ListingCache::new(),
             ratelimit_probes: std::sync::Mutex::default(),
             scale,
+            prefetch,
         })
     }
 
@@ -208,6 +217,7 @@ impl App {
 
     /// Figures kept by the cache and upstream clients, for [`Metrics::refresh`].
     pub fn snapshot(&self) -> crate::metrics::Snapshot {
+        self.prefetch.sweep();
         let disk = self.cache.index().usage();
         let stats = self.cache.fills().stats();
         let failures = stats
