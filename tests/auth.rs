@@ -1273,6 +1273,75 @@ async fn if_none_match_never_turns_a_refusal_into_a_304() {
     }
 }
 
+/// Prefetch fetches an image's blobs as soon as alice has the manifest, before she asks for
+/// them: a warm cache she never read from. It must give bob and anonymous nothing more than a
+/// cache alice pulled through herself.
+#[tokio::test]
+async fn prefetched_blobs_give_nobody_but_the_client_a_byte() {
+    capture_logs();
+    let origin = start_origin(policy_issuer()).await;
+    let content = &origin.content;
+    let private = &content.private;
+    let berth = passthrough_berth(&origin, "").await;
+    let mut alice = Puller::new(&berth, Who::Alice);
+    let got = alice.fetch(&Req::manifest(PRIVATE, &private.tag)).await;
+    assert_eq!(got.status, StatusCode::OK);
+    tokio::time::timeout(Duration::from_secs(30), berth.app().prefetch_settled())
+        .await
+        .expect("prefetch settles");
+    // Her config and both layers were fetched with her rights, in her repository.
+    assert_eq!(
+        berth
+            .metric("berth_prefetch_blobs_total{result=\"filled\"}")
+            .await,
+        private.blobs().len() as f64
+    );
+
+    let mut unexpected = Vec::new();
+    let mut bodies = Vec::new();
+    for who in [Who::Bob, Who::Anonymous] {
+        let mut p = Puller::new(&berth, who);
+        for repo in ALL_REPOS {
+            for (d, _) in private.blobs() {
+                if d == content.shared && repo == PUBLIC {
+                    continue; // public/base's own layer
+                }
+                for req in [
+                    Req::blob(repo, d),
+                    Req::blob(repo, d).head(),
+                    Req::blob(repo, d).range("bytes=0-99"),
+                ] {
+                    let got = p.fetch(&req).await;
+                    if !matches!(got.status.as_u16(), 401 | 403 | 404) {
+                        unexpected.push(format!(
+                            "{who:?}: {} answered {}",
+                            req.describe(),
+                            got.status
+                        ));
+                    }
+                }
+            }
+        }
+        bodies.append(&mut p.bodies);
+    }
+    content.assert_no_private_bytes(Who::Bob, &bodies);
+    assert!(unexpected.is_empty(), "{}", unexpected.join("\n"));
+
+    // alice's own requests find the prefetched blobs.
+    for (d, bytes) in private.blobs() {
+        let got = alice.fetch(&Req::blob(PRIVATE, d)).await;
+        assert_eq!(got.status, StatusCode::OK, "{d}");
+        assert_eq!(got.body, bytes, "{d}");
+    }
+    let total: usize = private.blobs().iter().map(|(_, b)| b.len()).sum();
+    assert_eq!(
+        berth
+            .metric("berth_prefetch_bytes_total{outcome=\"used\"}")
+            .await,
+        total as f64
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Real clients, token lifetimes, token flavours.
 

@@ -113,7 +113,9 @@ async fn disk_budget_holds_under_concurrent_fills() {
     assert!(peak > 0, "the sampler saw the cache fill");
     // Where the invariant is kept: the index records the most any fill ever held (checked
     // against the budget, and its totals against its entries, on every change in this debug
-    // build), so a moment the sampler missed cannot hide an overshoot.
+    // build), so a moment the sampler missed cannot hide an overshoot. A client has its last
+    // byte once the blob is verified; the commit that releases the reservation follows.
+    berth.settle().await;
     let usage = berth.app().cache().index().usage();
     assert!(
         usage.peak <= BUDGET,

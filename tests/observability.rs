@@ -359,7 +359,13 @@ async fn workload() -> Workload {
     let registry = Registry::start().await;
     let tap = Tap::start(registry.addr()).await;
     let hub = HubHeaders::start(tap.url()).await;
-    let berth = Berth::in_front_of(&hub.url()).start().await;
+    // The workload pulls manifests first and blobs after, and checks each phase's counters:
+    // prefetch would move the blob fetches into the manifest phase (its own counters are
+    // checked in tests/prefetch.rs).
+    let berth = Berth::in_front_of(&hub.url())
+        .extra("[prefetch]\nenabled = false\n")
+        .start()
+        .await;
     let image = push_oci_image(&registry.url(), "team/app", "v1", &LAYERS, 7).await;
     let client = Client::new();
     let base = berth.url();

@@ -5,8 +5,12 @@
 //! earlier than n / rate after its first), so a transfer of any length averages the rate. It stands
 //! in for the WAN between a registry cache and its origin. nginx's `limit_rate`, the obvious
 //! alternative, paces per whole second and lets short transfers run up to twice the rate.
+//!
+//! `benches/prefetch.rs` includes this file as a module and runs [`run`] in process.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,11 +28,13 @@ fn usage() -> ! {
     std::process::exit(64)
 }
 
-/// Copies `from` to `to`, never faster than `rate` bytes per second.
+/// Copies `from` to `to`, never faster than `rate` bytes per second, adding what it sent to
+/// `total`.
 async fn paced(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     rate: f64,
+    total: Arc<AtomicU64>,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
     let mut t0 = Instant::now();
@@ -50,10 +56,16 @@ async fn paced(
         }
         to.write_all(&buf[..n]).await?;
         sent += n as u64;
+        total.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
-async fn serve(client: TcpStream, target: SocketAddr, rate: f64) -> std::io::Result<()> {
+async fn serve(
+    client: TcpStream,
+    target: SocketAddr,
+    rate: f64,
+    total: Arc<AtomicU64>,
+) -> std::io::Result<()> {
     let origin = TcpStream::connect(target).await?;
     client.set_nodelay(true)?;
     origin.set_nodelay(true)?;
@@ -63,8 +75,24 @@ async fn serve(client: TcpStream, target: SocketAddr, rate: f64) -> std::io::Res
         tokio::io::copy(&mut client_r, &mut origin_w).await?;
         origin_w.shutdown().await
     };
-    let (a, b) = tokio::join!(up, paced(origin_r, client_w, rate));
+    let (a, b) = tokio::join!(up, paced(origin_r, client_w, rate, total));
     a.and(b)
+}
+
+/// Serves the link on `listener` until the task is dropped: every connection to `target`,
+/// responses paced to `rate` bytes per second each; `total` counts the bytes sent back.
+pub async fn run(listener: TcpListener, target: SocketAddr, rate: f64, total: Arc<AtomicU64>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        let total = total.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve(client, target, rate, total).await {
+                eprintln!("ratelink: connection ended: {e}");
+            }
+        });
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
@@ -87,14 +115,5 @@ async fn main() {
         eprintln!("ratelink: cannot listen on {listen}: {e}");
         std::process::exit(1)
     });
-    loop {
-        let Ok((client, _)) = listener.accept().await else {
-            continue;
-        };
-        tokio::spawn(async move {
-            if let Err(e) = serve(client, target, rate).await {
-                eprintln!("ratelink: connection ended: {e}");
-            }
-        });
-    }
+    run(listener, target, rate, Arc::default()).await;
 }

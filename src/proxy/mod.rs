@@ -181,6 +181,11 @@ impl App {
         &self.auth
     }
 
+    /// Waits until no manifest-driven prefetch is running (every fill one started has ended).
+    pub async fn prefetch_settled(&self) {
+        self.prefetch.settled().await;
+    }
+
     /// The scale-out parts.
     pub fn scale(&self) -> &Scale {
         &self.scale

@@ -11,11 +11,11 @@
 //! the images waiting, and by the disk budget; a prefetch that fails never fails a client.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use super::blobs::Caller;
 use super::App;
@@ -42,7 +42,7 @@ pub(super) struct Prefetcher {
     /// Prefetch fills running at once, across images.
     slots: Arc<Semaphore>,
     /// Images whose prefetch task runs.
-    images: AtomicUsize,
+    images: watch::Sender<usize>,
     /// Fills prefetch started, so that a client which joined one that failed can retry.
     led: Mutex<HashMap<Digest, Weak<Fill>>>,
     /// Prefetched blobs no client has asked for yet, with their size; expiry counts them
@@ -70,7 +70,7 @@ impl Prefetcher {
         Prefetcher {
             slots: Arc::new(Semaphore::new(config.effective_max_concurrent(fill_slots))),
             config,
-            images: AtomicUsize::new(0),
+            images: watch::channel(0).0,
             led: Mutex::new(HashMap::new()),
             unused,
         }
@@ -92,6 +92,12 @@ impl Prefetcher {
             .get(d)
             .and_then(Weak::upgrade)
             .is_some_and(|f| Arc::ptr_eq(&f, fill))
+    }
+
+    /// Waits until no image's prefetch is running (every fill it started has ended).
+    pub(super) async fn settled(&self) {
+        let mut rx = self.images.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     /// Runs pending expiries (so `wasted` is current when metrics are scraped).
@@ -225,8 +231,13 @@ impl App {
             metrics.blob("over_budget").inc_by(missing.len() as u64);
             return;
         }
-        if p.images.fetch_add(1, Ordering::Relaxed) >= MAX_IMAGES {
-            p.images.fetch_sub(1, Ordering::Relaxed);
+        let mut admitted = false;
+        p.images.send_if_modified(|n| {
+            admitted = *n < MAX_IMAGES;
+            *n += usize::from(admitted);
+            admitted
+        });
+        if !admitted {
             metrics.blob("busy").inc_by(missing.len() as u64);
             return;
         }
@@ -247,7 +258,7 @@ impl App {
         metrics.images_running.inc();
         tokio::spawn(async move {
             run.image(jobs).await;
-            run.prefetch.images.fetch_sub(1, Ordering::Relaxed);
+            run.prefetch.images.send_modify(|n| *n -= 1);
             run.metrics.prefetch.images_running.dec();
         });
     }

@@ -1,0 +1,219 @@
+//! Manifest-driven prefetch (docs/ARCHITECTURE.md, "Prefetch"): a cold pull of an image of
+//! `LAYERS` × `LAYER_MIB` MiB by containerd (`ctr images pull`, its default concurrency) and by
+//! skopeo (`skopeo copy` to a directory), straight from the origin and through berth with and
+//! without prefetch, in the same run. The origin sits behind a paced link (benches/load/
+//! ratelink.rs, in process): each connection gets `RATE_MIB` MiB/s, as CDNs shape single flows.
+//! The link counts the bytes the origin sent, so extra origin traffic would show.
+//!
+//! Real servers and clients: a `docker-registry` origin, berth in process on a fresh cache for
+//! every pull, a fresh containerd (native snapshotter, private root) for every ctr pull. Needs
+//! root (containerd), `docker-registry`, `containerd`, `ctr` and `skopeo`.
+//!
+//! `cargo bench --bench prefetch` (knobs: `PREFETCH_RUNS`, default 3; `PREFETCH_RATE_MIB`,
+//! default 50; `PREFETCH_LAYERS`, default 12; `PREFETCH_LAYER_MIB`, default 32)
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[allow(dead_code)]
+#[path = "load/ratelink.rs"]
+mod ratelink;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::berth::Berth;
+use common::containerd::Containerd;
+use common::{push_oci_image, require_binary, Registry, TestImage};
+
+fn knob(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A pull's wall time and the bytes the origin sent during it.
+#[derive(Debug, Clone, Copy)]
+struct Pulled {
+    secs: f64,
+    origin_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Client {
+    Containerd,
+    Skopeo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Via {
+    Direct,
+    Berth { prefetch: bool },
+}
+
+/// The paced link in front of the origin, counting what it sends back.
+struct Link {
+    addr: SocketAddr,
+    sent: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    async fn start(target: SocketAddr, rate: f64) -> Link {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(ratelink::run(listener, target, rate, sent.clone()));
+        Link { addr, sent, task }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn run(cmd: &mut tokio::process::Command) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("client runs");
+    assert!(
+        out.status.success(),
+        "{:?} failed:\n{}\n{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One cold pull of `img` by `client`, from `host` (plain HTTP).
+async fn pull(client: Client, host: &str, img: &TestImage) -> f64 {
+    let reference = format!("{host}/{}:{}", img.repo, img.tag);
+    match client {
+        Client::Containerd => {
+            let containerd = Containerd::start().await;
+            let t = Instant::now();
+            run(containerd.ctr().args([
+                "images",
+                "pull",
+                "--plain-http",
+                "--snapshotter",
+                "native",
+                &reference,
+            ]))
+            .await;
+            t.elapsed().as_secs_f64()
+        }
+        Client::Skopeo => {
+            let dir = tempfile::tempdir().unwrap();
+            let t = Instant::now();
+            run(tokio::process::Command::new("skopeo")
+                .args([
+                    "--insecure-policy",
+                    "copy",
+                    "--src-tls-verify=false",
+                    &format!("docker://{reference}"),
+                ])
+                .arg(format!("dir:{}", dir.path().join("img").display())))
+            .await;
+            t.elapsed().as_secs_f64()
+        }
+    }
+}
+
+async fn measure(client: Client, via: Via, link: &Link, img: &TestImage) -> Pulled {
+    let before = link.sent.load(Ordering::Relaxed);
+    let secs = match via {
+        Via::Direct => pull(client, &link.addr.to_string(), img).await,
+        Via::Berth { prefetch } => {
+            let berth = Berth::in_front_of(&format!("http://{}", link.addr))
+                .memory_max_object("0")
+                .extra(&format!("[prefetch]\nenabled = {prefetch}\n"))
+                .start()
+                .await;
+            let secs = pull(client, &berth.host(), img).await;
+            // Let the prefetch finish (it has, when the client has every blob) before the
+            // origin bytes are read.
+            berth.app().prefetch_settled().await;
+            berth.settle().await;
+            berth.stop().await;
+            secs
+        }
+    };
+    Pulled {
+        secs,
+        origin_bytes: link.sent.load(Ordering::Relaxed) - before,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    for bin in ["docker-registry", "containerd", "ctr", "skopeo"] {
+        require_binary(bin);
+    }
+    let runs = knob("PREFETCH_RUNS", 3).max(1);
+    let rate_mib = knob("PREFETCH_RATE_MIB", 50).max(1);
+    let layers = knob("PREFETCH_LAYERS", 12).max(1);
+    let layer_mib = knob("PREFETCH_LAYER_MIB", 32).max(1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let registry = Registry::start().await;
+        let sizes = vec![layer_mib << 20; layers];
+        let img = push_oci_image(&registry.url(), "bench/prefetch", "v1", &sizes, 7).await;
+        let image_bytes: usize = img.blobs().iter().map(|(_, b)| b.len()).sum();
+        let link = Link::start(registry.addr(), (rate_mib << 20) as f64).await;
+        println!(
+            "Cold pull of {layers} x {layer_mib} MiB (+ config) over a {rate_mib} MiB/s-per-connection origin link, {runs} runs each"
+        );
+        println!("| client | direct | berth, prefetch off | berth, prefetch on | on / direct | origin bytes / image (direct, off, on) |");
+        println!("|---|---:|---:|---:|---:|---|");
+        for client in [Client::Containerd, Client::Skopeo] {
+            let vias = [
+                Via::Direct,
+                Via::Berth { prefetch: false },
+                Via::Berth { prefetch: true },
+            ];
+            let mut secs: Vec<Vec<f64>> = vec![Vec::new(); vias.len()];
+            let mut bytes: Vec<Vec<u64>> = vec![Vec::new(); vias.len()];
+            // Interleaved, so that a slow spell of the machine hits every column alike.
+            for _ in 0..runs {
+                for (i, via) in vias.iter().enumerate() {
+                    let p = measure(client, *via, &link, &img).await;
+                    secs[i].push(p.secs);
+                    bytes[i].push(p.origin_bytes);
+                }
+            }
+            let cell = |i: usize| {
+                let all: Vec<String> = secs[i].iter().map(|s| format!("{s:.2}")).collect();
+                format!("{:.2} s ({})", median(secs[i].clone()), all.join(", "))
+            };
+            let per_image = |i: usize| {
+                let max = *bytes[i].iter().max().unwrap() as f64;
+                format!("{:.2}", max / image_bytes as f64)
+            };
+            println!(
+                "| {client:?} | {} | {} | {} | {:.2} | {}, {}, {} |",
+                cell(0),
+                cell(1),
+                cell(2),
+                median(secs[2].clone()) / median(secs[0].clone()),
+                per_image(0),
+                per_image(1),
+                per_image(2),
+            );
+        }
+    });
+}
