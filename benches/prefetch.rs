@@ -1,7 +1,8 @@
 //! Manifest-driven prefetch (docs/ARCHITECTURE.md, "Prefetch"): a cold pull of an image of
-//! `LAYERS` × `LAYER_MIB` MiB by containerd (`ctr images pull`, its default concurrency) and by
-//! skopeo (`skopeo copy` to a directory), straight from the origin and through berth with and
-//! without prefetch, in the same run. The origin sits behind a paced link (benches/load/
+//! `LAYERS` × `LAYER_MIB` MiB by containerd (`ctr images pull --max-concurrent-downloads 3`, the
+//! CRI plugin's default that kubelet pulls get; and ctr 1.6's own default, no limit) and by
+//! skopeo (`skopeo copy` to a directory, one blob at a time), straight from the origin and
+//! through berth with and without prefetch, in the same run. The origin sits behind a paced link (benches/load/
 //! ratelink.rs, in process): each connection gets `RATE_MIB` MiB/s, as CDNs shape single flows.
 //! The link counts the bytes the origin sent, so extra origin traffic would show.
 //!
@@ -44,7 +45,10 @@ struct Pulled {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Client {
-    Containerd,
+    /// `ctr images pull --max-concurrent-downloads 3` (the CRI plugin's default).
+    Ctr3,
+    /// `ctr images pull` (containerd 1.6's ctr: no limit).
+    CtrUnlimited,
     Skopeo,
 }
 
@@ -96,18 +100,15 @@ async fn run(cmd: &mut tokio::process::Command) {
 async fn pull(client: Client, host: &str, img: &TestImage) -> f64 {
     let reference = format!("{host}/{}:{}", img.repo, img.tag);
     match client {
-        Client::Containerd => {
+        Client::Ctr3 | Client::CtrUnlimited => {
             let containerd = Containerd::start().await;
+            let mut cmd = containerd.ctr();
+            cmd.args(["images", "pull", "--plain-http", "--snapshotter", "native"]);
+            if client == Client::Ctr3 {
+                cmd.args(["--max-concurrent-downloads", "3"]);
+            }
             let t = Instant::now();
-            run(containerd.ctr().args([
-                "images",
-                "pull",
-                "--plain-http",
-                "--snapshotter",
-                "native",
-                &reference,
-            ]))
-            .await;
+            run(cmd.arg(&reference)).await;
             t.elapsed().as_secs_f64()
         }
         Client::Skopeo => {
@@ -180,7 +181,7 @@ fn main() {
         );
         println!("| client | direct | berth, prefetch off | berth, prefetch on | on / direct | origin bytes / image (direct, off, on) |");
         println!("|---|---:|---:|---:|---:|---|");
-        for client in [Client::Containerd, Client::Skopeo] {
+        for client in [Client::Ctr3, Client::CtrUnlimited, Client::Skopeo] {
             let vias = [
                 Via::Direct,
                 Via::Berth { prefetch: false },
