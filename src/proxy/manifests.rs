@@ -46,6 +46,11 @@ impl App {
                             .require_member(sel, crate::auth::Target::Manifest(&r))
                             .await?;
                     }
+                    // containerd HEADs the tag (which fetched the manifest) and then GETs the
+                    // digest: that GET is the one that asks for the image.
+                    if !head && self.prefetch.headed(sel, &d) {
+                        self.prefetch(sel, &m);
+                    }
                     return Ok((
                         sourced(self.respond(sel, &d, &m, head), tier.into()),
                         CacheResult::Hit,
@@ -60,7 +65,7 @@ impl App {
                             .await?;
                     }
                     let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
-                    self.prefetch_unless_head(sel, &m, head);
+                    self.prefetch_unless_head(sel, &d, &m, head);
                     return Ok((
                         sourced(self.respond(sel, &d, &m, head), Source::Shared),
                         CacheResult::Miss,
@@ -72,7 +77,7 @@ impl App {
                     .map_err(|e| not_found_as(e, "manifest"))?;
                 self.share_manifest(&got, &m);
                 let m = self.cache().put_manifest(&got, m).await.map_err(io_err)?;
-                self.prefetch_unless_head(sel, &m, head);
+                self.prefetch_unless_head(sel, &got, &m, head);
                 Ok((
                     sourced(self.respond(sel, &got, &m, head), Source::Upstream),
                     CacheResult::Miss,
@@ -157,7 +162,7 @@ impl App {
                         .tags()
                         .put_async(&key, e.digest.clone(), m.media_type.clone(), h.validity)
                         .await;
-                    self.prefetch_unless_head(sel, m, head);
+                    self.prefetch_unless_head(sel, &e.digest, m, head);
                     return Ok((
                         sourced(self.respond(sel, &e.digest, m, head), tier.into()),
                         CacheResult::Hit,
@@ -195,7 +200,7 @@ impl App {
                         .tags()
                         .put_async(&key, d.clone(), media_type, validity)
                         .await;
-                    self.prefetch_unless_head(sel, &m, head);
+                    self.prefetch_unless_head(sel, &d, &m, head);
                     return Ok((
                         sourced(self.respond(sel, &d, &m, head), Source::Shared),
                         CacheResult::Miss,
@@ -212,7 +217,7 @@ impl App {
                     .tags()
                     .put_async(&key, d.clone(), media_type, validity)
                     .await;
-                self.prefetch_unless_head(sel, &m, head);
+                self.prefetch_unless_head(sel, &d, &m, head);
                 Ok((
                     sourced(self.respond(sel, &d, &m, head), Source::Upstream),
                     CacheResult::Miss,
@@ -246,10 +251,14 @@ impl App {
         }
     }
 
-    /// A GET of manifest `m` the origin just sent or confirmed: prefetch its image's blobs
-    /// (a HEAD only checks, and an answer from the cache alone does not prefetch).
-    fn prefetch_unless_head(&self, sel: &Selected, m: &StoredManifest, head: bool) {
-        if !head {
+    /// Manifest `m` (digest `d`) the origin just sent or confirmed: a GET prefetches its
+    /// image's blobs; a HEAD only checks (the client may hold the layers already), so it is
+    /// remembered for a minute and the client's GET of `d` that may follow prefetches then.
+    /// An answer from the cache alone prefetches nothing.
+    fn prefetch_unless_head(&self, sel: &Selected, d: &Digest, m: &StoredManifest, head: bool) {
+        if head {
+            self.prefetch.remember_head(sel, d);
+        } else {
             self.prefetch(sel, m);
         }
     }
