@@ -1,7 +1,8 @@
 //! Manifest-driven prefetch (docs/ARCHITECTURE.md, "Prefetch"): a cold pull of an image of
-//! `LAYERS` × `LAYER_MIB` MiB by containerd (`ctr images pull`, its default concurrency) and by
-//! skopeo (`skopeo copy` to a directory), straight from the origin and through berth with and
-//! without prefetch, in the same run. The origin sits behind a paced link (benches/load/
+//! `LAYERS` × `LAYER_MIB` MiB by containerd (`ctr images pull --max-concurrent-downloads 3`, the
+//! CRI plugin's default that kubelet pulls get; and ctr 1.6's own default, no limit) and by
+//! skopeo (`skopeo copy` to a directory, one blob at a time), straight from the origin and
+//! through berth with and without prefetch, in the same run. The origin sits behind a paced link (benches/load/
 //! ratelink.rs, in process): each connection gets `RATE_MIB` MiB/s, as CDNs shape single flows.
 //! The link counts the bytes the origin sent, so extra origin traffic would show.
 //!
@@ -35,17 +36,33 @@ fn knob(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// A pull's wall time and the bytes the origin sent during it.
+/// A pull's wall times and the bytes the origin sent during it.
 #[derive(Debug, Clone, Copy)]
 struct Pulled {
-    secs: f64,
+    /// Until every blob was in.
+    fetch: f64,
+    /// Until the client was done.
+    total: f64,
     origin_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Client {
-    Containerd,
+    /// `ctr images pull --max-concurrent-downloads 3` (the CRI plugin's default).
+    Ctr3,
+    /// `ctr images pull` (containerd 1.6's ctr: no limit).
+    CtrUnlimited,
     Skopeo,
+}
+
+impl Client {
+    fn label(self) -> &'static str {
+        match self {
+            Client::Ctr3 => "ctr, 3 downloads at a time",
+            Client::CtrUnlimited => "ctr, no download limit",
+            Client::Skopeo => "skopeo copy",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -77,7 +94,8 @@ impl Drop for Link {
     }
 }
 
-async fn run(cmd: &mut tokio::process::Command) {
+/// Runs a client to success; returns its standard output.
+async fn run(cmd: &mut tokio::process::Command) -> String {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -90,25 +108,37 @@ async fn run(cmd: &mut tokio::process::Command) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// One cold pull of `img` by `client`, from `host` (plain HTTP).
-async fn pull(client: Client, host: &str, img: &TestImage) -> f64 {
+/// The download phase of a `ctr images pull`: its last `elapsed: 3.2 s` progress line (printed
+/// when every blob is in, before unpacking).
+fn ctr_fetch_secs(stdout: &str) -> Option<f64> {
+    stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("elapsed:"))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .next_back()
+}
+
+/// One cold pull of `img` by `client`, from `host` (plain HTTP): seconds until every blob was
+/// in, and until the client was done (ctr then unpacks with the native snapshotter, which
+/// copies the growing root file system once per layer: the same work in every column).
+async fn pull(client: Client, host: &str, img: &TestImage) -> (f64, f64) {
     let reference = format!("{host}/{}:{}", img.repo, img.tag);
     match client {
-        Client::Containerd => {
+        Client::Ctr3 | Client::CtrUnlimited => {
             let containerd = Containerd::start().await;
+            let mut cmd = containerd.ctr();
+            cmd.args(["images", "pull", "--plain-http", "--snapshotter", "native"]);
+            if client == Client::Ctr3 {
+                cmd.args(["--max-concurrent-downloads", "3"]);
+            }
             let t = Instant::now();
-            run(containerd.ctr().args([
-                "images",
-                "pull",
-                "--plain-http",
-                "--snapshotter",
-                "native",
-                &reference,
-            ]))
-            .await;
-            t.elapsed().as_secs_f64()
+            let out = run(cmd.arg(&reference)).await;
+            let total = t.elapsed().as_secs_f64();
+            let fetch = ctr_fetch_secs(&out).expect("ctr prints its elapsed time");
+            (fetch, total)
         }
         Client::Skopeo => {
             let dir = tempfile::tempdir().unwrap();
@@ -122,14 +152,15 @@ async fn pull(client: Client, host: &str, img: &TestImage) -> f64 {
                 ])
                 .arg(format!("dir:{}", dir.path().join("img").display())))
             .await;
-            t.elapsed().as_secs_f64()
+            let total = t.elapsed().as_secs_f64();
+            (total, total)
         }
     }
 }
 
 async fn measure(client: Client, via: Via, link: &Link, img: &TestImage) -> Pulled {
     let before = link.sent.load(Ordering::Relaxed);
-    let secs = match via {
+    let (fetch, total) = match via {
         Via::Direct => pull(client, &link.addr.to_string(), img).await,
         Via::Berth { prefetch } => {
             let berth = Berth::in_front_of(&format!("http://{}", link.addr))
@@ -147,7 +178,8 @@ async fn measure(client: Client, via: Via, link: &Link, img: &TestImage) -> Pull
         }
     };
     Pulled {
-        secs,
+        fetch,
+        total,
         origin_bytes: link.sent.load(Ordering::Relaxed) - before,
     }
 }
@@ -178,42 +210,65 @@ fn main() {
         println!(
             "Cold pull of {layers} x {layer_mib} MiB (+ config) over a {rate_mib} MiB/s-per-connection origin link, {runs} runs each"
         );
+        println!("Download phase (ctr: its own `elapsed`, before unpacking; skopeo: the whole copy), median of {runs} (all runs):");
         println!("| client | direct | berth, prefetch off | berth, prefetch on | on / direct | origin bytes / image (direct, off, on) |");
         println!("|---|---:|---:|---:|---:|---|");
-        for client in [Client::Containerd, Client::Skopeo] {
+        let mut totals = Vec::new();
+        for client in [Client::Ctr3, Client::CtrUnlimited, Client::Skopeo] {
             let vias = [
                 Via::Direct,
                 Via::Berth { prefetch: false },
                 Via::Berth { prefetch: true },
             ];
-            let mut secs: Vec<Vec<f64>> = vec![Vec::new(); vias.len()];
-            let mut bytes: Vec<Vec<u64>> = vec![Vec::new(); vias.len()];
+            let mut got: Vec<Vec<Pulled>> = vec![Vec::new(); vias.len()];
             // Interleaved, so that a slow spell of the machine hits every column alike.
             for _ in 0..runs {
                 for (i, via) in vias.iter().enumerate() {
-                    let p = measure(client, *via, &link, &img).await;
-                    secs[i].push(p.secs);
-                    bytes[i].push(p.origin_bytes);
+                    got[i].push(measure(client, *via, &link, &img).await);
                 }
             }
-            let cell = |i: usize| {
-                let all: Vec<String> = secs[i].iter().map(|s| format!("{s:.2}")).collect();
-                format!("{:.2} s ({})", median(secs[i].clone()), all.join(", "))
+            // (median, "median s (run, run, run)")
+            let cell = |i: usize, f: fn(&Pulled) -> f64| {
+                let all: Vec<f64> = got[i].iter().map(f).collect();
+                let list: Vec<String> = all.iter().map(|s| format!("{s:.2}")).collect();
+                let m = median(all);
+                (m, format!("{m:.2} s ({})", list.join(", ")))
             };
+            let show = |i: usize, f: fn(&Pulled) -> f64| cell(i, f).1;
             let per_image = |i: usize| {
-                let max = *bytes[i].iter().max().unwrap() as f64;
+                let max = got[i].iter().map(|p| p.origin_bytes).max().unwrap() as f64;
                 format!("{:.2}", max / image_bytes as f64)
             };
+            let fetch = |p: &Pulled| p.fetch;
+            let total = |p: &Pulled| p.total;
             println!(
-                "| {client:?} | {} | {} | {} | {:.2} | {}, {}, {} |",
-                cell(0),
-                cell(1),
-                cell(2),
-                median(secs[2].clone()) / median(secs[0].clone()),
+                "| {} | {} | {} | {} | {:.2} | {}, {}, {} |",
+                client.label(),
+                show(0, fetch),
+                show(1, fetch),
+                show(2, fetch),
+                cell(2, fetch).0 / cell(0, fetch).0,
                 per_image(0),
                 per_image(1),
                 per_image(2),
             );
+            if client != Client::Skopeo {
+                totals.push(format!(
+                    "| {} | {} | {} | {} | {:.2} |",
+                    client.label(),
+                    show(0, total),
+                    show(1, total),
+                    show(2, total),
+                    cell(2, total).0 / cell(0, total).0,
+                ));
+            }
+        }
+        println!();
+        println!("Whole `ctr images pull` (download + unpack with the native snapshotter):");
+        println!("| client | direct | berth, prefetch off | berth, prefetch on | on / direct |");
+        println!("|---|---:|---:|---:|---:|");
+        for row in totals {
+            println!("{row}");
         }
     });
 }

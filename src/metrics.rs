@@ -84,6 +84,10 @@ pub struct Metrics {
     pub digest_mismatches: IntCounterVec,
     /// `berth_stale_served_total{kind}`.
     pub stale_served: IntCounterVec,
+    /// `berth_revalidations_total{kind,result}`: stale tag mappings (`tag`) and listings
+    /// (`listing`) checked with the origin, by what it said: `unchanged` (same digest, or `304`),
+    /// `changed`, or `error` (no answer to go by; stale-if-error may serve the old one).
+    pub revalidations: IntCounterVec,
     /// `berth_events_total{action,outcome}`: registry notifications received on `/events`.
     pub events: IntCounterVec,
     /// `berth_auth_decisions_total{result,source}`.
@@ -302,6 +306,12 @@ impl Metrics {
                 "berth_events_total",
                 "Registry notifications received, by action and what berth did.",
                 &["action", "outcome"],
+                r
+            )?,
+            revalidations: register_int_counter_vec_with_registry!(
+                "berth_revalidations_total",
+                "Stale tag mappings and listings checked with the origin, by kind and result.",
+                &["kind", "result"],
                 r
             )?,
             stale_served: register_int_counter_vec_with_registry!(

@@ -435,6 +435,8 @@ struct Req {
     /// `/v2/<name>/manifests/<ref>` or `/v2/<name>/blobs/<digest>`.
     path: String,
     range: Option<&'static str>,
+    /// `If-None-Match` to send, if any.
+    if_none_match: Option<String>,
 }
 
 impl Req {
@@ -443,6 +445,7 @@ impl Req {
             method: Method::GET,
             path: format!("/v2/{repo}/manifests/{reference}"),
             range: None,
+            if_none_match: None,
         }
     }
 
@@ -451,6 +454,7 @@ impl Req {
             method: Method::GET,
             path: format!("/v2/{repo}/blobs/{digest}"),
             range: None,
+            if_none_match: None,
         }
     }
 
@@ -461,6 +465,11 @@ impl Req {
 
     fn range(mut self, range: &'static str) -> Req {
         self.range = Some(range);
+        self
+    }
+
+    fn if_none_match(mut self, etag: &str) -> Req {
+        self.if_none_match = Some(etag.to_owned());
         self
     }
 
@@ -488,15 +497,22 @@ impl Req {
         if let Some(r) = self.range {
             b = b.header(header::RANGE, r);
         }
+        if let Some(e) = &self.if_none_match {
+            b = b.header(header::IF_NONE_MATCH, e);
+        }
         b
     }
 
     fn describe(&self) -> String {
         format!(
-            "{} {}{}",
+            "{} {}{}{}",
             self.method,
             self.path,
-            self.range.map(|r| format!(" ({r})")).unwrap_or_default()
+            self.range.map(|r| format!(" ({r})")).unwrap_or_default(),
+            self.if_none_match
+                .as_deref()
+                .map(|e| format!(" (If-None-Match: {e})"))
+                .unwrap_or_default()
         )
     }
 }
@@ -1176,6 +1192,87 @@ async fn no_request_sequence_gives_bob_or_anonymous_a_byte_of_private_content() 
     );
 }
 
+/// berth's `304` for a manifest the client already holds comes after authorization, never
+/// instead of it: alice, who may read private/app, gets `304` (no body) for the ETag she holds,
+/// by tag and by digest, GET and HEAD; bob, anonymous and bare requests sending the same
+/// `If-None-Match` (or `*`) get 401/403/404, never a `304` that would confirm the digest. By
+/// digest the answer says it never changes; by tag it says nothing long-lived.
+#[tokio::test]
+async fn if_none_match_never_turns_a_refusal_into_a_304() {
+    capture_logs();
+    let origin = start_origin(policy_issuer()).await;
+    let private = &origin.content.private;
+    let berth = passthrough_berth(&origin, "").await;
+    let mut alice = Puller::new(&berth, Who::Alice);
+    alice.pull(private).await;
+
+    let by_tag = Req::manifest(PRIVATE, &private.tag);
+    let by_digest = Req::manifest(PRIVATE, &private.manifest_digest);
+    let got = alice.fetch(&by_tag).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let etag = got.headers[header::ETAG].to_str().unwrap().to_owned();
+    assert_eq!(etag, format!("\"{}\"", private.manifest_digest));
+    assert!(
+        got.headers.get(header::CACHE_CONTROL).is_none(),
+        "a tag's answer may change: {:?}",
+        got.headers
+    );
+    let got = alice.fetch(&by_digest).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(
+        got.headers[header::CACHE_CONTROL],
+        "max-age=31536000, immutable"
+    );
+    let blob = alice
+        .fetch(&Req::blob(PRIVATE, &private.config_digest))
+        .await;
+    assert_eq!(blob.status, StatusCode::OK);
+    assert_eq!(
+        blob.headers[header::CACHE_CONTROL],
+        "max-age=31536000, immutable"
+    );
+
+    let mut conditional = Vec::new();
+    for req in [&by_tag, &by_digest] {
+        for tag in [etag.as_str(), "*"] {
+            conditional.push(req.clone().if_none_match(tag));
+            conditional.push(req.clone().head().if_none_match(tag));
+        }
+    }
+    for req in &conditional {
+        let got = alice.fetch(req).await;
+        assert_eq!(got.status, StatusCode::NOT_MODIFIED, "{}", req.describe());
+        assert!(got.body.is_empty(), "{}", req.describe());
+        assert_eq!(got.headers[header::ETAG], etag.as_str());
+    }
+    // Another ETag: the manifest, in full.
+    let other = alice
+        .fetch(&by_tag.clone().if_none_match("\"sha256:0000\""))
+        .await;
+    assert_eq!(other.status, StatusCode::OK);
+    assert_eq!(other.body, private.manifest_bytes);
+
+    let mut answered = Vec::new();
+    for who in [Who::Bob, Who::Anonymous] {
+        let mut p = Puller::new(&berth, who);
+        for req in &conditional {
+            answered.push((format!("{who:?} {}", req.describe()), p.fetch(req).await));
+        }
+    }
+    let client = http();
+    for req in &conditional {
+        let got = Got::read(req.build(&client, &berth.url()).send().await.unwrap()).await;
+        answered.push((format!("bare {}", req.describe()), got));
+    }
+    for (what, got) in &answered {
+        assert!(
+            matches!(got.status.as_u16(), 401 | 403 | 404),
+            "{what} answered {}",
+            got.status
+        );
+    }
+}
+
 /// Prefetch fetches an image's blobs as soon as alice has the manifest, before she asks for
 /// them: a warm cache she never read from. It must give bob and anonymous nothing more than a
 /// cache alice pulled through herself.
@@ -1230,6 +1327,13 @@ async fn prefetched_blobs_give_nobody_but_the_client_a_byte() {
     content.assert_no_private_bytes(Who::Bob, &bodies);
     assert!(unexpected.is_empty(), "{}", unexpected.join("\n"));
 
+    // Refused requests used nothing of what was prefetched.
+    assert_eq!(
+        berth
+            .metric("berth_prefetch_bytes_total{outcome=\"used\"}")
+            .await,
+        0.0
+    );
     // alice's own requests find the prefetched blobs.
     for (d, bytes) in private.blobs() {
         let got = alice.fetch(&Req::blob(PRIVATE, d)).await;
@@ -2559,6 +2663,7 @@ async fn a_subject_or_referrers_listing_is_never_evidence_of_membership() {
         method: Method::GET,
         path: format!("/v2/{TEAM}/referrers/{}", content.private.manifest_digest),
         range: None,
+        if_none_match: None,
     };
     let _ = bob.fetch(&listing).await;
 

@@ -83,6 +83,8 @@ async fn bundle_with_a_repeated_member_leaves_no_staged_files() {
         memory_bytes: 1 << 20,
         memory_max_object_bytes: 64 << 10,
         tag_ttl: Duration::from_secs(300),
+        tag_ttl_min: Duration::ZERO,
+        tag_ttl_max: Duration::from_secs(86_400),
         max_concurrent_fills: 64,
         fill_queue_timeout: Duration::from_secs(60),
         shared: None,

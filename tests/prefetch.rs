@@ -123,11 +123,11 @@ async fn a_manifest_get_prefetches_its_blobs_once_and_clients_use_them() {
 }
 
 #[tokio::test]
-async fn heads_and_indexes_prefetch_nothing_the_platform_manifest_does() {
+async fn a_head_or_an_index_alone_prefetches_nothing_the_get_that_follows_does() {
     let registry = Registry::start().await;
     let tap = Tap::start(registry.addr()).await;
     let berth = Berth::in_front_of(&tap.url()).start().await;
-    push_oci_image(&registry.url(), "pf/head", "v1", &[40_000, 30_000], 2).await;
+    let img = push_oci_image(&registry.url(), "pf/head", "v1", &[40_000, 30_000], 2).await;
     let index = push_oci_index(
         &registry.url(),
         "pf/multi",
@@ -171,6 +171,29 @@ async fn heads_and_indexes_prefetch_nothing_the_platform_manifest_does() {
             assert_eq!(blob_gets(&tap, d), 0, "other platform's {d}");
         }
     }
+
+    // containerd resolves a tag with a HEAD (which fetched the manifest), then GETs its
+    // digest from the cache: that GET asks for the image, and prefetches it.
+    assert_eq!(
+        get_manifest(&berth, "pf/head", &img.manifest_digest, OCI_MANIFEST).await,
+        StatusCode::OK
+    );
+    prefetch_settled(&berth).await;
+    for (d, _) in img.blobs() {
+        assert_eq!(
+            blob_gets(&tap, d),
+            1,
+            "pf/head's {d} prefetched after HEAD + GET"
+        );
+    }
+    // Once: a second GET of the digest is a plain cache hit.
+    let started = blobs(&berth, "started").await;
+    assert_eq!(
+        get_manifest(&berth, "pf/head", &img.manifest_digest, OCI_MANIFEST).await,
+        StatusCode::OK
+    );
+    prefetch_settled(&berth).await;
+    assert_eq!(blobs(&berth, "started").await, started);
 }
 
 #[tokio::test]

@@ -322,6 +322,8 @@ fuzz_target!(|l: Layout| {
         memory_bytes: 1 << 20,
         memory_max_object_bytes: 64 << 10,
         tag_ttl: std::time::Duration::from_secs(300),
+        tag_ttl_min: std::time::Duration::ZERO,
+        tag_ttl_max: std::time::Duration::from_secs(86_400),
         max_concurrent_fills: 64,
         fill_queue_timeout: std::time::Duration::from_secs(60),
         shared: None,

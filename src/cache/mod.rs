@@ -33,7 +33,7 @@ pub use purge::{PurgeError, PurgeReport, PurgeStats};
 pub use queue::{FillLimits, FillObserver};
 pub use scrub::{CorruptionStats, Finding, ScrubError, ScrubOptions, ScrubReport};
 pub use store::{DiskStore, StoredManifest, WriteFault};
-pub use tags::{accept_key, TagEntry, TagKey, TagStore};
+pub use tags::{accept_key, TagEntry, TagKey, TagStore, Validity};
 
 use crate::config::CacheConfig;
 use crate::oci::Digest;
@@ -464,6 +464,8 @@ mod tests {
             memory_bytes: 1 << 20,
             memory_max_object_bytes: 1 << 10,
             tag_ttl: Duration::from_secs(60),
+            tag_ttl_min: Duration::ZERO,
+            tag_ttl_max: Duration::from_secs(86_400),
             max_concurrent_fills: 4,
             fill_queue_timeout: Duration::from_secs(60),
             shared: None,

@@ -6,6 +6,11 @@
 //! pool, never on an async worker. The plain methods do the same work on the calling thread,
 //! for the commands (`import`, `export`) that run outside request handling. A damaged mapping
 //! file is logged, deleted and treated as absent (the origin is asked again).
+//!
+//! A mapping's lifetime is the origin's (its caching headers, within the configured bounds) or
+//! `cache.tag_ttl`; it is measured on the store's own [`Clock`], which tests move forward
+//! instead of sleeping. Mapping files written before lifetimes and validators existed load as
+//! they always did: stale until revalidated, then the default lifetime.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +20,7 @@ use moka::sync::Cache;
 use serde::{Deserialize, Serialize};
 
 use super::store::DiskStore;
+use crate::clock::Clock;
 use crate::oci::{Digest, RepoName, Tag};
 
 /// Most tag mappings held in memory.
@@ -41,21 +47,42 @@ pub struct TagEntry {
     pub digest: Digest,
     /// The manifest's media type.
     pub media_type: String,
-    /// When the origin last confirmed it; `None` when loaded from disk (stale until revalidated).
+    /// When the origin last confirmed it (on the store's [`Clock`]); `None` when loaded from
+    /// disk or made stale by a push event (stale until revalidated).
     pub confirmed: Option<Instant>,
+    /// What the origin said with its last confirmation.
+    pub validity: Validity,
 }
 
 impl TagEntry {
-    /// Whether the mapping is still fresh under `ttl`.
-    pub fn is_fresh(&self, ttl: Duration) -> bool {
-        self.confirmed.is_some_and(|c| c.elapsed() < ttl)
+    /// Whether the mapping is still fresh at `now` (the store's clock): for the lifetime the
+    /// origin gave, or `default_ttl` (`cache.tag_ttl`) when it gave none.
+    pub fn is_fresh(&self, default_ttl: Duration, now: Instant) -> bool {
+        let ttl = self.validity.lifetime.unwrap_or(default_ttl);
+        self.confirmed
+            .is_some_and(|c| now.saturating_duration_since(c) < ttl)
     }
 }
 
+/// What an origin says about a tag besides the digest: how long its answer holds and how to ask
+/// again cheaply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Validity {
+    /// Lifetime from the origin's caching headers, already within the configured bounds (zero
+    /// for `no-store`); `None` when it stated none and `cache.tag_ttl` applies.
+    pub lifetime: Option<Duration>,
+    /// The origin's strong `ETag` for the tag's manifest, sent back as `If-None-Match`.
+    pub etag: Option<String>,
+}
+
+/// A mapping file. `etag` was added later: files without it load with none (and the default
+/// lifetime), and berths that predate it ignore it.
 #[derive(Serialize, Deserialize)]
 struct OnDisk {
     digest: String,
     media_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    etag: Option<String>,
 }
 
 /// Normalizes a client's Accept values: split on commas, parameters dropped, lowercased,
@@ -83,6 +110,7 @@ pub fn accept_key(values: &[String]) -> String {
 pub struct TagStore {
     mem: Cache<TagKey, TagEntry>,
     store: Arc<DiskStore>,
+    clock: Clock,
 }
 
 impl TagStore {
@@ -91,7 +119,13 @@ impl TagStore {
         TagStore {
             mem: Cache::builder().max_capacity(MAX_TAGS_IN_MEMORY).build(),
             store,
+            clock: Clock::default(),
         }
+    }
+
+    /// The clock lifetimes are measured on (tests move it forward instead of sleeping).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     fn path(&self, k: &TagKey) -> PathBuf {
@@ -172,17 +206,25 @@ impl TagStore {
             .flatten()
     }
 
-    /// Records a mapping the origin just confirmed (blocking when the mapping changed).
+    /// Records a mapping the origin just confirmed, with the default lifetime and no validator
+    /// (blocking when the mapping changed).
     pub fn put(&self, k: &TagKey, digest: Digest, media_type: String) {
-        if let Some(body) = self.confirm(k, digest, media_type) {
+        if let Some(body) = self.confirm(k, digest, media_type, Validity::default()) {
             self.persist(k, &body);
         }
     }
 
-    /// Records a mapping the origin just confirmed; a changed mapping is written on the
-    /// blocking pool (a confirmation of what is known costs no file access).
-    pub async fn put_async(&self, k: &TagKey, digest: Digest, media_type: String) {
-        if let Some(body) = self.confirm(k, digest, media_type) {
+    /// Records a mapping the origin just confirmed, with what it said about it; a changed
+    /// mapping is written on the blocking pool (a confirmation of what is known costs no file
+    /// access).
+    pub async fn put_async(
+        &self,
+        k: &TagKey,
+        digest: Digest,
+        media_type: String,
+        validity: Validity,
+    ) {
+        if let Some(body) = self.confirm(k, digest, media_type, validity) {
             let (this, k) = (self.clone(), k.clone());
             let _ = tokio::task::spawn_blocking(move || this.persist(&k, &body)).await;
         }
@@ -190,22 +232,31 @@ impl TagStore {
 
     /// Updates memory; returns the file's new contents when the mapping changed (what memory
     /// held came from the file or was written to it, so an unchanged mapping is on disk).
-    fn confirm(&self, k: &TagKey, digest: Digest, media_type: String) -> Option<Vec<u8>> {
-        let changed = self
-            .mem
-            .get(k)
-            .is_none_or(|old| old.digest != digest || old.media_type != media_type);
+    fn confirm(
+        &self,
+        k: &TagKey,
+        digest: Digest,
+        media_type: String,
+        validity: Validity,
+    ) -> Option<Vec<u8>> {
+        let changed = self.mem.get(k).is_none_or(|old| {
+            old.digest != digest
+                || old.media_type != media_type
+                || old.validity.etag != validity.etag
+        });
         let body = changed.then(|| {
             serde_json::to_vec(&OnDisk {
                 digest: digest.to_string(),
                 media_type: media_type.clone(),
+                etag: validity.etag.clone(),
             })
             .expect("plain struct serializes")
         });
         let entry = TagEntry {
             digest,
             media_type,
-            confirmed: Some(Instant::now()),
+            confirmed: Some(self.clock.now()),
+            validity,
         };
         self.mem.insert(k.clone(), entry);
         body
@@ -314,6 +365,10 @@ fn parse(raw: &[u8]) -> Option<TagEntry> {
         digest: d.digest.parse().ok()?,
         media_type: d.media_type,
         confirmed: None,
+        validity: Validity {
+            lifetime: None,
+            etag: d.etag,
+        },
     })
 }
 
@@ -347,6 +402,86 @@ mod tests {
         TagStore::new(store.clone()).put(&k, d.clone(), "t".into());
         let again = TagStore::new(store).get(&k).unwrap();
         assert_eq!(again.digest, d);
-        assert!(!again.is_fresh(Duration::from_secs(60)));
+        assert!(!again.is_fresh(Duration::from_secs(60), Instant::now()));
+    }
+
+    fn key() -> TagKey {
+        TagKey {
+            upstream: "up".into(),
+            repo: "a/b".parse().unwrap(),
+            tag: "v1".parse().unwrap(),
+            accept: "x".into(),
+        }
+    }
+
+    /// A mapping file written before validators existed loads (stale, default lifetime); one
+    /// written now keeps its ETag across a restart.
+    #[tokio::test]
+    async fn old_mapping_files_load_and_etags_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let tags = TagStore::new(store.clone());
+        let d = Digest::sha256_of(b"m");
+        let old = format!(r#"{{"digest":"{d}","media_type":"t"}}"#);
+        std::fs::create_dir_all(tags.path(&key()).parent().unwrap()).unwrap();
+        std::fs::write(tags.path(&key()), old).unwrap();
+        let loaded = tags.get(&key()).expect("an old record loads");
+        assert_eq!(loaded.digest, d);
+        assert_eq!(loaded.validity, Validity::default());
+
+        let etag = Some(format!("\"{d}\""));
+        let v = Validity {
+            lifetime: Some(Duration::from_secs(7)),
+            etag: etag.clone(),
+        };
+        tags.put_async(&key(), d.clone(), "t".into(), v).await;
+        let again = TagStore::new(store).get(&key()).unwrap();
+        assert_eq!(
+            again.validity.etag, etag,
+            "the validator survives a restart"
+        );
+        assert_eq!(
+            again.validity.lifetime, None,
+            "a restart starts stale anyway"
+        );
+        assert!(again.confirmed.is_none());
+    }
+
+    /// The origin's lifetime wins over the default; zero (no-store) is never fresh.
+    #[tokio::test]
+    async fn freshness_follows_the_origins_lifetime_on_the_stores_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let tags = TagStore::new(Arc::new(DiskStore::open(dir.path()).unwrap()));
+        let d = Digest::sha256_of(b"m");
+        let default_ttl = Duration::from_secs(300);
+        let v = Validity {
+            lifetime: Some(Duration::from_secs(10)),
+            etag: None,
+        };
+        tags.put_async(&key(), d.clone(), "t".into(), v).await;
+        let e = tags.get(&key()).unwrap();
+        assert!(e.is_fresh(default_ttl, tags.clock().now()));
+        tags.clock().advance(Duration::from_secs(11));
+        assert!(
+            !e.is_fresh(default_ttl, tags.clock().now()),
+            "10 s from the origin, not the 300 s default"
+        );
+
+        let none = Validity {
+            lifetime: None,
+            etag: None,
+        };
+        tags.put_async(&key(), d.clone(), "t".into(), none).await;
+        let e = tags.get(&key()).unwrap();
+        tags.clock().advance(Duration::from_secs(299));
+        assert!(e.is_fresh(default_ttl, tags.clock().now()), "the default");
+
+        let no_store = Validity {
+            lifetime: Some(Duration::ZERO),
+            etag: None,
+        };
+        tags.put_async(&key(), d, "t".into(), no_store).await;
+        let e = tags.get(&key()).unwrap();
+        assert!(!e.is_fresh(default_ttl, tags.clock().now()));
     }
 }

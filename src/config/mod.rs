@@ -168,8 +168,15 @@ pub struct CacheConfig {
     pub memory_bytes: u64,
     /// Largest object the memory tier holds.
     pub memory_max_object_bytes: u64,
-    /// How long a tag → digest mapping is fresh before it is revalidated with the origin.
+    /// How long a tag → digest mapping (or a listing) is fresh before it is revalidated with
+    /// the origin, when the origin's answer carries no caching headers of its own.
     pub tag_ttl: Duration,
+    /// Shortest freshness an origin's `Cache-Control` / `Expires` can give a tag mapping or a
+    /// listing (`no-store` still keeps nothing fresh).
+    pub tag_ttl_min: Duration,
+    /// Longest freshness an origin's `Cache-Control` / `Expires` can give a tag mapping or a
+    /// listing.
+    pub tag_ttl_max: Duration,
     /// Most blob fills fetching from origins at once; further fills wait for a slot.
     pub max_concurrent_fills: usize,
     /// Longest a fill waits for a slot before its clients get 429.
@@ -325,6 +332,12 @@ impl Config {
             tag_ttl: e
                 .duration(&mut cache_t, "cache.tag_ttl")
                 .unwrap_or(Duration::from_secs(300)),
+            tag_ttl_min: e
+                .duration(&mut cache_t, "cache.tag_ttl_min")
+                .unwrap_or(Duration::ZERO),
+            tag_ttl_max: e
+                .duration(&mut cache_t, "cache.tag_ttl_max")
+                .unwrap_or(Duration::from_secs(24 * 3600)),
             max_concurrent_fills: e
                 .count(&mut cache_t, "cache.max_concurrent_fills", 1..=65_536)
                 .unwrap_or(64),
@@ -333,6 +346,9 @@ impl Config {
                 .unwrap_or(Duration::from_secs(60)),
             shared,
         };
+        if cache.tag_ttl_min > cache.tag_ttl_max {
+            e.push("cache.tag_ttl_min: must not exceed cache.tag_ttl_max".into());
+        }
         if cache.fill_queue_timeout.is_zero() {
             e.push("cache.fill_queue_timeout: must be greater than zero".into());
         }
@@ -922,6 +938,8 @@ mod tests {
         assert_eq!(c.cache.disk_bytes, 1 << 30);
         assert_eq!(c.cache.tag_ttl, Duration::from_secs(60));
         assert_eq!(c.cache.max_concurrent_fills, 64, "default");
+        assert_eq!(c.cache.tag_ttl_min, Duration::ZERO, "default");
+        assert_eq!(c.cache.tag_ttl_max, Duration::from_secs(86_400), "default");
         assert_eq!(
             c.cache.fill_queue_timeout,
             Duration::from_secs(60),
@@ -931,6 +949,26 @@ mod tests {
         assert!(c.upstreams[0].docker_hub);
         assert!(c.upstreams[0].default);
         assert_eq!(c.admin.listen, Some("127.0.0.1:9090".parse().unwrap()));
+    }
+
+    #[test]
+    fn tag_ttl_bounds_parse_and_must_be_ordered() {
+        let ok = GOOD.replace(
+            "tag_ttl = \"1m\"",
+            "tag_ttl = \"1m\"\ntag_ttl_min = \"10s\"\ntag_ttl_max = \"1h\"",
+        );
+        let c = Config::from_toml(&ok).unwrap();
+        assert_eq!(c.cache.tag_ttl_min, Duration::from_secs(10));
+        assert_eq!(c.cache.tag_ttl_max, Duration::from_secs(3600));
+        let bad = GOOD.replace(
+            "tag_ttl = \"1m\"",
+            "tag_ttl_min = \"2h\"\ntag_ttl_max = \"1h\"",
+        );
+        let errs = Config::from_toml(&bad).unwrap_err().0.join("\n");
+        assert!(
+            errs.contains("cache.tag_ttl_min: must not exceed"),
+            "{errs}"
+        );
     }
 
     #[test]

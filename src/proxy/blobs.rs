@@ -36,8 +36,12 @@ impl App {
         if head {
             return self.head_blob(sel, &digest).await;
         }
-        self.serve_blob(sel, digest, range_header, Caller::Client)
-            .await
+        let served = self
+            .serve_blob(sel, digest.clone(), range_header, Caller::Client)
+            .await?;
+        // Counted only once the client was admitted: a refused request uses nothing.
+        self.prefetch.used(&digest, &self.metrics.prefetch);
+        Ok(served)
     }
 
     /// GET: /_berth/peer/v1/blobs/<digest> (`cluster/endpoint.rs`): another replica asks this
@@ -81,9 +85,6 @@ impl App {
                 self.auth.require_member(sel, Target::Blob(&digest)).await
             }
         };
-        if caller == Caller::Client {
-            self.prefetch.used(&digest, &self.metrics.prefetch);
-        }
         // The memory tier first: a hot small blob costs no file open.
         if let Some(bytes) = self.cache().memory().blob(&digest) {
             confirm().await?;

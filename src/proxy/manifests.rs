@@ -3,9 +3,10 @@
 
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
-use super::{sourced, App, CacheResult, Source};
+use super::freshness::{self, Outcome, Subject};
+use super::{send_counted, sourced, App, CacheResult, Source};
 use crate::body::{self, Body};
-use crate::cache::{accept_key, StoredManifest, TagKey, Tier};
+use crate::cache::{accept_key, StoredManifest, TagEntry, TagKey, Tier, Validity};
 use crate::error::Error;
 use crate::oci::{media, Digest, Hasher, Reference, Tag};
 use crate::upstream::{Selected, UpstreamError, UpstreamRequest};
@@ -45,6 +46,11 @@ impl App {
                             .require_member(sel, crate::auth::Target::Manifest(&r))
                             .await?;
                     }
+                    // containerd HEADs the tag (which fetched the manifest) and then GETs the
+                    // digest: that GET is the one that asks for the image.
+                    if !head && self.prefetch.headed(sel, &d) {
+                        self.prefetch(sel, &m);
+                    }
                     return Ok((
                         sourced(self.respond(sel, &d, &m, head), tier.into()),
                         CacheResult::Hit,
@@ -59,19 +65,19 @@ impl App {
                             .await?;
                     }
                     let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
-                    self.prefetch_unless_head(sel, &m, head);
+                    self.prefetch_unless_head(sel, &d, &m, head);
                     return Ok((
                         sourced(self.respond(sel, &d, &m, head), Source::Shared),
                         CacheResult::Miss,
                     ));
                 }
-                let (got, m) = self
+                let (got, m, _) = self
                     .fetch_manifest(sel, &d.to_string(), &accept, Some(&d))
                     .await
                     .map_err(|e| not_found_as(e, "manifest"))?;
                 self.share_manifest(&got, &m);
                 let m = self.cache().put_manifest(&got, m).await.map_err(io_err)?;
-                self.prefetch_unless_head(sel, &m, head);
+                self.prefetch_unless_head(sel, &got, &m, head);
                 Ok((
                     sourced(self.respond(sel, &got, &m, head), Source::Upstream),
                     CacheResult::Miss,
@@ -119,15 +125,14 @@ impl App {
                 self.count_lookup("manifest", "disk", cached.is_some());
             }
         }
-        self.count_lookup(
-            "tag",
-            "memory",
-            known.as_ref().is_some_and(|e| e.is_fresh(self.tag_ttl())),
-        );
+        let fresh = known
+            .as_ref()
+            .is_some_and(|e| e.is_fresh(self.tag_ttl(), self.clock().now()));
+        self.count_lookup("tag", "memory", fresh);
         if let (Some(e), Some((m, tier))) = (&known, &cached) {
             let tier = *tier;
             // An offline mirror has nothing to revalidate against: what it holds is current.
-            if offline || e.is_fresh(self.tag_ttl()) {
+            if offline || fresh {
                 return Ok((
                     sourced(self.respond(sel, &e.digest, m, head), tier.into()),
                     CacheResult::Hit,
@@ -145,42 +150,57 @@ impl App {
                     CacheResult::Stale,
                 ));
             }
-            // Stale mapping: revalidate with a HEAD (does not count against Docker Hub's limit).
-            match self.head_manifest(sel, tag.as_str(), &accept).await {
-                Ok(Some(d)) if d == e.digest => {
+            // Stale mapping: revalidate with a HEAD (does not count against Docker Hub's limit),
+            // conditional on the origin's ETag when it gave one.
+            match self
+                .head_manifest(sel, tag.as_str(), &accept, Some(e))
+                .await
+            {
+                Ok(h) if h.not_modified || h.digest.as_ref() == Some(&e.digest) => {
+                    self.count_revalidation(Subject::Tag, Outcome::Unchanged);
                     self.cache()
                         .tags()
-                        .put_async(&key, d.clone(), m.media_type.clone())
+                        .put_async(&key, e.digest.clone(), m.media_type.clone(), h.validity)
                         .await;
-                    self.prefetch_unless_head(sel, m, head);
+                    self.prefetch_unless_head(sel, &e.digest, m, head);
                     return Ok((
-                        sourced(self.respond(sel, &d, m, head), tier.into()),
+                        sourced(self.respond(sel, &e.digest, m, head), tier.into()),
                         CacheResult::Hit,
                     ));
                 }
-                Ok(_) => {}
+                Ok(_) => self.count_revalidation(Subject::Tag, Outcome::Changed),
                 Err(err) if err.is_origin_failure() => {
+                    self.count_revalidation(Subject::Tag, Outcome::Error);
                     return Ok(self.stale(sel, &e.digest, m, tier, head, &err));
                 }
                 Err(err) if err.is_not_found() => {
+                    self.count_revalidation(Subject::Tag, Outcome::Changed);
                     self.cache().tags().remove_async(&key).await;
                     return Err(not_found_as(err, "manifest"));
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => {
+                    self.count_revalidation(Subject::Tag, Outcome::Error);
+                    return Err(err.into());
+                }
             }
         }
         // With a shared tier, the origin's HEAD names the digest (its word for this tag, and
         // no Docker Hub pull counted) and the bytes may come from the tier.
         if self.scale().shared.is_some() && !offline {
-            if let Ok(Some(d)) = self.head_manifest(sel, tag.as_str(), &accept).await {
+            if let Ok(OriginHead {
+                digest: Some(d),
+                validity,
+                ..
+            }) = self.head_manifest(sel, tag.as_str(), &accept, None).await
+            {
                 if let Some(m) = self.shared_manifest(&d).await {
                     let media_type = m.media_type.clone();
                     let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
                     self.cache()
                         .tags()
-                        .put_async(&key, d.clone(), media_type)
+                        .put_async(&key, d.clone(), media_type, validity)
                         .await;
-                    self.prefetch_unless_head(sel, &m, head);
+                    self.prefetch_unless_head(sel, &d, &m, head);
                     return Ok((
                         sourced(self.respond(sel, &d, &m, head), Source::Shared),
                         CacheResult::Miss,
@@ -189,15 +209,15 @@ impl App {
             }
         }
         match self.fetch_manifest(sel, tag.as_str(), &accept, None).await {
-            Ok((d, m)) => {
+            Ok((d, m, validity)) => {
                 self.share_manifest(&d, &m);
                 let media_type = m.media_type.clone();
                 let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
                 self.cache()
                     .tags()
-                    .put_async(&key, d.clone(), media_type)
+                    .put_async(&key, d.clone(), media_type, validity)
                     .await;
-                self.prefetch_unless_head(sel, &m, head);
+                self.prefetch_unless_head(sel, &d, &m, head);
                 Ok((
                     sourced(self.respond(sel, &d, &m, head), Source::Upstream),
                     CacheResult::Miss,
@@ -231,10 +251,14 @@ impl App {
         }
     }
 
-    /// A GET of manifest `m` the origin just sent or confirmed: prefetch its image's blobs
-    /// (a HEAD only checks, and an answer from the cache alone does not prefetch).
-    fn prefetch_unless_head(&self, sel: &Selected, m: &StoredManifest, head: bool) {
-        if !head {
+    /// Manifest `m` (digest `d`) the origin just sent or confirmed: a GET prefetches its
+    /// image's blobs; a HEAD only checks (the client may hold the layers already), so it is
+    /// remembered for a minute and the client's GET of `d` that may follow prefetches then.
+    /// An answer from the cache alone prefetches nothing.
+    fn prefetch_unless_head(&self, sel: &Selected, d: &Digest, m: &StoredManifest, head: bool) {
+        if head {
+            self.prefetch.remember_head(sel, d);
+        } else {
             self.prefetch(sel, m);
         }
     }
@@ -317,33 +341,82 @@ impl App {
         }
     }
 
-    /// HEAD of a manifest at the origin: the digest it reports now, if it reports one.
+    /// HEAD of a manifest at the origin: the digest it reports now, if it reports one. With
+    /// `known` (a mapping being revalidated) whose origin gave an ETag, the HEAD carries
+    /// `If-None-Match`, and a `304` means unchanged.
     async fn head_manifest(
         &self,
         sel: &Selected,
         reference: &str,
         accept: &[String],
-    ) -> Result<Option<Digest>, UpstreamError> {
-        let req = manifest_request(sel, Method::HEAD, reference, accept);
-        let resp = self.fetch_ok(sel, &req).await?;
-        Ok(resp
-            .headers()
-            .get(DIGEST_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok()))
+        known: Option<&TagEntry>,
+    ) -> Result<OriginHead, UpstreamError> {
+        let mut req = manifest_request(sel, Method::HEAD, reference, accept);
+        let etag = known.and_then(|e| e.validity.etag.as_deref());
+        if let Some(v) = etag.and_then(|t| HeaderValue::from_str(t).ok()) {
+            req.headers.insert(header::IF_NONE_MATCH, v);
+        }
+        let resp = send_counted(&sel.upstream, &self.metrics, &req).await?;
+        let not_modified = resp.status() == StatusCode::NOT_MODIFIED && etag.is_some();
+        if resp.status() != StatusCode::OK && !not_modified {
+            return Err(sel.upstream.status_error(&resp));
+        }
+        let previous = known.filter(|_| not_modified).map(|e| &e.validity);
+        Ok(OriginHead {
+            digest: resp
+                .headers()
+                .get(DIGEST_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+            not_modified,
+            validity: self.tag_validity(&req, resp.headers(), previous),
+        })
+    }
+
+    /// What the origin's answer to `req` (a tag's manifest GET or HEAD, or a `304` to a
+    /// revalidation of a mapping that held `previous`) says about the mapping: its lifetime from
+    /// the caching headers within `[cache]`'s bounds, and its ETag.
+    fn tag_validity(
+        &self,
+        req: &UpstreamRequest,
+        headers: &HeaderMap,
+        previous: Option<&Validity>,
+    ) -> Validity {
+        let etag =
+            freshness::strong_etag(headers).or_else(|| previous.and_then(|p| p.etag.clone()));
+        let lifetime = match previous {
+            // A 304 that states no lifetime leaves the one the origin gave before (RFC 9111
+            // 4.3.4: the stored headers stay, updated by those the 304 carries).
+            Some(p) if !freshness::states_lifetime(headers) => p.lifetime,
+            _ => {
+                let parts =
+                    freshness::request(req.method.clone(), &req.path_and_query, &req.headers);
+                let bounds = self.bounds();
+                match freshness::grant_of(&parts, headers, &bounds, self.clock().system_now()) {
+                    freshness::Grant::Unstated => None,
+                    g => Some(g.lifetime(&bounds)),
+                }
+            }
+        };
+        Validity { lifetime, etag }
     }
 
     /// GET of a manifest at the origin, verified: against `expected` when fetched by digest, and
-    /// against the origin's Docker-Content-Digest when it sends one.
+    /// against the origin's Docker-Content-Digest when it sends one. With what the origin said
+    /// about keeping it (used for a tag's mapping; a digest's bytes never change).
     async fn fetch_manifest(
         &self,
         sel: &Selected,
         reference: &str,
         accept: &[String],
         expected: Option<&Digest>,
-    ) -> Result<(Digest, StoredManifest), UpstreamError> {
+    ) -> Result<(Digest, StoredManifest, Validity), UpstreamError> {
         let req = manifest_request(sel, Method::GET, reference, accept);
         let resp = self.fetch_ok(sel, &req).await?;
+        let validity = match expected {
+            None => self.tag_validity(&req, resp.headers(), None),
+            Some(_) => Validity::default(),
+        };
         let claimed: Option<Digest> = resp
             .headers()
             .get(DIGEST_HEADER)
@@ -378,8 +451,18 @@ impl App {
         let media_type = content_type
             .or_else(|| media_type_from_json(&bytes))
             .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
-        Ok((actual, StoredManifest { media_type, bytes }))
+        Ok((actual, StoredManifest { media_type, bytes }, validity))
     }
+}
+
+/// What a HEAD of a manifest told.
+struct OriginHead {
+    /// The digest the origin reports, if it reports one (a `304` may not).
+    digest: Option<Digest>,
+    /// The origin answered `304 Not Modified` to the ETag berth held: unchanged.
+    not_modified: bool,
+    /// Lifetime and ETag for the mapping.
+    validity: Validity,
 }
 
 fn manifest_request(

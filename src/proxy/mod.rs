@@ -3,7 +3,9 @@
 //! [`crate::error::Error::into_response`] only.
 
 mod blobs;
+mod conditional;
 pub mod events;
+pub mod freshness;
 mod listing;
 mod manifests;
 mod prefetch;
@@ -437,9 +439,15 @@ impl App {
                 let sel = self.admit(who, name, Target::Manifest(&reference)).await?;
                 outcome.upstream = outcome.log.then(|| sel.upstream.name().to_owned());
                 let accept = accept_values(req.headers());
-                let (resp, cache) = self.manifest(&sel, reference, accept, head).await?;
+                let by_digest = matches!(reference, crate::oci::Reference::Digest(_));
+                // Authorized above (and by the handler's membership checks): only now may the
+                // client's If-None-Match turn the answer into a 304.
+                let (mut resp, cache) = self.manifest(&sel, reference, accept, head).await?;
                 outcome.cache = cache;
-                Ok(resp)
+                if by_digest {
+                    conditional::immutable(&mut resp);
+                }
+                Ok(conditional::not_modified_if_held(req.headers(), resp))
             }
             Route::Blob { name, digest } => {
                 outcome.repository = outcome.log.then(|| name.to_string());
@@ -468,8 +476,9 @@ impl App {
                 {
                     return Err(Error::NotCached);
                 }
-                let (resp, cache) = self.blob(&sel, digest, range.as_deref(), head).await?;
+                let (mut resp, cache) = self.blob(&sel, digest, range.as_deref(), head).await?;
                 outcome.cache = cache;
+                conditional::immutable(&mut resp);
                 Ok(resp)
             }
             Route::Tags { name } => {
@@ -529,6 +538,23 @@ impl App {
 
     fn tag_ttl(&self) -> Duration {
         self.config.cache.tag_ttl
+    }
+
+    /// The lifetimes of mutable answers (tag mappings, listings).
+    fn bounds(&self) -> freshness::Bounds {
+        freshness::Bounds::from_config(&self.config.cache)
+    }
+
+    /// The clock lifetimes of mutable answers are measured on.
+    fn clock(&self) -> &crate::clock::Clock {
+        self.cache.tags().clock()
+    }
+
+    fn count_revalidation(&self, what: freshness::Subject, outcome: freshness::Outcome) {
+        self.metrics
+            .revalidations
+            .with_label_values(&[what.as_str(), outcome.as_str()])
+            .inc();
     }
 
     fn count_lookup(&self, kind: &str, tier: &str, hit: bool) {

@@ -32,6 +32,10 @@ const MAX_IMAGES: usize = 256;
 const USE_WINDOW: Duration = Duration::from_secs(3600);
 /// Prefetched blobs remembered for the used/wasted accounting.
 const MAX_TRACKED: u64 = 100_000;
+/// How long a manifest a HEAD fetched waits for the client's GET of it.
+const HEAD_WINDOW: Duration = Duration::from_secs(60);
+/// Manifests remembered from HEADs.
+const MAX_HEADED: u64 = 10_000;
 /// Share of the disk budget not held by pinned objects or running fills one image's missing
 /// bytes may take: a larger image is not prefetched (its client's own requests still fill it).
 const BUDGET_SHARE: u64 = 4;
@@ -48,6 +52,9 @@ pub(super) struct Prefetcher {
     /// Prefetched blobs no client has asked for yet, with their size; expiry counts them
     /// wasted.
     unused: moka::sync::Cache<Digest, u64>,
+    /// Manifests a HEAD just fetched or revalidated at the origin (`upstream|repo|digest`): the
+    /// GET of that digest that follows (containerd resolves a tag with a HEAD) prefetches.
+    headed: moka::sync::Cache<String, ()>,
 }
 
 impl Prefetcher {
@@ -73,6 +80,10 @@ impl Prefetcher {
             images: watch::channel(0).0,
             led: Mutex::new(HashMap::new()),
             unused,
+            headed: moka::sync::Cache::builder()
+                .max_capacity(MAX_HEADED)
+                .time_to_live(HEAD_WINDOW)
+                .build(),
         }
     }
 
@@ -82,6 +93,19 @@ impl Prefetcher {
         if let Some(size) = self.unused.remove(d) {
             metrics.bytes("used").inc_by(size);
         }
+    }
+
+    /// Remembers that a HEAD for `sel` just fetched or revalidated manifest `d` at the origin.
+    pub(super) fn remember_head(&self, sel: &Selected, d: &Digest) {
+        if self.config.enabled {
+            self.headed.insert(headed_key(sel, d), ());
+        }
+    }
+
+    /// Whether a HEAD for `sel` fetched or revalidated `d` in the last minute (forgotten now:
+    /// one GET prefetches).
+    pub(super) fn headed(&self, sel: &Selected, d: &Digest) -> bool {
+        self.config.enabled && self.headed.remove(&headed_key(sel, d)).is_some()
     }
 
     /// Whether `fill` is one prefetch started.
@@ -118,6 +142,10 @@ impl Prefetcher {
     fn succeeded(&self, d: &Digest) {
         self.led.lock().unwrap_or_else(|p| p.into_inner()).remove(d);
     }
+}
+
+fn headed_key(sel: &Selected, d: &Digest) -> String {
+    format!("{}|{}|{d}", sel.upstream.name(), sel.name)
 }
 
 /// A blob an image manifest lists.

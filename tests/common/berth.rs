@@ -13,6 +13,7 @@ pub struct BerthBuilder {
     upstreams: Vec<String>,
     tls: Option<(PathBuf, PathBuf)>,
     tag_ttl: String,
+    cache_keys: String,
     server_keys: String,
     admin_listen: String,
     admin_keys: String,
@@ -50,6 +51,7 @@ impl Berth {
             )],
             tls: None,
             tag_ttl: "5m".into(),
+            cache_keys: String::new(),
             server_keys: String::new(),
             admin_listen: "127.0.0.1:0".into(),
             admin_keys: String::new(),
@@ -66,6 +68,7 @@ impl Berth {
             upstreams: vec![tables.to_owned()],
             tls: None,
             tag_ttl: "5m".into(),
+            cache_keys: String::new(),
             server_keys: String::new(),
             admin_listen: "127.0.0.1:0".into(),
             admin_keys: String::new(),
@@ -150,6 +153,15 @@ impl BerthBuilder {
         self
     }
 
+    /// Adds `key = value` lines to the `[cache]` table (e.g. `tag_ttl_max = "2s"`).
+    pub fn cache(mut self, lines: &str) -> Self {
+        self.cache_keys.push_str(lines);
+        if !lines.ends_with('\n') {
+            self.cache_keys.push('\n');
+        }
+        self
+    }
+
     /// Disk tier budget.
     pub fn disk_bytes(mut self, size: &str) -> Self {
         self.disk_bytes = size.to_owned();
@@ -178,14 +190,15 @@ impl BerthBuilder {
     /// The config file text this builder produces.
     pub fn config_text(&self, cache_dir: &Path) -> String {
         let mut s = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n{}[admin]\nlisten = \"{}\"\n{}[cache]\ndir = \"{}\"\ndisk_bytes = \"{}\"\nmemory_max_object_bytes = \"{}\"\ntag_ttl = \"{}\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n{}[admin]\nlisten = \"{}\"\n{}[cache]\ndir = \"{}\"\ndisk_bytes = \"{}\"\nmemory_max_object_bytes = \"{}\"\ntag_ttl = \"{}\"\n{}",
             self.server_keys,
             self.admin_listen,
             self.admin_keys,
             cache_dir.display(),
             self.disk_bytes,
             self.memory_max_object,
-            self.tag_ttl
+            self.tag_ttl,
+            self.cache_keys
         );
         if let Some((cert, key)) = &self.tls {
             s.push_str(&format!(

@@ -11,6 +11,13 @@
 //! fault.release();
 //! ```
 //!
+//! Caching headers are scripted too: [`FaultUpstream::set_headers`] adds headers (such as
+//! `Cache-Control`, `ETag`, `Last-Modified`) to the answers for matching paths, and a request
+//! whose `If-None-Match` names the `ETag` it would get, or whose `If-Modified-Since` equals the
+//! `Last-Modified` it would get, is answered `304 Not Modified` with no body.
+//! [`FaultUpstream::send_etags`] gives every object answer `ETag: "<digest>"`. It serves
+//! `/v2/<name>/tags/list` from the tags it was given.
+//!
 //! It has two listeners on 127.0.0.1: the origin (`/v2/...` and `/token`) and a second one on
 //! another port that stands for a storage host; [`Fault::Redirect`] sends a `307` there. Every
 //! request on either listener is recorded, with whether it carried `Authorization`. `Range` is
@@ -115,6 +122,12 @@ pub struct Recorded {
     pub path: String,
     /// Whether it carried an `Authorization` header.
     pub authorization: bool,
+    /// Its `If-None-Match`, if any.
+    pub if_none_match: Option<String>,
+    /// Its `If-Modified-Since`, if any.
+    pub if_modified_since: Option<String>,
+    /// The status the fake answered with (`None`: the connection was reset or it is pending).
+    pub status: Option<u16>,
 }
 
 /// What a fault is attached to.
@@ -145,6 +158,10 @@ struct Content {
     bearer: Option<String>,
     /// `ratelimit-remaining` sent with every answer (Docker Hub's header), if any.
     ratelimit: Option<i64>,
+    /// Headers added to the answers whose path (with query) contains the needle.
+    headers: Vec<(String, Vec<(String, String)>)>,
+    /// Whether object answers carry `ETag: "<digest>"`.
+    etags: bool,
 }
 
 /// State shared by the handle and every connection.
@@ -313,6 +330,34 @@ impl FaultUpstream {
         self.content().ratelimit = remaining;
     }
 
+    /// From now on, answers (`200` and `304`) to paths containing `needle` carry `headers`
+    /// (replacing what an earlier call gave the same needle; an empty slice removes them).
+    pub fn set_headers(&self, needle: &str, headers: &[(&str, &str)]) {
+        let mut content = self.content();
+        content.headers.retain(|(n, _)| n != needle);
+        if !headers.is_empty() {
+            let hs = headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            content.headers.push((needle.to_owned(), hs));
+        }
+    }
+
+    /// Whether object answers (blobs, manifests, listings) carry `ETag: "<digest of the
+    /// bytes>"` from now on (and a matching `If-None-Match` gets `304`).
+    pub fn send_etags(&self, on: bool) {
+        self.content().etags = on;
+    }
+
+    /// Changes the tags/list answer of `repo`: serves `tag` (pointing at an existing manifest
+    /// `digest`) from now on.
+    pub fn set_tag(&self, repo: &str, tag: &str, digest: &str) {
+        self.content()
+            .tags
+            .insert((repo.to_owned(), tag.to_owned()), digest.to_owned());
+    }
+
     /// Heals everything: no per-object faults, no global fault.
     pub fn clear_faults(&self) {
         let mut content = self.content();
@@ -430,6 +475,7 @@ enum Route {
     Blob { name: String, digest: String },
     Manifest { name: String, reference: String },
     Referrers { subject: String },
+    Tags { name: String },
     Other,
 }
 
@@ -437,6 +483,11 @@ fn route(path: &str) -> Route {
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Route::Other;
     };
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Route::Tags {
+            name: name.to_owned(),
+        };
+    }
     if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
         return Route::Blob {
             name: name.to_owned(),
@@ -465,12 +516,96 @@ struct Object {
 }
 
 async fn handle(conn: Conn, request: Request<Incoming>) -> Result<Response<Body>, Reset> {
-    let ratelimit = conn.state.content.lock().unwrap().ratelimit;
+    let state = conn.state.clone();
+    let (ratelimit, extra, etags) = {
+        let content = state.content.lock().unwrap();
+        let path = request
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
+        let extra: Vec<(String, String)> = content
+            .headers
+            .iter()
+            .filter(|(needle, _)| path.contains(needle.as_str()))
+            .flat_map(|(_, hs)| hs.iter().cloned())
+            .collect();
+        (content.ratelimit, extra, content.etags)
+    };
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (if_none_match, if_modified_since) = (header("if-none-match"), header("if-modified-since"));
+    let index = {
+        let mut log = state.log.lock().unwrap();
+        log.push(Recorded {
+            listener: conn.which,
+            method: request.method().clone(),
+            path: request
+                .uri()
+                .path_and_query()
+                .map(|pq| pq.as_str().to_owned())
+                .unwrap_or_else(|| "/".to_owned()),
+            authorization: request.headers().contains_key(AUTHORIZATION),
+            if_none_match: if_none_match.clone(),
+            if_modified_since: if_modified_since.clone(),
+            status: None,
+        });
+        log.len() - 1
+    };
     let mut response = handle_inner(conn, request).await?;
+    if response.status() == StatusCode::OK {
+        let h = response.headers_mut();
+        if etags {
+            if let Some(d) = h
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+            {
+                h.insert(
+                    hyper::header::ETAG,
+                    HeaderValue::from_str(&format!("\"{d}\"")).expect("digest is a header"),
+                );
+            }
+        }
+        for (k, v) in &extra {
+            h.insert(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).expect("test header name"),
+                HeaderValue::from_str(v).expect("test header value"),
+            );
+        }
+        let etag = h.get(hyper::header::ETAG).and_then(|v| v.to_str().ok());
+        let matched = etag.is_some_and(|e| {
+            if_none_match
+                .as_deref()
+                .is_some_and(|inm| inm.split(',').any(|t| t.trim() == e || t.trim() == "*"))
+        }) || (if_none_match.is_none()
+            && h.get(hyper::header::LAST_MODIFIED)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|lm| if_modified_since.as_deref() == Some(lm)));
+        if matched {
+            let (mut parts, _) = response.into_parts();
+            parts.status = StatusCode::NOT_MODIFIED;
+            parts.headers.remove(CONTENT_LENGTH);
+            response = Response::from_parts(
+                parts,
+                Full::new(Bytes::new())
+                    .map_err(|n| match n {})
+                    .boxed_unsync(),
+            );
+        }
+    }
     if let Some(r) = ratelimit {
         if let Ok(v) = format!("{r};w=21600").parse() {
             response.headers_mut().insert("ratelimit-remaining", v);
         }
+    }
+    if let Some(rec) = state.log.lock().unwrap().get_mut(index) {
+        rec.status = Some(response.status().as_u16());
     }
     Ok(response)
 }
@@ -479,22 +614,11 @@ async fn handle_inner(conn: Conn, request: Request<Incoming>) -> Result<Response
     let state = &conn.state;
     let which = conn.which;
     let method = request.method().clone();
-    let path = request
-        .uri()
-        .path_and_query()
-        .map(|pq| pq.as_str().to_owned())
-        .unwrap_or_else(|| "/".to_owned());
     let authorization = request
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    state.log.lock().unwrap().push(Recorded {
-        listener: which,
-        method: method.clone(),
-        path: path.clone(),
-        authorization: authorization.is_some(),
-    });
     let head = method == Method::HEAD;
     if method != Method::GET && !head {
         return Ok(oci_error(
@@ -537,7 +661,7 @@ async fn handle_inner(conn: Conn, request: Request<Incoming>) -> Result<Response
             Route::Manifest { name, reference } => {
                 Some(Target::Manifest(name.clone(), reference.clone()))
             }
-            Route::Referrers { .. } | Route::Other => None,
+            Route::Referrers { .. } | Route::Tags { .. } | Route::Other => None,
         };
         let fault = target
             .and_then(|t| content.faults.get(&t).cloned())
@@ -575,6 +699,24 @@ async fn handle_inner(conn: Conn, request: Request<Incoming>) -> Result<Response
                     bytes,
                 })
             }
+            Route::Tags { name } => {
+                let mut tags: Vec<&String> = content
+                    .tags
+                    .keys()
+                    .filter(|(repo, _)| repo == name)
+                    .map(|(_, t)| t)
+                    .collect();
+                tags.sort();
+                (!tags.is_empty()).then(|| {
+                    let bytes =
+                        Bytes::from(serde_json::json!({ "name": name, "tags": tags }).to_string());
+                    Object {
+                        media_type: "application/json".to_owned(),
+                        digest: sha256_digest(&bytes),
+                        bytes,
+                    }
+                })
+            }
             Route::Other => None,
         };
         (content.bearer.clone(), fault, found)
@@ -586,7 +728,7 @@ async fn handle_inner(conn: Conn, request: Request<Incoming>) -> Result<Response
                 Route::Blob { name, .. } | Route::Manifest { name, .. } => {
                     format!(",scope=\"repository:{name}:pull\"")
                 }
-                Route::Referrers { .. } | Route::Other => String::new(),
+                Route::Referrers { .. } | Route::Tags { .. } | Route::Other => String::new(),
             };
             let challenge = format!(
                 "Bearer realm=\"http://{}/token\",service=\"fault\"{scope}",
@@ -609,7 +751,7 @@ async fn handle_inner(conn: Conn, request: Request<Incoming>) -> Result<Response
             let code = match (status, &route) {
                 (StatusCode::NOT_FOUND, Route::Blob { .. }) => "BLOB_UNKNOWN",
                 (StatusCode::NOT_FOUND, Route::Manifest { .. }) => "MANIFEST_UNKNOWN",
-                (StatusCode::NOT_FOUND, Route::Other) => "NAME_UNKNOWN",
+                (StatusCode::NOT_FOUND, Route::Other | Route::Tags { .. }) => "NAME_UNKNOWN",
                 (StatusCode::UNAUTHORIZED, _) => "UNAUTHORIZED",
                 (StatusCode::FORBIDDEN, _) => "DENIED",
                 (StatusCode::TOO_MANY_REQUESTS, _) => "TOOMANYREQUESTS",
@@ -632,6 +774,7 @@ async fn handle_inner(conn: Conn, request: Request<Incoming>) -> Result<Response
             Route::Manifest { .. } | Route::Referrers { .. } => {
                 oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", head)
             }
+            Route::Tags { .. } => oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", head),
             Route::Other if bare_path == "/v2/" => json(StatusCode::OK, "{}".to_owned(), head),
             Route::Other => oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", head),
         });
