@@ -173,6 +173,12 @@ async fn measure(client: Client, via: Via, link: &Link, img: &TestImage) -> Pull
             // origin bytes are read.
             berth.app().prefetch_settled().await;
             berth.settle().await;
+            let started = berth
+                .metric("berth_prefetch_blobs_total{result=\"started\"}")
+                .await;
+            if prefetch {
+                assert!(started > 0.0, "{client:?}: the pull prefetched nothing");
+            }
             berth.stop().await;
             secs
         }
