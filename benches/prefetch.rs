@@ -69,6 +69,8 @@ impl Client {
 enum Via {
     Direct,
     Berth { prefetch: bool },
+    /// A berth that holds the whole image already: what the client itself costs.
+    Warm,
 }
 
 /// The paced link in front of the origin, counting what it sends back.
@@ -159,9 +161,21 @@ async fn pull(client: Client, host: &str, img: &TestImage) -> (f64, f64) {
 }
 
 async fn measure(client: Client, via: Via, link: &Link, img: &TestImage) -> Pulled {
-    let before = link.sent.load(Ordering::Relaxed);
+    let mut before = link.sent.load(Ordering::Relaxed);
     let (fetch, total) = match via {
         Via::Direct => pull(client, &link.addr.to_string(), img).await,
+        Via::Warm => {
+            let berth = Berth::in_front_of(&format!("http://{}", link.addr))
+                .memory_max_object("0")
+                .start()
+                .await;
+            common::pull_and_verify(&berth.url(), img).await;
+            berth.settle().await;
+            before = link.sent.load(Ordering::Relaxed);
+            let secs = pull(client, &berth.host(), img).await;
+            berth.stop().await;
+            secs
+        }
         Via::Berth { prefetch } => {
             let berth = Berth::in_front_of(&format!("http://{}", link.addr))
                 .memory_max_object("0")
@@ -217,14 +231,15 @@ fn main() {
             "Cold pull of {layers} x {layer_mib} MiB (+ config) over a {rate_mib} MiB/s-per-connection origin link, {runs} runs each"
         );
         println!("Download phase (ctr: its own `elapsed`, before unpacking; skopeo: the whole copy), median of {runs} (all runs):");
-        println!("| client | direct | berth, prefetch off | berth, prefetch on | on / direct | origin bytes / image (direct, off, on) |");
-        println!("|---|---:|---:|---:|---:|---|");
+        println!("| client | direct | berth, prefetch off | berth, prefetch on | berth, warm (the client's floor) | on / direct | origin bytes / image (direct, off, on) |");
+        println!("|---|---:|---:|---:|---:|---:|---|");
         let mut totals = Vec::new();
         for client in [Client::Ctr3, Client::CtrUnlimited, Client::Skopeo] {
             let vias = [
                 Via::Direct,
                 Via::Berth { prefetch: false },
                 Via::Berth { prefetch: true },
+                Via::Warm,
             ];
             let mut got: Vec<Vec<Pulled>> = vec![Vec::new(); vias.len()];
             // Interleaved, so that a slow spell of the machine hits every column alike.
@@ -248,11 +263,12 @@ fn main() {
             let fetch = |p: &Pulled| p.fetch;
             let total = |p: &Pulled| p.total;
             println!(
-                "| {} | {} | {} | {} | {:.2} | {}, {}, {} |",
+                "| {} | {} | {} | {} | {} | {:.2} | {}, {}, {} |",
                 client.label(),
                 show(0, fetch),
                 show(1, fetch),
                 show(2, fetch),
+                show(3, fetch),
                 cell(2, fetch).0 / cell(0, fetch).0,
                 per_image(0),
                 per_image(1),
@@ -260,19 +276,20 @@ fn main() {
             );
             if client != Client::Skopeo {
                 totals.push(format!(
-                    "| {} | {} | {} | {} | {:.2} |",
+                    "| {} | {} | {} | {} | {} | {:.2} |",
                     client.label(),
                     show(0, total),
                     show(1, total),
                     show(2, total),
+                    show(3, total),
                     cell(2, total).0 / cell(0, total).0,
                 ));
             }
         }
         println!();
         println!("Whole `ctr images pull` (download + unpack with the native snapshotter):");
-        println!("| client | direct | berth, prefetch off | berth, prefetch on | on / direct |");
-        println!("|---|---:|---:|---:|---:|");
+        println!("| client | direct | berth, prefetch off | berth, prefetch on | berth, warm | on / direct |");
+        println!("|---|---:|---:|---:|---:|---:|");
         for row in totals {
             println!("{row}");
         }
