@@ -68,7 +68,9 @@ impl Client {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Via {
     Direct,
-    Berth { prefetch: bool },
+    Berth {
+        prefetch: bool,
+    },
     /// A berth that holds the whole image already: what the client itself costs.
     Warm,
 }
