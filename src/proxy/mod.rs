@@ -306,7 +306,8 @@ impl App {
             reference: None,
             cache: CacheResult::None,
         };
-        let result = if path == "/token" {
+        // The route from the request itself: `path` is only kept for the request log.
+        let result = if req.uri().path() == "/token" {
             outcome.route = "token";
             match crate::auth::realm::TokenRequest::read(req).await {
                 Ok(tr) => self.auth.token(tr, &self.upstreams).await,
