@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::berth::Berth;
-use common::content::{pseudo_random, sha256_digest, OCI_MANIFEST};
+use common::content::{pseudo_random, sha256_digest, test_manifest, OCI_MANIFEST};
 use common::fault::{Fault, FaultUpstream, Listener, RETRY_AFTER_SECS};
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{json, Value};
@@ -187,22 +187,6 @@ async fn read_rest(resp: reqwest::Response, mut start: Vec<u8>, who: &str) -> Ve
     let rest = within(30, who, resp.bytes()).await.expect("rest of body");
     start.extend_from_slice(&rest);
     start
-}
-
-fn test_manifest(seed: u64) -> Vec<u8> {
-    let config = pseudo_random(seed, 64);
-    serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": sha256_digest(&config),
-            "size": config.len(),
-        },
-        "layers": [],
-        "annotations": { "seed": seed.to_string() },
-    }))
-    .expect("manifest JSON")
 }
 
 #[tokio::test]

@@ -11,28 +11,12 @@ mod common;
 use std::time::Duration;
 
 use common::berth::Berth;
-use common::content::{pseudo_random, sha256_digest, OCI_MANIFEST};
+use common::content::{sha256_digest, test_manifest, OCI_MANIFEST};
 use common::fault::{Fault, FaultUpstream, Recorded};
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{json, Value};
 
 const REPO: &str = "fresh/app";
-
-fn test_manifest(seed: u64) -> Vec<u8> {
-    let config = pseudo_random(seed, 64);
-    serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": sha256_digest(&config),
-            "size": config.len(),
-        },
-        "layers": [],
-        "annotations": { "seed": seed.to_string() },
-    }))
-    .expect("manifest JSON")
-}
 
 async fn get(url: &str, accept: &str) -> reqwest::Response {
     tokio::time::timeout(

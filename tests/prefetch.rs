@@ -50,14 +50,8 @@ async fn get_manifest(berth: &Berth, repo: &str, reference: &str, accept: &str) 
 /// GETs every blob of `img` through berth and checks the bytes.
 async fn get_blobs(berth: &Berth, img: &TestImage) {
     for (digest, want) in img.blobs() {
-        let resp = Client::new()
-            .get(format!("{}/v2/{}/blobs/{digest}", berth.url(), img.repo))
-            .timeout(Duration::from_secs(60))
-            .send()
-            .await
-            .expect("blob answer");
-        assert_eq!(resp.status(), StatusCode::OK, "{digest}");
-        let body = resp.bytes().await.expect("whole blob");
+        let (status, body) = get_blob(berth, &img.repo, digest).await;
+        assert_eq!(status, StatusCode::OK, "{digest}");
         assert_eq!(body.len(), want.len(), "{digest}");
         assert_eq!(sha256_digest(&body), digest);
     }

@@ -176,7 +176,8 @@ fn image_parts(m: &StoredManifest) -> Vec<Part> {
         config: Option<Descriptor>,
         #[serde(default)]
         layers: Vec<Descriptor>,
-        manifests: Option<serde_json::Value>,
+        /// Present in an index; its entries are never read.
+        manifests: Option<serde::de::IgnoredAny>,
     }
     if m.media_type == media::OCI_INDEX || m.media_type == media::DOCKER_MANIFEST_LIST {
         return Vec::new();

@@ -448,6 +448,24 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// A small OCI image manifest (a 64-byte config, no layers) that differs for every `seed`:
+/// for origins that serve manifests whose blobs the test never asks for.
+pub fn test_manifest(seed: u64) -> Vec<u8> {
+    let config = pseudo_random(seed, 64);
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": sha256_digest(&config),
+            "size": config.len(),
+        },
+        "layers": [],
+        "annotations": { "seed": seed.to_string() },
+    }))
+    .expect("manifest JSON")
+}
+
 /// A POSIX ustar archive holding one regular file `name` (mode 0644) with `content`.
 ///
 /// Hand-written to avoid a dependency: one 512-byte header, the data padded to 512 bytes, and
