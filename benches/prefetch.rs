@@ -11,7 +11,8 @@
 //! root (containerd), `docker-registry`, `containerd`, `ctr` and `skopeo`.
 //!
 //! `cargo bench --bench prefetch` (knobs: `PREFETCH_RUNS`, default 3; `PREFETCH_RATE_MIB`,
-//! default 50; `PREFETCH_LAYERS`, default 12; `PREFETCH_LAYER_MIB`, default 32)
+//! default 50; `PREFETCH_LAYERS`, default 12; `PREFETCH_LAYER_MIB`, default 32;
+//! `PREFETCH_PER_IMAGE`, default berth's `prefetch.per_image`)
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -34,6 +35,15 @@ fn knob(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// berth's `[prefetch]` section: on or off, and `PREFETCH_PER_IMAGE` when set.
+fn prefetch_section(enabled: bool) -> String {
+    let mut s = format!("[prefetch]\nenabled = {enabled}\n");
+    if let Ok(n) = std::env::var("PREFETCH_PER_IMAGE") {
+        s.push_str(&format!("per_image = {n}\n"));
+    }
+    s
 }
 
 /// A pull's wall times and the bytes the origin sent during it.
@@ -181,7 +191,7 @@ async fn measure(client: Client, via: Via, link: &Link, img: &TestImage) -> Pull
         Via::Berth { prefetch } => {
             let berth = Berth::in_front_of(&format!("http://{}", link.addr))
                 .memory_max_object("0")
-                .extra(&format!("[prefetch]\nenabled = {prefetch}\n"))
+                .extra(&prefetch_section(prefetch))
                 .start()
                 .await;
             let secs = pull(client, &berth.host(), img).await;

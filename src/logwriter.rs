@@ -10,6 +10,8 @@
 //!
 //! Never lossy and bounded: past [`MAX_PENDING`] bytes waiting, a thread that logs waits for the
 //! writer. What is buffered is written when the [`LogGuard`] is dropped at exit.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Logging".
 
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -48,6 +50,8 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// How long the writer gathers lines ([`FLUSH_INTERVAL`] outside tests).
+    interval: Duration,
     /// The writer waits here for lines.
     lines: Condvar,
     /// Loggers wait here for room.
@@ -75,7 +79,13 @@ pub struct LogGuard {
 /// A writer thread writing to `out`, and the handle loggers write to. Panics if no thread can
 /// be started (at start-up, before anything else runs).
 pub fn spawn<W: Write + Send + 'static>(out: W) -> (LogWriter, LogGuard) {
+    spawn_gathering(out, FLUSH_INTERVAL)
+}
+
+/// [`spawn`] with another gathering interval.
+fn spawn_gathering<W: Write + Send + 'static>(out: W, interval: Duration) -> (LogWriter, LogGuard) {
     let shared = Arc::new(Shared {
+        interval,
         state: Mutex::new(State {
             buf: Vec::with_capacity(FLUSH_AT),
             writer: Writer::Busy,
@@ -118,7 +128,7 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
             st.writer = Writer::Gathering;
             st = shared
                 .lines
-                .wait_timeout_while(st, FLUSH_INTERVAL, |s| {
+                .wait_timeout_while(st, shared.interval, |s| {
                     !s.closed && !s.urgent && s.buf.len() < FLUSH_AT
                 })
                 .unwrap_or_else(|p| p.into_inner())
@@ -294,21 +304,30 @@ mod tests {
 
     #[test]
     fn a_warning_is_written_without_waiting_out_the_interval() {
+        // An interval no test outlives: the warning can only be written because it cut the
+        // gathering short.
         let sink = Sink::default();
-        let (w, _guard) = spawn(sink.clone());
-        // The writer is gathering after the first line; the warning cuts that short.
+        let (w, _guard) = spawn_gathering(sink.clone(), Duration::from_secs(3600));
+        // Only a guard against hanging on a broken writer, far from any real wait.
+        let hang = std::time::Instant::now() + Duration::from_secs(60);
         (&w).write_all(b"info\n").unwrap();
-        std::thread::sleep(Duration::from_millis(2));
-        let started = std::time::Instant::now();
-        w.append(b"warn\n", true);
-        while !sink.0.lock().unwrap().0.ends_with(b"warn\n") {
-            std::thread::sleep(Duration::from_micros(200));
+        while w.shared.lock().writer != Writer::Gathering {
+            assert!(
+                std::time::Instant::now() < hang,
+                "the writer never gathered"
+            );
+            std::thread::yield_now();
         }
         assert!(
-            started.elapsed() < FLUSH_INTERVAL,
-            "{:?}",
-            started.elapsed()
+            sink.0.lock().unwrap().0.is_empty(),
+            "written before the interval"
         );
+        w.append(b"warn\n", true);
+        while !sink.0.lock().unwrap().0.ends_with(b"warn\n") {
+            assert!(std::time::Instant::now() < hang, "the warning waited");
+            std::thread::yield_now();
+        }
+        assert_eq!(sink.0.lock().unwrap().0, b"info\nwarn\n");
     }
 
     #[test]
