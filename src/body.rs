@@ -1,5 +1,7 @@
 //! The response body type every handler returns: a boxed stream of `Bytes` frames whose errors
 //! abort the response (a client then sees a truncated transfer, never a complete-looking body).
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Request path".
 
 use std::io;
 use std::pin::Pin;

@@ -6,6 +6,8 @@
 //! `blobs/<alg>/<hex>` for every manifest and blob. Import verifies every digest while it
 //! stages the objects in the cache's temp directory, checks that each image is complete, and
 //! only then moves anything into the cache: a corrupt or truncated bundle changes nothing.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Commands".
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -441,73 +443,128 @@ pub async fn import(
     pin: bool,
 ) -> Result<Report, BundleError> {
     let staged = tokio::task::block_in_place(|| stage(cache, bundle))?;
-    let corrupt = |m: String| BundleError::Corrupt(m);
-    let index: Value = serde_json::from_slice(staged.index.as_deref().unwrap_or_default())
-        .map_err(|e| corrupt(format!("index.json: {e}")))?;
-    let read = |d: &Digest| -> Result<Vec<u8>, BundleError> {
-        let (p, _) = staged
-            .files
-            .get(d)
-            .ok_or_else(|| corrupt(format!("{d} is referenced but missing")))?;
-        Ok(std::fs::read(p)?)
-    };
-    // Walk every image: manifests (with their media types) and blobs, all present.
-    let mut manifests: BTreeMap<Digest, String> = BTreeMap::new();
-    let mut blobs: BTreeSet<Digest> = BTreeSet::new();
-    let mut images = Vec::new();
-    let entries = index
-        .get("manifests")
-        .and_then(|m| m.as_array())
-        .cloned()
-        .unwrap_or_default();
-    if entries.is_empty() {
-        return Err(corrupt("index.json lists no images".into()));
+    let plan = Plan::of(&staged)?;
+    plan.check_room(cache, &staged, pin)?;
+    // Everything verified: commit.
+    let mut report = plan.commit_objects(cache, &staged).await?;
+    for image in &plan.images {
+        report.images += 1;
+        plan.record_image(cache, upstreams, image, pin)?;
     }
-    for e in &entries {
+    Ok(report)
+}
+
+/// One image of a bundle's index, as the import records it.
+struct ImportedImage {
+    /// The digest `index.json` names (an index or a manifest).
+    top: Digest,
+    upstream: Option<String>,
+    repository: Option<String>,
+    tag: Option<String>,
+    /// The reference it was exported as.
+    reference: Option<String>,
+    /// `top` and the platform manifests present.
+    manifests: Vec<Digest>,
+    /// Configs and layers.
+    blobs: Vec<Digest>,
+}
+
+/// What a staged bundle holds, checked complete: every manifest (with its media type), every
+/// blob, and the images that name them.
+struct Plan {
+    manifests: BTreeMap<Digest, String>,
+    blobs: BTreeSet<Digest>,
+    images: Vec<ImportedImage>,
+}
+
+fn corrupt(m: String) -> BundleError {
+    BundleError::Corrupt(m)
+}
+
+/// A staged file's bytes; a digest the bundle references but does not hold is corruption.
+fn read_staged(staged: &Staged, d: &Digest) -> Result<Vec<u8>, BundleError> {
+    let (p, _) = staged
+        .files
+        .get(d)
+        .ok_or_else(|| corrupt(format!("{d} is referenced but missing")))?;
+    Ok(std::fs::read(p)?)
+}
+
+/// A manifest's `mediaType`, else `fallback`, else the OCI manifest type.
+fn media_type_of(v: &Value, fallback: Option<&str>) -> String {
+    v.get("mediaType")
+        .and_then(|m| m.as_str())
+        .or(fallback)
+        .unwrap_or(media::OCI_MANIFEST)
+        .to_owned()
+}
+
+impl Plan {
+    /// Walks every image of `index.json`: manifests and blobs, all present.
+    fn of(staged: &Staged) -> Result<Plan, BundleError> {
+        let index: Value = serde_json::from_slice(staged.index.as_deref().unwrap_or_default())
+            .map_err(|e| corrupt(format!("index.json: {e}")))?;
+        let entries = index
+            .get("manifests")
+            .and_then(|m| m.as_array())
+            .cloned()
+            .unwrap_or_default();
+        if entries.is_empty() {
+            return Err(corrupt("index.json lists no images".into()));
+        }
+        let mut plan = Plan {
+            manifests: BTreeMap::new(),
+            blobs: BTreeSet::new(),
+            images: Vec::new(),
+        };
+        for e in &entries {
+            let image = plan.walk(staged, e)?;
+            plan.images.push(image);
+        }
+        Ok(plan)
+    }
+
+    /// One `index.json` entry: its manifest, the platforms present and their blobs.
+    fn walk(&mut self, staged: &Staged, e: &Value) -> Result<ImportedImage, BundleError> {
         let top: Digest = e
             .get("digest")
             .and_then(|d| d.as_str())
             .and_then(|d| d.parse().ok())
             .ok_or_else(|| corrupt("index.json entry without a digest".into()))?;
-        let top_bytes = read(&top)?;
-        let top_json: Value = serde_json::from_slice(&top_bytes)
+        let top_json: Value = serde_json::from_slice(&read_staged(staged, &top)?)
             .map_err(|_| corrupt(format!("{top} is not a manifest")))?;
-        let media_type = |v: &Value, fallback: Option<&str>| {
-            v.get("mediaType")
-                .and_then(|m| m.as_str())
-                .or(fallback)
-                .unwrap_or(media::OCI_MANIFEST)
-                .to_owned()
-        };
-        manifests.insert(
+        self.manifests.insert(
             top.clone(),
-            media_type(&top_json, e.get("mediaType").and_then(|m| m.as_str())),
+            media_type_of(&top_json, e.get("mediaType").and_then(|m| m.as_str())),
         );
-        let mut image_manifests = vec![top.clone()];
-        let mut image_blobs = Vec::new();
-        let mut to_walk = vec![top_json];
-        let listed: Option<Vec<Digest>> = e
-            .get("annotations")
-            .and_then(|a| a.get(ANN_MANIFESTS))
-            .and_then(|v| v.as_str())
-            .map(|v| v.split(',').filter_map(|d| d.parse().ok()).collect());
-        if let Some(listed) = &listed {
-            if let Some(missing) = listed.iter().find(|d| !staged.files.contains_key(*d)) {
+        let ann = |k: &str| {
+            e.get("annotations")
+                .and_then(|a| a.get(k))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        if let Some(listed) = ann(ANN_MANIFESTS) {
+            let listed = listed.split(',').filter_map(|d| d.parse::<Digest>().ok());
+            if let Some(missing) = listed.into_iter().find(|d| !staged.files.contains_key(d)) {
                 return Err(corrupt(format!("manifest {missing} of {top} is missing")));
             }
         }
-        let children = digests_of(&to_walk[0], "manifests");
+        let mut image_manifests = vec![top.clone()];
+        let mut image_blobs = Vec::new();
+        let children = digests_of(&top_json, "manifests");
         if !children.is_empty() && !children.iter().any(|c| staged.files.contains_key(c)) {
             return Err(corrupt(format!(
                 "the index {top} has none of its platforms in the archive"
             )));
         }
+        let mut to_walk = vec![top_json];
         for child in children {
             // Platforms not exported are legitimately absent.
             if staged.files.contains_key(&child) {
-                let j: Value = serde_json::from_slice(&read(&child)?)
+                let j: Value = serde_json::from_slice(&read_staged(staged, &child)?)
                     .map_err(|_| corrupt(format!("{child} is not a manifest")))?;
-                manifests.insert(child.clone(), media_type(&j, None));
+                self.manifests
+                    .insert(child.clone(), media_type_of(&j, None));
                 image_manifests.push(child);
                 to_walk.push(j);
             }
@@ -520,112 +577,126 @@ pub async fn import(
                 if !staged.files.contains_key(&d) {
                     return Err(corrupt(format!("blob {d} of {top} is missing")));
                 }
-                blobs.insert(d.clone());
+                self.blobs.insert(d.clone());
                 image_blobs.push(d);
             }
         }
-        let ann = |k: &str| {
-            e.get("annotations")
-                .and_then(|a| a.get(k))
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        };
-        images.push((
+        Ok(ImportedImage {
             top,
-            ann(ANN_UPSTREAM),
-            ann(ANN_REPOSITORY),
-            ann(ANN_REF_NAME),
-            ann(ANN_REFERENCE),
-            image_manifests,
-            image_blobs,
-        ));
+            upstream: ann(ANN_UPSTREAM),
+            repository: ann(ANN_REPOSITORY),
+            tag: ann(ANN_REF_NAME),
+            reference: ann(ANN_REFERENCE),
+            manifests: image_manifests,
+            blobs: image_blobs,
+        })
     }
-    let total: u64 = blobs
-        .iter()
-        .chain(manifests.keys())
-        .map(|d| staged.files.get(d).map_or(0, |(_, s)| *s))
-        .sum();
-    let usage = cache.index().usage();
-    let budget = cache.index().budget();
-    if total > budget.saturating_sub(usage.pinned) || (pin && usage.pinned + total > budget) {
-        return Err(BundleError::NoRoom(format!(
-            "the bundle holds {total} bytes; the disk budget is {budget} bytes with {} pinned (raise cache.disk_bytes)",
-            usage.pinned
-        )));
-    }
-    // Everything verified: commit.
-    let mut report = Report::default();
-    for (d, media_type) in &manifests {
-        let bytes = read(d)?;
-        report.bytes += bytes.len() as u64;
-        report.manifests += 1;
-        cache
-            .put_manifest(
-                d,
-                StoredManifest {
-                    media_type: media_type.clone(),
-                    bytes: bytes.into(),
-                },
-            )
-            .await?;
-    }
-    for d in &blobs {
-        let (temp, size) = staged.files.get(d).cloned().expect("checked above");
-        report.blobs += 1;
-        report.bytes += size;
-        tokio::task::block_in_place(|| cache.adopt_blob(&temp, d, size))?;
-    }
-    for (top, upstream, repository, tag, reference, image_manifests, image_blobs) in images {
-        report.images += 1;
-        let (Some(upstream), Some(repository)) = (upstream, repository) else {
-            continue;
-        };
-        // The bundle's evidence: this repository of this upstream holds these objects. Only
-        // what it lists is recorded (an index's platforms left out of the bundle are not).
-        if upstreams.by_name(&upstream).is_some() {
-            let members = cache.memberships();
-            for d in std::iter::once(&top)
-                .chain(image_manifests.iter())
-                .chain(image_blobs.iter())
-            {
-                members.record(&upstream, &repository, d);
-            }
+
+    /// Refuses a bundle the disk budget cannot hold beside what is pinned (or, with `pin`, that
+    /// would push the pinned total past the budget).
+    fn check_room(&self, cache: &Cache, staged: &Staged, pin: bool) -> Result<(), BundleError> {
+        let total: u64 = self
+            .blobs
+            .iter()
+            .chain(self.manifests.keys())
+            .map(|d| staged.files.get(d).map_or(0, |(_, s)| *s))
+            .sum();
+        let usage = cache.index().usage();
+        let budget = cache.index().budget();
+        if total > budget.saturating_sub(usage.pinned) || (pin && usage.pinned + total > budget) {
+            return Err(BundleError::NoRoom(format!(
+                "the bundle holds {total} bytes; the disk budget is {budget} bytes with {} pinned (raise cache.disk_bytes)",
+                usage.pinned
+            )));
         }
-        if let (Some(tag), Some(_), Ok(repo)) =
-            (&tag, upstreams.by_name(&upstream), repository.parse())
-        {
-            if let Ok(tag) = tag.parse() {
-                let key = TagKey {
-                    upstream: upstream.clone(),
-                    repo,
-                    tag,
-                    accept: accept_key(
-                        &media::DEFAULT_ACCEPT
-                            .iter()
-                            .map(|s| s.to_string())
-                            .collect::<Vec<_>>(),
-                    ),
-                };
-                cache.tags().put(
-                    &key,
-                    top.clone(),
-                    manifests.get(&top).cloned().unwrap_or_default(),
-                );
+        Ok(())
+    }
+
+    /// Puts every manifest and adopts every staged blob into the cache.
+    async fn commit_objects(&self, cache: &Cache, staged: &Staged) -> Result<Report, BundleError> {
+        let mut report = Report::default();
+        for (d, media_type) in &self.manifests {
+            let bytes = read_staged(staged, d)?;
+            report.bytes += bytes.len() as u64;
+            report.manifests += 1;
+            cache
+                .put_manifest(
+                    d,
+                    StoredManifest {
+                        media_type: media_type.clone(),
+                        bytes: bytes.into(),
+                    },
+                )
+                .await?;
+        }
+        for d in &self.blobs {
+            let (temp, size) = staged.files.get(d).cloned().expect("checked above");
+            report.blobs += 1;
+            report.bytes += size;
+            tokio::task::block_in_place(|| cache.adopt_blob(&temp, d, size))?;
+        }
+        Ok(report)
+    }
+
+    /// The bundle's evidence for one image (membership in its repository, its tag mapping)
+    /// where its upstream is configured here, and its pin if asked.
+    fn record_image(
+        &self,
+        cache: &Cache,
+        upstreams: &Upstreams,
+        image: &ImportedImage,
+        pin: bool,
+    ) -> Result<(), BundleError> {
+        let (Some(upstream), Some(repository)) = (&image.upstream, &image.repository) else {
+            return Ok(());
+        };
+        // This repository of this upstream holds these objects. Only what the bundle lists is
+        // recorded (an index's platforms left out of the bundle are not).
+        if upstreams.by_name(upstream).is_some() {
+            let members = cache.memberships();
+            for d in std::iter::once(&image.top)
+                .chain(image.manifests.iter())
+                .chain(image.blobs.iter())
+            {
+                members.record(upstream, repository, d);
+            }
+            if let (Some(tag), Ok(repo)) = (&image.tag, repository.parse()) {
+                if let Ok(tag) = tag.parse() {
+                    let key = TagKey {
+                        upstream: upstream.clone(),
+                        repo,
+                        tag,
+                        accept: accept_key(
+                            &media::DEFAULT_ACCEPT
+                                .iter()
+                                .map(|s| s.to_string())
+                                .collect::<Vec<_>>(),
+                        ),
+                    };
+                    cache.tags().put(
+                        &key,
+                        image.top.clone(),
+                        self.manifests.get(&image.top).cloned().unwrap_or_default(),
+                    );
+                }
             }
         }
         if pin {
             cache
                 .pin_image(PinnedImage {
-                    reference: reference.unwrap_or_else(|| top.to_string()),
-                    upstream,
-                    repository,
-                    tag,
-                    manifest: top.to_string(),
-                    manifests: image_manifests.iter().map(|d| d.to_string()).collect(),
-                    blobs: image_blobs.iter().map(|d| d.to_string()).collect(),
+                    reference: image
+                        .reference
+                        .clone()
+                        .unwrap_or_else(|| image.top.to_string()),
+                    upstream: upstream.clone(),
+                    repository: repository.clone(),
+                    tag: image.tag.clone(),
+                    manifest: image.top.to_string(),
+                    manifests: image.manifests.iter().map(|d| d.to_string()).collect(),
+                    blobs: image.blobs.iter().map(|d| d.to_string()).collect(),
                 })
                 .map_err(|e| BundleError::NoRoom(e.to_string()))?;
         }
+        Ok(())
     }
-    Ok(report)
 }

@@ -1,5 +1,7 @@
 //! The `berth` command line: `serve`, `check-config`, `node-config` and the cache tools. The
 //! binary's `main` only calls [`main`].
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Commands".
 
 use std::path::PathBuf;
 
@@ -135,82 +137,90 @@ pub enum Command {
     /// Point this node's container runtimes at berth: containerd `certs.d/<registry>/hosts.toml`
     /// for every upstream host, and a CRI-O / podman `registries.conf.d` drop-in. Rewrites only
     /// files it wrote itself (they start with a marker line); safe to run again.
-    NodeConfig {
-        /// Config options (the upstreams to mirror).
-        #[command(flatten)]
-        config: ConfigArgs,
-        /// berth as this node reaches it, e.g. `http://127.0.0.1:5000` (node topology) or
-        /// `https://berth.example:5000`.
-        #[arg(long, value_name = "URL")]
-        mirror: String,
-        /// Never go around berth: runtimes get no origin to fall back to.
-        #[arg(long)]
-        no_fallback: bool,
-        /// containerd's `config_path` directory.
-        #[arg(long, value_name = "DIR", default_value = "/etc/containerd/certs.d")]
-        containerd_dir: PathBuf,
-        /// The CRI-O / podman drop-in directory.
-        #[arg(
-            long,
-            value_name = "DIR",
-            default_value = "/etc/containers/registries.conf.d"
-        )]
-        registries_dir: PathBuf,
-        /// Write no containerd files.
-        #[arg(long)]
-        no_containerd: bool,
-        /// Write no registries.conf.d drop-in.
-        #[arg(long)]
-        no_registries_conf: bool,
-        /// CA certificate (path on the node) containerd trusts for an https mirror.
-        #[arg(long, value_name = "FILE")]
-        ca_file: Option<PathBuf>,
-        /// Accept any certificate from an https mirror.
-        #[arg(long)]
-        skip_verify: bool,
-        /// Print what would change (and the new file contents), change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Remove every file this command wrote, instead of writing.
-        #[arg(long)]
-        remove: bool,
-        /// Also create the config's `cache.dir` and give it to this `UID:GID` (a hostPath the
-        /// kubelet created belongs to root; the image runs as 65532:65532).
-        #[arg(long, value_name = "UID:GID")]
-        cache_owner: Option<String>,
-    },
+    NodeConfig(NodeConfigArgs),
     /// Fill the cache ahead of time from a list of images (tags or digests).
-    Warm {
-        /// Config options.
-        #[command(flatten)]
-        config: ConfigArgs,
-        /// Images, e.g. `docker.io/library/nginx:1.27` or `ghcr.io/org/app@sha256:...`; a
-        /// reference without a registry host goes to the default upstream.
-        images: Vec<String>,
-        /// File with one image per line (`#` comments allowed).
-        #[arg(long)]
-        file: Option<PathBuf>,
-        /// Platforms to keep from multi-platform images, e.g. `linux/amd64,linux/arm64`
-        /// (default: all).
-        #[arg(long, value_delimiter = ',')]
-        platform: Vec<String>,
-        /// Also fetch referrers (signatures, SBOMs) of every manifest.
-        #[arg(long)]
-        with_referrers: bool,
-        /// Blob downloads at once.
-        #[arg(long, default_value_t = 4)]
-        concurrency: usize,
-        /// Pin the images: never evicted by the disk budget (refused if they would not fit).
-        #[arg(long)]
-        pin: bool,
-        /// Pull through a running berth at this URL instead of opening the cache directory
-        /// (which a running berth holds).
-        #[arg(long, value_name = "URL")]
-        via: Option<String>,
-        /// `user:password` for upstreams that need client credentials.
-        #[arg(long, env = "BERTH_WARM_CREDENTIALS", hide_env_values = true)]
-        creds: Option<String>,
-    },
+    Warm(WarmArgs),
+}
+
+/// `berth node-config`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct NodeConfigArgs {
+    /// Config options (the upstreams to mirror).
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// berth as this node reaches it, e.g. `http://127.0.0.1:5000` (node topology) or
+    /// `https://berth.example:5000`.
+    #[arg(long, value_name = "URL")]
+    pub mirror: String,
+    /// Never go around berth: runtimes get no origin to fall back to.
+    #[arg(long)]
+    pub no_fallback: bool,
+    /// containerd's `config_path` directory.
+    #[arg(long, value_name = "DIR", default_value = "/etc/containerd/certs.d")]
+    pub containerd_dir: PathBuf,
+    /// The CRI-O / podman drop-in directory.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/etc/containers/registries.conf.d"
+    )]
+    pub registries_dir: PathBuf,
+    /// Write no containerd files.
+    #[arg(long)]
+    pub no_containerd: bool,
+    /// Write no registries.conf.d drop-in.
+    #[arg(long)]
+    pub no_registries_conf: bool,
+    /// CA certificate (path on the node) containerd trusts for an https mirror.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate from an https mirror.
+    #[arg(long)]
+    pub skip_verify: bool,
+    /// Print what would change (and the new file contents), change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Remove every file this command wrote, instead of writing.
+    #[arg(long)]
+    pub remove: bool,
+    /// Also create the config's `cache.dir` and give it to this `UID:GID` (a hostPath the
+    /// kubelet created belongs to root; the image runs as 65532:65532).
+    #[arg(long, value_name = "UID:GID")]
+    pub cache_owner: Option<String>,
+}
+
+/// `berth warm`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct WarmArgs {
+    /// Config options.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Images, e.g. `docker.io/library/nginx:1.27` or `ghcr.io/org/app@sha256:...`; a
+    /// reference without a registry host goes to the default upstream.
+    pub images: Vec<String>,
+    /// File with one image per line (`#` comments allowed).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Platforms to keep from multi-platform images, e.g. `linux/amd64,linux/arm64`
+    /// (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub platform: Vec<String>,
+    /// Also fetch referrers (signatures, SBOMs) of every manifest.
+    #[arg(long)]
+    pub with_referrers: bool,
+    /// Blob downloads at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Pin the images: never evicted by the disk budget (refused if they would not fit).
+    #[arg(long)]
+    pub pin: bool,
+    /// Pull through a running berth at this URL instead of opening the cache directory
+    /// (which a running berth holds).
+    #[arg(long, value_name = "URL")]
+    pub via: Option<String>,
+    /// `user:password` for upstreams that need client credentials.
+    #[arg(long, env = "BERTH_WARM_CREDENTIALS", hide_env_values = true)]
+    pub creds: Option<String>,
 }
 
 fn load(args: &ConfigArgs) -> Result<Config, i32> {
@@ -318,242 +328,260 @@ pub fn main() -> i32 {
             targets,
             tag_only,
             force,
-        } => {
-            let cfg = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            init_logging_quiet();
-            let (cache, upstreams) = match open_offline(&cfg) {
-                Ok(x) => x,
-                Err(e) => {
-                    eprintln!(
-                        "berth: purge: {e} (a running berth purges with `POST /purge` on its \
-                         admin listener)"
-                    );
-                    return 1;
-                }
-            };
-            let mut failed = 0;
-            for target in &targets {
-                match crate::proxy::purge::purge(&cache, &upstreams, target, tag_only, force) {
-                    Ok(r) => println!(
-                        "purged {target}: {} tag mapping(s), {} manifest(s), {} blob(s), {} bytes{}",
-                        r.tags,
-                        r.manifests,
-                        r.blobs,
-                        r.bytes,
-                        if r.unpinned.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; unpinned {}", r.unpinned.join(", "))
-                        }
-                    ),
-                    Err(e) => {
-                        eprintln!("berth: purge: {e}");
-                        failed += 1;
-                    }
-                }
-            }
-            i32::from(failed > 0)
-        }
+        } => purge(&config, &targets, tag_only, force),
         Command::Verify {
             config,
             sample,
             rate,
             json,
-        } => {
-            let cfg = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            init_logging_quiet();
-            let cache = match crate::cache::Cache::open(&cfg.cache) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!(
-                        "berth: verify: cache {}: {e} (a running berth scrubs its cache with \
-                         `POST /verify` on its admin listener)",
-                        cfg.cache.dir.display()
-                    );
-                    return 1;
-                }
-            };
-            let report = match cache.scrub(&crate::cache::ScrubOptions { sample, rate }) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("berth: verify: {e}");
-                    return 1;
-                }
-            };
-            let _ = cache.save_recency();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                for f in &report.corrupt {
-                    println!(
-                        "removed {} {}: {}{}",
-                        f.kind,
-                        f.digest,
-                        f.reason,
-                        if f.pinned {
-                            " (pinned: warm or import its image again)"
-                        } else {
-                            ""
-                        }
-                    );
-                }
-                println!(
-                    "verified {} object(s), {} bytes in {:.1} s: {} corrupt (removed), {} missing",
-                    report.checked,
-                    report.bytes,
-                    report.seconds,
-                    report.corrupt.len(),
-                    report.missing
-                );
-            }
-            i32::from(!report.corrupt.is_empty())
+        } => verify(&config, sample, rate, json),
+        Command::Unpin { config, images } => unpin(&config, &images),
+        Command::NodeConfig(args) => node_config_command(args),
+        Command::Warm(args) => warm_command(args),
+    }
+}
+
+/// `berth purge`: drops tags, images or blobs from a stopped berth's cache.
+fn purge(config: &ConfigArgs, targets: &[String], tag_only: bool, force: bool) -> i32 {
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging_quiet();
+    let (cache, upstreams) = match open_offline(&cfg) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!(
+                "berth: purge: {e} (a running berth purges with `POST /purge` on its \
+                 admin listener)"
+            );
+            return 1;
         }
-        Command::Unpin { config, images } => {
-            let cfg = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            init_logging_quiet();
-            let cache = match crate::cache::Cache::open(&cfg.cache) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("berth: unpin: cache {}: {e}", cfg.cache.dir.display());
-                    return 1;
-                }
-            };
-            let mut missing = 0;
-            for image in &images {
-                if cache.unpin_image(image) == 0 {
-                    eprintln!("berth: unpin: {image} is not pinned");
-                    missing += 1;
+    };
+    let mut failed = 0;
+    for target in targets {
+        match crate::proxy::purge::purge(&cache, &upstreams, target, tag_only, force) {
+            Ok(r) => println!(
+                "purged {target}: {} tag mapping(s), {} manifest(s), {} blob(s), {} bytes{}",
+                r.tags,
+                r.manifests,
+                r.blobs,
+                r.bytes,
+                if r.unpinned.is_empty() {
+                    String::new()
                 } else {
-                    println!("unpinned {image}");
+                    format!("; unpinned {}", r.unpinned.join(", "))
                 }
+            ),
+            Err(e) => {
+                eprintln!("berth: purge: {e}");
+                failed += 1;
             }
-            let _ = cache.save_recency();
-            i32::from(missing > 0)
-        }
-        Command::NodeConfig {
-            config,
-            mirror,
-            no_fallback,
-            containerd_dir,
-            registries_dir,
-            no_containerd,
-            no_registries_conf,
-            ca_file,
-            skip_verify,
-            dry_run,
-            remove,
-            cache_owner,
-        } => {
-            let cfg = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let cache_owner = match cache_owner.as_deref().map(crate::nodeconf::parse_owner) {
-                Some(None) => {
-                    eprintln!("berth: node-config: --cache-owner takes UID:GID");
-                    return EXIT_CONFIG;
-                }
-                Some(Some(owner)) => Some(owner),
-                None => None,
-            };
-            let mirror = match mirror.parse() {
-                Ok(m) => m,
-                Err(e) => {
-                    eprintln!("berth: node-config: {e}");
-                    return EXIT_CONFIG;
-                }
-            };
-            let opts = crate::nodeconf::Options {
-                mirror,
-                fallback: if no_fallback {
-                    crate::nodeconf::Fallback::None
-                } else {
-                    crate::nodeconf::Fallback::Origin
-                },
-                containerd_dir: (!no_containerd).then_some(containerd_dir),
-                registries_dir: (!no_registries_conf).then_some(registries_dir),
-                ca_file,
-                skip_verify,
-            };
-            if let (Some(owner), false, false) = (cache_owner, dry_run, remove) {
-                match crate::nodeconf::prepare_cache_dir(&cfg.cache.dir, owner) {
-                    Ok(changed) => println!(
-                        "{} {} ({}:{})",
-                        if changed { "prepared" } else { "unchanged" },
-                        cfg.cache.dir.display(),
-                        owner.0,
-                        owner.1
-                    ),
-                    Err(e) => {
-                        eprintln!("berth: node-config: cache directory: {e}");
-                        return 1;
-                    }
-                }
-            }
-            node_config(&cfg, &opts, dry_run, remove)
-        }
-        Command::Warm {
-            config,
-            images,
-            file,
-            platform,
-            with_referrers,
-            concurrency,
-            pin,
-            via,
-            creds,
-        } => {
-            let cfg = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let mut images = images;
-            if let Some(f) = file {
-                match std::fs::read_to_string(&f) {
-                    Ok(text) => images.extend(
-                        text.lines()
-                            .map(|l| l.split('#').next().unwrap_or("").trim().to_owned())
-                            .filter(|l| !l.is_empty()),
-                    ),
-                    Err(e) => {
-                        eprintln!("berth: {}: {e}", f.display());
-                        return EXIT_CONFIG;
-                    }
-                }
-            }
-            if images.is_empty() {
-                eprintln!("berth: warm: no images given (arguments or --file)");
-                return EXIT_CONFIG;
-            }
-            if pin && via.is_some() {
-                eprintln!("berth: warm: --pin needs the cache directory itself (run without --via, with berth stopped)");
-                return EXIT_CONFIG;
-            }
-            init_logging_quiet();
-            let opts = crate::warm::WarmOptions {
-                images,
-                platforms: platform,
-                with_referrers,
-                concurrency,
-                pin,
-                via,
-                credentials: creds,
-            };
-            runtime().block_on(warm(cfg, opts))
         }
     }
+    i32::from(failed > 0)
+}
+
+/// `berth verify`: scrubs a stopped berth's disk tier and prints (or emits as JSON) the report.
+fn verify(config: &ConfigArgs, sample: Option<usize>, rate: Option<u64>, json: bool) -> i32 {
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging_quiet();
+    let cache = match crate::cache::Cache::open(&cfg.cache) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "berth: verify: cache {}: {e} (a running berth scrubs its cache with \
+                 `POST /verify` on its admin listener)",
+                cfg.cache.dir.display()
+            );
+            return 1;
+        }
+    };
+    let report = match cache.scrub(&crate::cache::ScrubOptions { sample, rate }) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("berth: verify: {e}");
+            return 1;
+        }
+    };
+    let _ = cache.save_recency();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        for f in &report.corrupt {
+            println!(
+                "removed {} {}: {}{}",
+                f.kind,
+                f.digest,
+                f.reason,
+                if f.pinned {
+                    " (pinned: warm or import its image again)"
+                } else {
+                    ""
+                }
+            );
+        }
+        println!(
+            "verified {} object(s), {} bytes in {:.1} s: {} corrupt (removed), {} missing",
+            report.checked,
+            report.bytes,
+            report.seconds,
+            report.corrupt.len(),
+            report.missing
+        );
+    }
+    i32::from(!report.corrupt.is_empty())
+}
+
+/// `berth unpin`: lets the disk budget evict images again.
+fn unpin(config: &ConfigArgs, images: &[String]) -> i32 {
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging_quiet();
+    let cache = match crate::cache::Cache::open(&cfg.cache) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berth: unpin: cache {}: {e}", cfg.cache.dir.display());
+            return 1;
+        }
+    };
+    let mut missing = 0;
+    for image in images {
+        if cache.unpin_image(image) == 0 {
+            eprintln!("berth: unpin: {image} is not pinned");
+            missing += 1;
+        } else {
+            println!("unpinned {image}");
+        }
+    }
+    let _ = cache.save_recency();
+    i32::from(missing > 0)
+}
+
+/// `berth node-config`: checks the arguments, prepares the cache directory if asked, then
+/// writes (or removes, or prints) the node's mirror files.
+fn node_config_command(args: NodeConfigArgs) -> i32 {
+    let NodeConfigArgs {
+        config,
+        mirror,
+        no_fallback,
+        containerd_dir,
+        registries_dir,
+        no_containerd,
+        no_registries_conf,
+        ca_file,
+        skip_verify,
+        dry_run,
+        remove,
+        cache_owner,
+    } = args;
+    let cfg = match load(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let cache_owner = match cache_owner.as_deref().map(crate::nodeconf::parse_owner) {
+        Some(None) => {
+            eprintln!("berth: node-config: --cache-owner takes UID:GID");
+            return EXIT_CONFIG;
+        }
+        Some(Some(owner)) => Some(owner),
+        None => None,
+    };
+    let mirror = match mirror.parse() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("berth: node-config: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let opts = crate::nodeconf::Options {
+        mirror,
+        fallback: if no_fallback {
+            crate::nodeconf::Fallback::None
+        } else {
+            crate::nodeconf::Fallback::Origin
+        },
+        containerd_dir: (!no_containerd).then_some(containerd_dir),
+        registries_dir: (!no_registries_conf).then_some(registries_dir),
+        ca_file,
+        skip_verify,
+    };
+    if let (Some(owner), false, false) = (cache_owner, dry_run, remove) {
+        match crate::nodeconf::prepare_cache_dir(&cfg.cache.dir, owner) {
+            Ok(changed) => println!(
+                "{} {} ({}:{})",
+                if changed { "prepared" } else { "unchanged" },
+                cfg.cache.dir.display(),
+                owner.0,
+                owner.1
+            ),
+            Err(e) => {
+                eprintln!("berth: node-config: cache directory: {e}");
+                return 1;
+            }
+        }
+    }
+    node_config(&cfg, &opts, dry_run, remove)
+}
+
+/// `berth warm`: reads the image list, then fills the cache (or a running berth via `--via`).
+fn warm_command(args: WarmArgs) -> i32 {
+    let WarmArgs {
+        config,
+        images,
+        file,
+        platform,
+        with_referrers,
+        concurrency,
+        pin,
+        via,
+        creds,
+    } = args;
+    let cfg = match load(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut images = images;
+    if let Some(f) = file {
+        match std::fs::read_to_string(&f) {
+            Ok(text) => images.extend(
+                text.lines()
+                    .map(|l| l.split('#').next().unwrap_or("").trim().to_owned())
+                    .filter(|l| !l.is_empty()),
+            ),
+            Err(e) => {
+                eprintln!("berth: {}: {e}", f.display());
+                return EXIT_CONFIG;
+            }
+        }
+    }
+    if images.is_empty() {
+        eprintln!("berth: warm: no images given (arguments or --file)");
+        return EXIT_CONFIG;
+    }
+    if pin && via.is_some() {
+        eprintln!("berth: warm: --pin needs the cache directory itself (run without --via, with berth stopped)");
+        return EXIT_CONFIG;
+    }
+    init_logging_quiet();
+    let opts = crate::warm::WarmOptions {
+        images,
+        platforms: platform,
+        with_referrers,
+        concurrency,
+        pin,
+        via,
+        credentials: creds,
+    };
+    runtime().block_on(warm(cfg, opts))
 }
 
 /// Runs a command that works on the cache directory itself (export, import): loads the

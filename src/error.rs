@@ -1,6 +1,8 @@
 //! The one error type every request handler returns, and the one place it becomes an HTTP
 //! answer: status from [`Error::status`], OCI code from [`Error::code`], JSON body built in
 //! [`Error::into_response`] (never in `Display`).
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Protocol surface".
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -130,7 +132,7 @@ impl Error {
             .status(status)
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::CONTENT_LENGTH, bytes.len())
-            .header(crate::proxy::API_VERSION_HEADER, crate::proxy::API_VERSION);
+            .header(crate::oci::API_VERSION_HEADER, crate::oci::API_VERSION);
         match &self {
             Error::RangeNotSatisfiable { size } => {
                 resp = resp.header(header::CONTENT_RANGE, format!("bytes */{size}"));

@@ -4,6 +4,8 @@
 //!
 //! Counters that other layers keep as plain atomics (cache usage, fill outcomes, upstream
 //! bytes) are copied in by [`Metrics::refresh`] when `/metrics` is scraped.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Metrics".
 
 mod hot;
 mod prefetch;

@@ -9,6 +9,8 @@
 //! Every file written starts with [`MARKER`]. A file without it is never changed or removed, so
 //! an operator's own `hosts.toml` survives; running the command again writes only what differs,
 //! and removes the files it wrote earlier for hosts no longer configured.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Commands".
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;

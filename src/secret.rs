@@ -1,4 +1,6 @@
 //! A wrapper that keeps passwords and tokens out of `Debug` output and logs.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Authorization".
 
 use std::fmt;
 

@@ -7,6 +7,8 @@
 //! directory's lock: a berth serving that directory must be warmed with `--via URL` instead);
 //! with `--via URL` it pulls through a running berth. Already cached blobs are skipped (a HEAD
 //! answered from the cache), so a rerun resumes where an interrupted one stopped.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Commands".
 
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
@@ -208,7 +210,7 @@ impl Puller {
             .to_owned();
         let digest = resp
             .headers()
-            .get("docker-content-digest")
+            .get(crate::oci::DIGEST_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
         let body = Limited::new(resp.into_body(), media::MAX_MANIFEST_BYTES)
@@ -327,85 +329,128 @@ impl Puller {
             || top_type == media::DOCKER_MANIFEST_LIST
             || top_json.get("manifests").is_some();
         if is_index {
-            let entries = top_json
-                .get("manifests")
-                .and_then(|m| m.as_array())
-                .cloned()
-                .unwrap_or_default();
-            let chosen: Vec<_> = entries
-                .iter()
-                .filter(|e| platform_matches(e, &opts.platforms))
-                .collect();
-            if chosen.is_empty() {
-                return Err(format!(
-                    "no manifest for platform {} in the index",
-                    opts.platforms.join(",")
-                ));
-            }
-            for e in chosen {
-                let Some(d) = e.get("digest").and_then(|d| d.as_str()) else {
-                    continue;
-                };
-                let (digest, _, bytes) = self.manifest(&image, d).await?;
-                let json = serde_json::from_slice(&bytes)
-                    .map_err(|e| format!("manifest is not JSON: {e}"))?;
-                manifests.push((digest, json));
-            }
+            self.platform_manifests(&image, &top_json, &opts.platforms, &mut manifests)
+                .await?;
         }
         if opts.with_referrers {
-            let subjects: Vec<Digest> = manifests.iter().map(|(d, _)| d.clone()).collect();
-            for subject in subjects {
-                let url = self.url(&image, &format!("referrers/{subject}"));
-                let resp = self.request(Method::GET, &url, &[media::OCI_INDEX]).await?;
-                if resp.status() != StatusCode::OK {
-                    continue;
-                }
-                let raw = Limited::new(resp.into_body(), media::MAX_MANIFEST_BYTES)
-                    .collect()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .to_bytes();
-                let idx: serde_json::Value = serde_json::from_slice(&raw).unwrap_or_default();
-                for r in descriptors(&idx, "manifests") {
-                    let (digest, _, bytes) = self.manifest(&image, &r.digest.to_string()).await?;
-                    let json = serde_json::from_slice(&bytes)
-                        .map_err(|e| format!("referrer is not JSON: {e}"))?;
-                    manifests.push((digest, json));
-                }
-            }
+            self.referrers(&image, &mut manifests).await?;
         }
-        let mut blobs: Vec<Descriptor> = Vec::new();
-        let mut seen = BTreeSet::new();
-        for (_, m) in &manifests {
-            for d in descriptors(m, "config")
-                .into_iter()
-                .chain(descriptors(m, "layers"))
-            {
-                if d.media_type.contains("image.index") || d.media_type.contains("manifest.list") {
-                    continue;
-                }
-                if seen.insert(d.digest.clone()) {
-                    blobs.push(d);
-                }
-            }
-        }
+        let blobs = unique_blobs(&manifests);
         result.blobs = blobs.len();
         let total: u64 = blobs.iter().map(|b| b.size).sum();
         if opts.pin {
-            if let Some(app) = &self.app {
-                let index = app.cache().index();
-                let u = index.usage();
-                if u.pinned + total > index.budget() {
-                    return Err(format!(
-                        "pinning needs {total} bytes but only {} of the {}-byte disk budget are not pinned; raise cache.disk_bytes",
-                        index.budget() - u.pinned,
-                        index.budget()
-                    ));
-                }
+            self.check_pin_room(total)?;
+        }
+        let bar = self.progress_bar(reference, total);
+        let started = Instant::now();
+        let results =
+            futures_util::future::join_all(blobs.iter().map(|d| self.blob(&image, d, &bar))).await;
+        bar.finish();
+        for r in results {
+            let (f, s) = r?;
+            result.fetched += f;
+            result.skipped += s;
+        }
+        if opts.pin {
+            self.pin(reference, &image, &top, &manifests, &blobs)?;
+        }
+        self.log(format!(
+            "{reference}: {} manifest(s), {} blob(s), fetched {} bytes, {} bytes already cached, in {:.1?}",
+            manifests.len(),
+            blobs.len(),
+            result.fetched,
+            result.skipped,
+            started.elapsed()
+        ));
+        Ok(())
+    }
+
+    /// The manifests of an index's entries that match `platforms`, appended to `manifests`.
+    async fn platform_manifests(
+        &self,
+        image: &ImageRef,
+        index: &serde_json::Value,
+        platforms: &[String],
+        manifests: &mut Vec<(Digest, serde_json::Value)>,
+    ) -> Result<(), String> {
+        let entries = index
+            .get("manifests")
+            .and_then(|m| m.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let chosen: Vec<_> = entries
+            .iter()
+            .filter(|e| platform_matches(e, platforms))
+            .collect();
+        if chosen.is_empty() {
+            return Err(format!(
+                "no manifest for platform {} in the index",
+                platforms.join(",")
+            ));
+        }
+        for e in chosen {
+            let Some(d) = e.get("digest").and_then(|d| d.as_str()) else {
+                continue;
+            };
+            let (digest, _, bytes) = self.manifest(image, d).await?;
+            let json =
+                serde_json::from_slice(&bytes).map_err(|e| format!("manifest is not JSON: {e}"))?;
+            manifests.push((digest, json));
+        }
+        Ok(())
+    }
+
+    /// The referrers (signatures, SBOMs) of every manifest so far, appended to `manifests`.
+    async fn referrers(
+        &self,
+        image: &ImageRef,
+        manifests: &mut Vec<(Digest, serde_json::Value)>,
+    ) -> Result<(), String> {
+        let subjects: Vec<Digest> = manifests.iter().map(|(d, _)| d.clone()).collect();
+        for subject in subjects {
+            let url = self.url(image, &format!("referrers/{subject}"));
+            let resp = self.request(Method::GET, &url, &[media::OCI_INDEX]).await?;
+            if resp.status() != StatusCode::OK {
+                continue;
+            }
+            let raw = Limited::new(resp.into_body(), media::MAX_MANIFEST_BYTES)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            let idx: serde_json::Value = serde_json::from_slice(&raw).unwrap_or_default();
+            for r in descriptors(&idx, "manifests") {
+                let (digest, _, bytes) = self.manifest(image, &r.digest.to_string()).await?;
+                let json = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("referrer is not JSON: {e}"))?;
+                manifests.push((digest, json));
             }
         }
-        let bar = match &self.progress {
-            Progress::Bars { multi, .. } => {
+        Ok(())
+    }
+
+    /// Refuses a pin that would push the pinned bytes past the disk budget (warming in place).
+    fn check_pin_room(&self, total: u64) -> Result<(), String> {
+        let Some(app) = &self.app else {
+            return Ok(());
+        };
+        let index = app.cache().index();
+        let u = index.usage();
+        if u.pinned + total > index.budget() {
+            return Err(format!(
+                "pinning needs {total} bytes but only {} of the {}-byte disk budget are not pinned; raise cache.disk_bytes",
+                index.budget() - u.pinned,
+                index.budget()
+            ));
+        }
+        Ok(())
+    }
+
+    /// This image's progress bar (hidden in line mode), its bytes added to the overall bar.
+    fn progress_bar(&self, reference: &str, total: u64) -> ProgressBar {
+        match &self.progress {
+            Progress::Bars { multi, total: t } => {
+                t.inc_length(total);
                 let b = multi.add(ProgressBar::new(total));
                 b.set_style(
                     ProgressStyle::with_template(
@@ -417,47 +462,36 @@ impl Puller {
                 b
             }
             Progress::Lines => ProgressBar::hidden(),
+        }
+    }
+
+    /// Pins the warmed image (warming in place; `--via` cannot pin).
+    fn pin(
+        &self,
+        reference: &str,
+        image: &ImageRef,
+        top: &Digest,
+        manifests: &[(Digest, serde_json::Value)],
+        blobs: &[Descriptor],
+    ) -> Result<(), String> {
+        let Some(app) = &self.app else {
+            return Ok(());
         };
-        if let Progress::Bars { total: t, .. } = &self.progress {
-            t.inc_length(total);
-        }
-        let started = Instant::now();
-        let results =
-            futures_util::future::join_all(blobs.iter().map(|d| self.blob(&image, d, &bar))).await;
-        bar.finish();
-        for r in results {
-            let (f, s) = r?;
-            result.fetched += f;
-            result.skipped += s;
-        }
-        if let Some(app) = &self.app {
-            if opts.pin {
-                let (upstream, repository) = app
-                    .resolve(image.host.as_deref(), image.repo.clone())
-                    .map_err(|e| e.to_string())?;
-                let record = PinnedImage {
-                    reference: reference.to_owned(),
-                    upstream,
-                    repository,
-                    tag: image.tag.as_ref().map(|t| t.to_string()),
-                    manifest: top.to_string(),
-                    manifests: manifests.iter().map(|(d, _)| d.to_string()).collect(),
-                    blobs: blobs.iter().map(|b| b.digest.to_string()).collect(),
-                };
-                app.cache()
-                    .pin_image(record)
-                    .map_err(|e| format!("cannot pin: {e}"))?;
-            }
-        }
-        self.log(format!(
-            "{reference}: {} manifest(s), {} blob(s), fetched {} bytes, {} bytes already cached, in {:.1?}",
-            manifests.len(),
-            blobs.len(),
-            result.fetched,
-            result.skipped,
-            started.elapsed()
-        ));
-        Ok(())
+        let (upstream, repository) = app
+            .resolve(image.host.as_deref(), image.repo.clone())
+            .map_err(|e| e.to_string())?;
+        let record = PinnedImage {
+            reference: reference.to_owned(),
+            upstream,
+            repository,
+            tag: image.tag.as_ref().map(|t| t.to_string()),
+            manifest: top.to_string(),
+            manifests: manifests.iter().map(|(d, _)| d.to_string()).collect(),
+            blobs: blobs.iter().map(|b| b.digest.to_string()).collect(),
+        };
+        app.cache()
+            .pin_image(record)
+            .map_err(|e| format!("cannot pin: {e}"))
     }
 }
 
@@ -526,4 +560,24 @@ pub async fn warm(base: String, app: Option<Arc<App>>, opts: &WarmOptions) -> Ve
         total.finish();
     }
     results
+}
+
+/// The configs and layers of `manifests`, each once, in order (nested indexes skipped).
+fn unique_blobs(manifests: &[(Digest, serde_json::Value)]) -> Vec<Descriptor> {
+    let mut blobs: Vec<Descriptor> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (_, m) in manifests {
+        for d in descriptors(m, "config")
+            .into_iter()
+            .chain(descriptors(m, "layers"))
+        {
+            if d.media_type.contains("image.index") || d.media_type.contains("manifest.list") {
+                continue;
+            }
+            if seen.insert(d.digest.clone()) {
+                blobs.push(d);
+            }
+        }
+    }
+    blobs
 }

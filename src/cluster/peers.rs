@@ -1,6 +1,8 @@
 //! The peer set and the owner of a digest: rendezvous (highest random weight) hashing, so that
 //! every replica with the same set names the same owner, and a peer joining or leaving moves
 //! only the digests it owns.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Peers".
 
 use std::net::SocketAddr;
 

@@ -315,137 +315,13 @@ impl Config {
         let mut e = Errors::default();
         let server = e.server(&mut table, base);
         let admin = e.admin(&mut table, base);
-
-        let mut cache_t = e.table(&mut table, "cache");
-        let shared = e.shared(&mut cache_t);
-        let cache = CacheConfig {
-            dir: e
-                .path(&mut cache_t, "cache.dir", base)
-                .unwrap_or_else(|| base.join("berth-cache")),
-            disk_bytes: e.size(&mut cache_t, "cache.disk_bytes").unwrap_or(50 << 30),
-            memory_bytes: e
-                .size(&mut cache_t, "cache.memory_bytes")
-                .unwrap_or(256 << 20),
-            memory_max_object_bytes: e
-                .size(&mut cache_t, "cache.memory_max_object_bytes")
-                .unwrap_or(1 << 20),
-            tag_ttl: e
-                .duration(&mut cache_t, "cache.tag_ttl")
-                .unwrap_or(Duration::from_secs(300)),
-            tag_ttl_min: e
-                .duration(&mut cache_t, "cache.tag_ttl_min")
-                .unwrap_or(Duration::ZERO),
-            tag_ttl_max: e
-                .duration(&mut cache_t, "cache.tag_ttl_max")
-                .unwrap_or(Duration::from_secs(24 * 3600)),
-            max_concurrent_fills: e
-                .count(&mut cache_t, "cache.max_concurrent_fills", 1..=65_536)
-                .unwrap_or(64),
-            fill_queue_timeout: e
-                .duration(&mut cache_t, "cache.fill_queue_timeout")
-                .unwrap_or(Duration::from_secs(60)),
-            shared,
-        };
-        if cache.tag_ttl_min > cache.tag_ttl_max {
-            e.push("cache.tag_ttl_min: must not exceed cache.tag_ttl_max".into());
-        }
-        if cache.fill_queue_timeout.is_zero() {
-            e.push("cache.fill_queue_timeout: must be greater than zero".into());
-        }
-        if cache.disk_bytes == 0 {
-            e.push("cache.disk_bytes: must be greater than zero".into());
-        }
-        e.unknown(&cache_t, "cache");
-
-        let mut auth_t = e.table(&mut table, "auth");
-        let auth = AuthConfig {
-            htpasswd_file: e.path(&mut auth_t, "auth.htpasswd_file", base),
-            tokens_file: e.path(&mut auth_t, "auth.tokens_file", base),
-            token_ttl: e
-                .duration(&mut auth_t, "auth.token_ttl")
-                .unwrap_or(Duration::from_secs(3600)),
-            decision_ttl: e
-                .duration(&mut auth_t, "auth.decision_ttl")
-                .unwrap_or(Duration::from_secs(300)),
-            deny_ttl: e
-                .duration(&mut auth_t, "auth.deny_ttl")
-                .unwrap_or(Duration::from_secs(10)),
-            offline_grace: e
-                .duration(&mut auth_t, "auth.offline_grace")
-                .unwrap_or(Duration::ZERO),
-        };
-        for (k, p) in [
-            ("htpasswd_file", &auth.htpasswd_file),
-            ("tokens_file", &auth.tokens_file),
-        ] {
-            if let Some(p) = p {
-                if !p.is_file() {
-                    e.push(format!("auth.{k}: {} is not a readable file", p.display()));
-                }
-            }
-        }
-        e.unknown(&auth_t, "auth");
-
+        let cache = e.cache(&mut table, base);
+        let auth = e.auth(&mut table, base);
         let cluster = e.cluster(&mut table, base);
         let prefetch = e.prefetch(&mut table);
-
-        let mut upstreams = Vec::new();
-        match table.remove("upstream") {
-            None => e.push("upstream: at least one [[upstream]] is required".into()),
-            Some(Value::Array(items)) => {
-                for (i, item) in items.into_iter().enumerate() {
-                    match item {
-                        Value::Table(t) => {
-                            if let Some(u) = e.upstream(t, i, base) {
-                                upstreams.push(u);
-                            }
-                        }
-                        _ => e.push(format!("upstream[{i}]: must be a table")),
-                    }
-                }
-            }
-            Some(_) => e.push("upstream: must be an array of tables ([[upstream]])".into()),
-        }
+        let upstreams = e.upstreams(&mut table, base);
         e.unknown(&table, "");
-
-        let mut names = HashSet::new();
-        let mut aliases = HashSet::new();
-        for u in &upstreams {
-            if !names.insert(u.name.clone()) {
-                e.push(format!("upstream {:?}: name used twice", u.name));
-            }
-            for a in &u.aliases {
-                if !aliases.insert(a.clone()) {
-                    e.push(format!(
-                        "upstream {:?}: alias {a:?} is used by another upstream",
-                        u.name
-                    ));
-                }
-            }
-        }
-        for u in &upstreams {
-            if u.offline && u.auth == AuthMode::Passthrough {
-                e.push(format!(
-                    "upstream {:?}: offline = true cannot go with auth = \"passthrough\" (no origin to ask); use \"service\" or \"public\"",
-                    u.name
-                ));
-            }
-            if u.auth == AuthMode::Service
-                && !u.anonymous
-                && auth.htpasswd_file.is_none()
-                && auth.tokens_file.is_none()
-            {
-                e.push(format!(
-                    "upstream {:?}: auth = \"service\" needs auth.htpasswd_file or auth.tokens_file (or anonymous = true)",
-                    u.name
-                ));
-            }
-        }
-        let defaults = upstreams.iter().filter(|u| u.default).count();
-        if defaults > 1 {
-            e.push("upstream: more than one upstream has default = true".into());
-        }
-
+        e.check_upstreams(&upstreams, &auth);
         if e.0.is_empty() {
             Ok(Config {
                 server,
@@ -467,6 +343,150 @@ impl Config {
 struct Errors(Vec<String>);
 
 impl Errors {
+    /// `[cache]`.
+    fn cache(&mut self, table: &mut Table, base: &Path) -> CacheConfig {
+        let mut cache_t = self.table(table, "cache");
+        let shared = self.shared(&mut cache_t);
+        let cache = CacheConfig {
+            dir: self
+                .path(&mut cache_t, "cache.dir", base)
+                .unwrap_or_else(|| base.join("berth-cache")),
+            disk_bytes: self
+                .size(&mut cache_t, "cache.disk_bytes")
+                .unwrap_or(50 << 30),
+            memory_bytes: self
+                .size(&mut cache_t, "cache.memory_bytes")
+                .unwrap_or(256 << 20),
+            memory_max_object_bytes: self
+                .size(&mut cache_t, "cache.memory_max_object_bytes")
+                .unwrap_or(1 << 20),
+            tag_ttl: self
+                .duration(&mut cache_t, "cache.tag_ttl")
+                .unwrap_or(Duration::from_secs(300)),
+            tag_ttl_min: self
+                .duration(&mut cache_t, "cache.tag_ttl_min")
+                .unwrap_or(Duration::ZERO),
+            tag_ttl_max: self
+                .duration(&mut cache_t, "cache.tag_ttl_max")
+                .unwrap_or(Duration::from_secs(24 * 3600)),
+            max_concurrent_fills: self
+                .count(&mut cache_t, "cache.max_concurrent_fills", 1..=65_536)
+                .unwrap_or(64),
+            fill_queue_timeout: self
+                .duration(&mut cache_t, "cache.fill_queue_timeout")
+                .unwrap_or(Duration::from_secs(60)),
+            shared,
+        };
+        if cache.tag_ttl_min > cache.tag_ttl_max {
+            self.push("cache.tag_ttl_min: must not exceed cache.tag_ttl_max".into());
+        }
+        if cache.fill_queue_timeout.is_zero() {
+            self.push("cache.fill_queue_timeout: must be greater than zero".into());
+        }
+        if cache.disk_bytes == 0 {
+            self.push("cache.disk_bytes: must be greater than zero".into());
+        }
+        self.unknown(&cache_t, "cache");
+        cache
+    }
+
+    /// `[auth]`.
+    fn auth(&mut self, table: &mut Table, base: &Path) -> AuthConfig {
+        let mut auth_t = self.table(table, "auth");
+        let auth = AuthConfig {
+            htpasswd_file: self.path(&mut auth_t, "auth.htpasswd_file", base),
+            tokens_file: self.path(&mut auth_t, "auth.tokens_file", base),
+            token_ttl: self
+                .duration(&mut auth_t, "auth.token_ttl")
+                .unwrap_or(Duration::from_secs(3600)),
+            decision_ttl: self
+                .duration(&mut auth_t, "auth.decision_ttl")
+                .unwrap_or(Duration::from_secs(300)),
+            deny_ttl: self
+                .duration(&mut auth_t, "auth.deny_ttl")
+                .unwrap_or(Duration::from_secs(10)),
+            offline_grace: self
+                .duration(&mut auth_t, "auth.offline_grace")
+                .unwrap_or(Duration::ZERO),
+        };
+        for (k, p) in [
+            ("htpasswd_file", &auth.htpasswd_file),
+            ("tokens_file", &auth.tokens_file),
+        ] {
+            if let Some(p) = p {
+                if !p.is_file() {
+                    self.push(format!("auth.{k}: {} is not a readable file", p.display()));
+                }
+            }
+        }
+        self.unknown(&auth_t, "auth");
+        auth
+    }
+
+    /// Every `[[upstream]]`.
+    fn upstreams(&mut self, table: &mut Table, base: &Path) -> Vec<UpstreamConfig> {
+        let mut upstreams = Vec::new();
+        match table.remove("upstream") {
+            None => self.push("upstream: at least one [[upstream]] is required".into()),
+            Some(Value::Array(items)) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    match item {
+                        Value::Table(t) => {
+                            if let Some(u) = self.upstream(t, i, base) {
+                                upstreams.push(u);
+                            }
+                        }
+                        _ => self.push(format!("upstream[{i}]: must be a table")),
+                    }
+                }
+            }
+            Some(_) => self.push("upstream: must be an array of tables ([[upstream]])".into()),
+        }
+        upstreams
+    }
+
+    /// What no single upstream can check alone: unique names and aliases, one default, and
+    /// auth modes that fit the rest of the config.
+    fn check_upstreams(&mut self, upstreams: &[UpstreamConfig], auth: &AuthConfig) {
+        let mut names = HashSet::new();
+        let mut aliases = HashSet::new();
+        for u in upstreams {
+            if !names.insert(u.name.clone()) {
+                self.push(format!("upstream {:?}: name used twice", u.name));
+            }
+            for a in &u.aliases {
+                if !aliases.insert(a.clone()) {
+                    self.push(format!(
+                        "upstream {:?}: alias {a:?} is used by another upstream",
+                        u.name
+                    ));
+                }
+            }
+        }
+        for u in upstreams {
+            if u.offline && u.auth == AuthMode::Passthrough {
+                self.push(format!(
+                    "upstream {:?}: offline = true cannot go with auth = \"passthrough\" (no origin to ask); use \"service\" or \"public\"",
+                    u.name
+                ));
+            }
+            if u.auth == AuthMode::Service
+                && !u.anonymous
+                && auth.htpasswd_file.is_none()
+                && auth.tokens_file.is_none()
+            {
+                self.push(format!(
+                    "upstream {:?}: auth = \"service\" needs auth.htpasswd_file or auth.tokens_file (or anonymous = true)",
+                    u.name
+                ));
+            }
+        }
+        let defaults = upstreams.iter().filter(|u| u.default).count();
+        if defaults > 1 {
+            self.push("upstream: more than one upstream has default = true".into());
+        }
+    }
+
     fn push(&mut self, s: String) {
         self.0.push(s);
     }

@@ -1,5 +1,7 @@
 //! Per-key overrides of the config file: `--set section.key=value` and
 //! `BERTH_SECTION__KEY=value` (upstreams by index: `upstream.0.url`, `BERTH_UPSTREAM__0__URL`).
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Configuration".
 
 use toml::{Table, Value};
 

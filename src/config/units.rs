@@ -1,4 +1,6 @@
 //! Human-friendly sizes (`"512MiB"`) and durations (`"5m"`) used throughout the config file.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Configuration".
 
 use std::time::Duration;
 

@@ -6,6 +6,8 @@
 //! looked up on first use and its handle kept in a slot found by index. Series are still
 //! created lazily, exactly as the plain lookups did; label sets outside the tables fall back to
 //! the plain lookup.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Metrics".
 
 use std::sync::OnceLock;
 

@@ -1,4 +1,6 @@
 //! Metrics of a scaled-out berth: the shared tier and the peers of a cluster.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Metrics".
 
 use prometheus::{
     register_int_counter_vec_with_registry, register_int_counter_with_registry,

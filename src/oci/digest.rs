@@ -1,5 +1,7 @@
 //! Content digests (`sha256:<64 hex>`, `sha512:<128 hex>`) and a streaming hasher that checks
 //! bytes as they pass.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Protocol surface".
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,5 +1,7 @@
 //! Image references as people write them: `nginx`, `docker.io/library/nginx:1.27`,
 //! `registry.example:5000/team/app@sha256:...`.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Protocol surface".
 
 use std::fmt;
 use std::str::FromStr;

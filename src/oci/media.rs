@@ -1,4 +1,6 @@
 //! Manifest media types berth asks origins for and recognises in answers.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Protocol surface".
 
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

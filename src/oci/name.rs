@@ -1,4 +1,6 @@
 //! Repository names, validated against the distribution spec's grammar.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Protocol surface".
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,4 +1,6 @@
 //! Manifest references: a tag or a digest.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Protocol surface".
 
 use std::fmt;
 use std::str::FromStr;

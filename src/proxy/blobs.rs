@@ -1,5 +1,7 @@
 //! GET|HEAD /v2/<name>/blobs/<digest>: from disk, or from the single fill of a missing blob,
 //! with Range (206 / 416) on both.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Request path".
 
 use std::future::Future;
 use std::pin::Pin;
@@ -7,7 +9,7 @@ use std::sync::Arc;
 
 use http::{header, HeaderMap, Method, Response, StatusCode};
 
-use super::manifests::{io_err, not_found_as, DIGEST_HEADER};
+use super::manifests::{io_err, not_found_as};
 use super::range::{self, RangeRequest};
 use super::sources::TieredBlob;
 use super::{sourced, App, CacheResult, Source};
@@ -22,6 +24,7 @@ use crate::cluster::MEMBER_HEADER;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
+use crate::oci::DIGEST_HEADER;
 use crate::upstream::{Selected, Upstream, UpstreamError, UpstreamRequest};
 
 impl App {
@@ -44,7 +47,7 @@ impl App {
         Ok(served)
     }
 
-    /// GET: /_berth/peer/v1/blobs/<digest> (`cluster/endpoint.rs`): another replica asks this
+    /// GET: /_berth/peer/v1/blobs/<digest> (`proxy/peer.rs`): another replica asks this
     /// one, the digest's owner, for a blob in `sel`. Served through the same fill as this
     /// replica's own clients, never forwarded to a peer; carries [`MEMBER_HEADER`] when this
     /// replica holds the origin's evidence for the digest in `sel`'s repository. The asking

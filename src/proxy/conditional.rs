@@ -3,6 +3,8 @@
 //! its `ETag`, the digest) is answered `304 Not Modified` without the body. Both are applied to
 //! a response the handler already built, so a `304` is only ever given where the `200` would
 //! have been: after authorization, never instead of it.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Cache".
 
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 

@@ -3,6 +3,8 @@
 //! read through `http-cache-semantics` the way a shared cache reads them, clamped to
 //! `cache.tag_ttl_min ..= cache.tag_ttl_max`, and `cache.tag_ttl` when the origin states no
 //! lifetime. Content-addressed objects never come here: a digest names the same bytes forever.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Cache".
 
 use std::time::{Duration, SystemTime};
 

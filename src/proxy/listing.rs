@@ -3,6 +3,8 @@
 //! `cache.tag_ttl` when it states nothing; never with `no-store`), revalidated with the
 //! validators it gave (`If-None-Match`, `If-Modified-Since`: a `304` refreshes the kept listing
 //! without a download), and served stale when the origin is down.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Cache".
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,7 +31,7 @@ const POLICY_WEIGHT: usize = 1024;
 
 /// Which listing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Kind {
+pub(super) enum ListingKind {
     /// tags/list
     Tags,
     /// referrers
@@ -78,7 +80,7 @@ impl App {
     pub(super) async fn listing(
         &self,
         sel: &Selected,
-        kind: Kind,
+        kind: ListingKind,
         path: String,
         query: Vec<(&str, String)>,
         head: bool,
@@ -101,8 +103,8 @@ impl App {
             }
         }
         let accept = match kind {
-            Kind::Tags => "application/json",
-            Kind::Referrers => crate::oci::media::OCI_INDEX,
+            ListingKind::Tags => "application/json",
+            ListingKind::Referrers => crate::oci::media::OCI_INDEX,
         };
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
@@ -141,8 +143,8 @@ impl App {
                 self.metrics
                     .stale_served
                     .with_label_values(&[match kind {
-                        Kind::Tags => "tags",
-                        Kind::Referrers => "referrers",
+                        ListingKind::Tags => "tags",
+                        ListingKind::Referrers => "referrers",
                     }])
                     .inc();
                 let l = kept.expect("checked above");
@@ -155,8 +157,10 @@ impl App {
                 revalidated(Outcome::Changed);
                 self.listings.0.invalidate(&key);
                 Err(match kind {
-                    Kind::Tags => Error::NameUnknown("repository unknown to the origin".into()),
-                    Kind::Referrers => not_found_as(e, "manifest"),
+                    ListingKind::Tags => {
+                        Error::NameUnknown("repository unknown to the origin".into())
+                    }
+                    ListingKind::Referrers => not_found_as(e, "manifest"),
                 })
             }
             Err(e) => {

@@ -1,5 +1,7 @@
 //! GET|HEAD /v2/<name>/manifests/<reference>: by digest from the content-addressed cache, by tag
 //! through the tag mapping (fresh → cache; stale → HEAD revalidation; origin down → stale).
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Request path".
 
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
@@ -8,11 +10,8 @@ use super::{send_counted, sourced, App, CacheResult, Source};
 use crate::body::{self, Body};
 use crate::cache::{accept_key, StoredManifest, TagEntry, TagKey, Tier, Validity};
 use crate::error::Error;
-use crate::oci::{media, Digest, Hasher, Reference, Tag};
+use crate::oci::{media, Digest, Hasher, Reference, Tag, DIGEST_HEADER};
 use crate::upstream::{Selected, UpstreamError, UpstreamRequest};
-
-/// Header carrying the content digest.
-pub const DIGEST_HEADER: &str = "docker-content-digest";
 
 /// How often a stale tag is revalidated while its origin's rate limit is low.
 const RATELIMIT_PROBE: std::time::Duration = std::time::Duration::from_secs(60);

@@ -8,6 +8,7 @@ pub mod events;
 pub mod freshness;
 mod listing;
 mod manifests;
+pub mod peer;
 mod prefetch;
 pub mod purge;
 pub mod range;
@@ -35,10 +36,6 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
-/// Header name of the distribution API version.
-pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
-/// Its value.
-pub const API_VERSION: &str = "registry/2.0";
 /// Response header telling how the cache answered: hit, miss or stale.
 pub const CACHE_HEADER: &str = "x-berth-cache";
 
@@ -176,6 +173,11 @@ impl App {
             scale,
             prefetch,
         })
+    }
+
+    /// The configuration berth runs with.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
     }
 
     /// The authorizer (decisions, local users, its clock).
@@ -334,8 +336,8 @@ impl App {
         };
         let h = resp.headers_mut();
         h.insert(
-            HeaderName::from_static(API_VERSION_HEADER),
-            HeaderValue::from_static(API_VERSION),
+            HeaderName::from_static(crate::oci::API_VERSION_HEADER),
+            HeaderValue::from_static(crate::oci::API_VERSION),
         );
         if outcome.cache != CacheResult::None {
             h.insert(
@@ -494,7 +496,7 @@ impl App {
                 }
                 let path = format!("/v2/{}/tags/list", sel.name);
                 let (resp, cache) = self
-                    .listing(&sel, listing::Kind::Tags, path, q, head)
+                    .listing(&sel, listing::ListingKind::Tags, path, q, head)
                     .await?;
                 outcome.cache = cache;
                 Ok(resp)
@@ -510,7 +512,7 @@ impl App {
                 }
                 let path = format!("/v2/{}/referrers/{}", sel.name, digest);
                 let (resp, cache) = self
-                    .listing(&sel, listing::Kind::Referrers, path, q, head)
+                    .listing(&sel, listing::ListingKind::Referrers, path, q, head)
                     .await?;
                 outcome.cache = cache;
                 Ok(resp)

@@ -6,27 +6,30 @@
 //!
 //! The owner serves the blob through its own fill path (one origin fetch shared with its own
 //! clients, its disk filled) but never forwards it to another replica. It makes no authorization
-//! decision: the asking replica did. It relays membership evidence with [`super::MEMBER_HEADER`] only
-//! when its origin answered 2xx for the digest in that repository. For `passthrough` upstreams
-//! the client's credential arrives in [`super::UPSTREAM_AUTH_HEADER`] and its origin requests use it.
+//! decision: the asking replica did. It relays membership evidence with
+//! [`crate::cluster::MEMBER_HEADER`] only when its origin answered 2xx for the digest in that
+//! repository. For `passthrough` upstreams the client's credential arrives in
+//! [`UPSTREAM_AUTH_HEADER`] and its origin requests use it.
+//!
+//! Request handling, so it lives with the proxy; the peer set and the fetch from an owner are
+//! in [`crate::cluster`] (docs/ARCHITECTURE.md, "Scale-out").
 
 use http::{header, HeaderMap, Method, Request, Response};
 
-use super::{Cluster, BLOB_PATH, UPSTREAM_AUTH_HEADER};
+use super::App;
 use crate::auth::{Credential, Principal};
 use crate::body::Body;
+use crate::cluster::{Cluster, BLOB_PATH, UPSTREAM_AUTH_HEADER};
 use crate::config::{AuthMode, Credentials};
 use crate::error::Error;
 use crate::oci::{Digest, RepoName};
-use crate::proxy::App;
 use crate::router::query_param;
 use crate::upstream::{Selected, UpstreamAuth};
 
 /// GET: /_berth/peer/v1/blobs/<digest>
 pub async fn handle<B>(cluster: &Cluster, app: &App, req: Request<B>) -> Response<Body> {
     let served = |result: &str| {
-        cluster
-            .metrics
+        app.metrics()
             .scale
             .peer_served
             .with_label_values(&[result])

@@ -1,4 +1,6 @@
 //! `Range: bytes=...` on blob GETs: one range, satisfiable or not.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Protocol surface".
 
 /// What a Range header asks of an object of known length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,6 +12,8 @@
 //! Requests in flight are counted by the service: from the call until the response body is
 //! dropped. A connection with none in flight can also be shed by its listener to make room
 //! ([`Activity::shed`]).
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Request path".
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -1,6 +1,8 @@
 //! The open-file limit: every connection holds a file descriptor, so berth raises its soft
 //! `RLIMIT_NOFILE` to the hard limit at start and keeps its connection caps below what is left
 //! after a reserve for cache files, origin connections and the runtime.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Request path".
 
 use rlimit::Resource;
 

@@ -6,6 +6,8 @@
 //! When accept itself fails for lack of resources (`EMFILE`, `ENFILE`, `ENOBUFS`) the listener
 //! sheds an idle connection and backs off rather than spinning. Pauses and failures are logged
 //! at most once per [`LOG_INTERVAL`] and counted in metrics.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Request path".
 
 use std::collections::HashMap;
 use std::future::Future;

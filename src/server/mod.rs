@@ -1,25 +1,28 @@
 //! Listeners: the client-facing server (plain or TLS, HTTP/1.1 and HTTP/2) and the admin server,
 //! with graceful shutdown. [`start`] binds everything and returns the bound addresses, so tests
 //! and the binary drive berth the same way.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Request path".
 
+mod admin;
 mod conn;
 pub mod fd_limit;
 mod listener;
+mod recency;
 mod starting;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, Request, Response, StatusCode};
+use http::Request;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::body::{self, Body};
 use crate::cache::Cache;
 use crate::cluster::Cluster;
 use crate::config::Config;
@@ -30,9 +33,6 @@ use listener::{Listener, ListenerKind};
 
 /// Most connections the peer listener holds at once (other replicas pool theirs).
 const PEER_MAX_CONNECTIONS: usize = 1024;
-
-/// How often the cache's recency order is saved.
-const RECENCY_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Why berth could not start.
 #[derive(Debug, thiserror::Error)]
@@ -151,24 +151,12 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
     // The admin socket first: probes are answered while the cache index rebuilds.
     let starting_admin = match config.admin.listen {
         Some(a) => Some(starting::StartingAdmin::serve(
-            TcpListener::bind(a)
-                .await
-                .map_err(|source| StartError::Bind { addr: a, source })?,
+            bind(a).await?,
             metrics.clone(),
         )),
         None => None,
     };
-    let cache_dir = config.cache.dir.clone();
-    let cache = tokio::task::spawn_blocking({
-        let c = config.cache.clone();
-        move || Cache::open(&c)
-    })
-    .await
-    .expect("cache open does not panic")
-    .map_err(|source| StartError::Cache {
-        path: cache_dir.display().to_string(),
-        source,
-    })?;
+    let cache = open_cache(&config).await?;
     let upstreams = Upstreams::new(&config.upstreams)?;
     let auth = crate::auth::Authorizer::new(
         config.auth.clone(),
@@ -179,12 +167,7 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
         Some(t) => Some(tls::acceptor(t)?),
         None => None,
     };
-    let listener = TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.server.listen,
-            source,
-        })?;
+    let listener = bind(config.server.listen).await?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind {
         addr: config.server.listen,
         source,
@@ -195,18 +178,84 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     let peer_listener = match &config.cluster {
-        Some(c) => Some(
-            TcpListener::bind(c.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: c.listen,
-                    source,
-                })?,
-        ),
+        Some(c) => Some(bind(c.listen).await?),
         None => None,
     };
     let peer_addr = peer_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let scale = crate::proxy::Scale {
+    let scale = open_scale(&config, &cache, &metrics).await?;
+    let app = App::new(
+        config.clone(),
+        cache,
+        upstreams,
+        metrics.clone(),
+        auth,
+        scale,
+    );
+    let (shutdown, rx) = watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(true));
+    let caps = connection_caps(&config);
+    let tls = acceptor.is_some();
+    let client_task = serve_clients(&app, listener, acceptor, caps.0, &rx, ready.clone());
+    // The admin listener outlives the client listener's drain, so that probes see `/readyz`
+    // turn 503 ("shutting down") while in-flight requests finish, and metrics stay scrapable.
+    let (admin_stop, admin_rx) = watch::channel(false);
+    let mut tasks = vec![tokio::spawn(async move {
+        let _ = client_task.await;
+        let _ = admin_stop.send(true);
+    })];
+    if let Some(socket) = admin_listener {
+        tasks.push(serve_admin(&app, socket, caps.1, admin_rx, ready)?);
+    }
+    if let (Some(socket), Some(cluster)) = (peer_listener, app.scale().cluster.clone()) {
+        tasks.push(tokio::spawn(cluster.clone().refresh_loop(rx.clone())));
+        tasks.push(serve_peers(&app, cluster, socket, caps.0, &rx));
+    }
+    tasks.push(tokio::spawn(recency::save_recency(app.clone(), rx)));
+    tracing::info!(
+        %addr, admin = ?admin_addr, peer = ?peer_addr, tls,
+        max_connections = caps.0, admin_max_connections = caps.1,
+        "berth listening"
+    );
+    Ok(Running {
+        addr,
+        admin_addr,
+        peer_addr,
+        app,
+        shutdown,
+        tasks,
+        grace: config.server.shutdown_grace,
+    })
+}
+
+/// A socket bound to `addr`.
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Opens the cache directory on the blocking pool (the index rebuild reads every file).
+async fn open_cache(config: &Config) -> Result<Cache, StartError> {
+    let cache_dir = config.cache.dir.clone();
+    tokio::task::spawn_blocking({
+        let c = config.cache.clone();
+        move || Cache::open(&c)
+    })
+    .await
+    .expect("cache open does not panic")
+    .map_err(|source| StartError::Cache {
+        path: cache_dir.display().to_string(),
+        source,
+    })
+}
+
+/// The shared tier and the cluster, where configured.
+async fn open_scale(
+    config: &Config,
+    cache: &Cache,
+    metrics: &Arc<Metrics>,
+) -> Result<crate::proxy::Scale, StartError> {
+    Ok(crate::proxy::Scale {
         shared: match &config.cache.shared {
             Some(c) => Some(crate::shared::SharedTier::open(
                 c,
@@ -219,133 +268,122 @@ pub async fn start(config: Config, registry: prometheus::Registry) -> Result<Run
             Some(c) => Some(Cluster::start(c, metrics.clone()).await?),
             None => None,
         },
-    };
-    let app = App::new(
-        config.clone(),
-        cache,
-        upstreams,
-        metrics.clone(),
-        auth,
-        scale,
-    );
-    let (shutdown, rx) = watch::channel(false);
-    let ready = Arc::new(AtomicBool::new(true));
-    let (client_cap, admin_cap) = connection_caps(&config);
-    let limits = config.server.connections;
+    })
+}
+
+/// Serves the client listener until `shutdown`: every request to [`App::handle`], TLS when
+/// configured; `ready` turns false when it stops accepting.
+fn serve_clients(
+    app: &Arc<App>,
+    socket: TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    cap: usize,
+    shutdown: &watch::Receiver<bool>,
+    ready: Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    let config = app.config();
     let info = ConnInfo {
         tls: acceptor.is_some(),
     };
-    let client_app = app.clone();
+    let handler_app = app.clone();
     let clients = Listener {
         kind: ListenerKind::Client,
-        socket: listener,
+        socket,
         setup: Arc::new(conn::Setup::new(
             move |mut req: Request<Incoming>| {
-                let app = client_app.clone();
+                let app = handler_app.clone();
                 req.extensions_mut().insert(info);
                 async move { app.handle(req).await }
             },
             acceptor,
-            limits,
+            config.server.connections,
         )),
-        cap: client_cap,
+        cap,
     };
-    let grace = config.server.shutdown_grace;
-    let client_task = tokio::spawn(listener::run(
+    tokio::spawn(listener::run(
         clients,
-        metrics.clone(),
-        rx.clone(),
-        grace,
-        Some(ready.clone()),
-    ));
-    // The admin listener outlives the client listener's drain, so that probes see `/readyz`
-    // turn 503 ("shutting down") while in-flight requests finish, and metrics stay scrapable.
-    let (admin_stop, admin_rx) = watch::channel(false);
-    let mut tasks = vec![tokio::spawn(async move {
-        let _ = client_task.await;
-        let _ = admin_stop.send(true);
-    })];
-    if let Some(socket) = admin_listener {
-        let admin_app = app.clone();
-        let events_secret: Option<Arc<crate::secret::Secret>> = config
-            .admin
-            .events_secret_file
-            .as_deref()
-            .map(read_events_secret)
-            .transpose()?
-            .map(Arc::new);
-        let admin = Listener {
-            kind: ListenerKind::Admin,
-            socket,
-            setup: Arc::new(conn::Setup::new(
-                move |req: Request<Incoming>| {
-                    let (app, ready) = (admin_app.clone(), ready.clone());
-                    let events_secret = events_secret.clone();
-                    async move {
-                        if req.uri().path() == "/verify" {
-                            return verify_response(&req, &app).await;
-                        }
-                        if req.uri().path() == "/purge" {
-                            return purge_response(&req, &app).await;
-                        }
-                        if req.uri().path() == "/events" {
-                            return events_response(req, &app, events_secret.as_deref()).await;
-                        }
-                        admin_response(req.uri().path(), &app, &ready)
-                    }
-                },
-                None,
-                limits,
-            )),
-            cap: admin_cap,
-        };
-        tasks.push(tokio::spawn(listener::run(
-            admin,
-            metrics.clone(),
-            admin_rx,
-            grace,
+        app.metrics().clone(),
+        shutdown.clone(),
+        config.server.shutdown_grace,
+        Some(ready),
+    ))
+}
+
+/// Serves the admin listener until `shutdown`: probes, metrics and the admin actions
+/// ([`admin::handle`]).
+fn serve_admin(
+    app: &Arc<App>,
+    socket: TcpListener,
+    cap: usize,
+    shutdown: watch::Receiver<bool>,
+    ready: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, StartError> {
+    let config = app.config();
+    let handler_app = app.clone();
+    let events_secret: Option<Arc<crate::secret::Secret>> = config
+        .admin
+        .events_secret_file
+        .as_deref()
+        .map(admin::read_events_secret)
+        .transpose()?
+        .map(Arc::new);
+    let admin = Listener {
+        kind: ListenerKind::Admin,
+        socket,
+        setup: Arc::new(conn::Setup::new(
+            move |req: Request<Incoming>| {
+                admin::handle(
+                    req,
+                    handler_app.clone(),
+                    ready.clone(),
+                    events_secret.clone(),
+                )
+            },
             None,
-        )));
-    }
-    if let (Some(socket), Some(cluster)) = (peer_listener, app.scale().cluster.clone()) {
-        tasks.push(tokio::spawn(cluster.clone().refresh_loop(rx.clone())));
-        let peer_app = app.clone();
-        let peers = Listener {
-            kind: ListenerKind::Peer,
-            socket,
-            setup: Arc::new(conn::Setup::new(
-                move |req: Request<Incoming>| {
-                    let (app, cluster) = (peer_app.clone(), cluster.clone());
-                    async move { crate::cluster::endpoint::handle(&cluster, &app, req).await }
-                },
-                None,
-                limits,
-            )),
-            cap: client_cap.min(PEER_MAX_CONNECTIONS),
-        };
-        tasks.push(tokio::spawn(listener::run(
-            peers,
-            metrics.clone(),
-            rx.clone(),
-            grace,
-            None,
-        )));
-    }
-    tasks.push(tokio::spawn(save_recency(app.clone(), rx)));
-    tracing::info!(
-        %addr, admin = ?admin_addr, peer = ?peer_addr, tls = config.server.tls.is_some(),
-        max_connections = client_cap, admin_max_connections = admin_cap,
-        "berth listening"
-    );
-    Ok(Running {
-        addr,
-        admin_addr,
-        peer_addr,
-        app,
+            config.server.connections,
+        )),
+        cap,
+    };
+    Ok(tokio::spawn(listener::run(
+        admin,
+        app.metrics().clone(),
         shutdown,
-        tasks,
-        grace: config.server.shutdown_grace,
-    })
+        config.server.shutdown_grace,
+        None,
+    )))
+}
+
+/// Serves the peer listener (`[cluster]`) until `shutdown`: other replicas' blob requests
+/// ([`crate::proxy::peer`]).
+fn serve_peers(
+    app: &Arc<App>,
+    cluster: Arc<Cluster>,
+    socket: TcpListener,
+    client_cap: usize,
+    shutdown: &watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let config = app.config();
+    let handler_app = app.clone();
+    let peers = Listener {
+        kind: ListenerKind::Peer,
+        socket,
+        setup: Arc::new(conn::Setup::new(
+            move |req: Request<Incoming>| {
+                let (app, cluster) = (handler_app.clone(), cluster.clone());
+                async move { crate::proxy::peer::handle(&cluster, &app, req).await }
+            },
+            None,
+            config.server.connections,
+        )),
+        cap: client_cap.min(PEER_MAX_CONNECTIONS),
+    };
+    tokio::spawn(listener::run(
+        peers,
+        app.metrics().clone(),
+        shutdown.clone(),
+        config.server.shutdown_grace,
+        None,
+    ))
 }
 
 /// The client and admin connection caps: as configured, lowered (with a warning) to fit the
@@ -364,251 +402,4 @@ fn connection_caps(config: &Config) -> (usize, usize) {
         );
     }
     caps
-}
-
-/// Saves the cache's recency order every [`RECENCY_INTERVAL`] and once more at shutdown.
-async fn save_recency(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let stop = tokio::select! {
-            _ = tokio::time::sleep(RECENCY_INTERVAL) => false,
-            _ = shutdown.changed() => true,
-        };
-        let a = app.clone();
-        let saved = tokio::task::spawn_blocking(move || a.cache().save_recency()).await;
-        if let Ok(Err(e)) = saved {
-            tracing::warn!(error = %e, "could not save cache recency");
-        }
-        if stop {
-            return;
-        }
-    }
-}
-
-fn admin_response(path: &str, app: &App, ready: &AtomicBool) -> Response<Body> {
-    let (status, ctype, text) = match path {
-        "/metrics" => {
-            app.metrics().refresh(&app.snapshot());
-            (
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                app.metrics().render(),
-            )
-        }
-        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/readyz" if ready.load(Ordering::SeqCst) => {
-            (StatusCode::OK, "text/plain", "ready\n".to_owned())
-        }
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "shutting down\n".to_owned(),
-        ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_owned(),
-        ),
-    };
-    admin_text(status, ctype, text)
-}
-
-/// `POST /verify[?sample=N][&rate=SIZE]`: scrubs the running cache's disk tier on the blocking
-/// pool and answers the report as JSON (409 while another scrub runs).
-async fn verify_response(req: &Request<Incoming>, app: &Arc<App>) -> Response<Body> {
-    if let Some(refused) = post_only(req, "POST /verify scrubs the cache") {
-        return refused;
-    }
-    let query = req.uri().query();
-    let sample = match crate::router::query_param(query, "sample").map(|v| v.parse::<usize>()) {
-        None => None,
-        Some(Ok(n)) => Some(n),
-        Some(Err(_)) => {
-            return admin_text(
-                StatusCode::BAD_REQUEST,
-                "text/plain",
-                "sample: a number of objects\n".to_owned(),
-            )
-        }
-    };
-    let rate = match crate::router::query_param(query, "rate")
-        .map(|v| crate::config::units::parse_size(&v))
-    {
-        None => None,
-        Some(Ok(n)) => Some(n),
-        Some(Err(e)) => {
-            return admin_text(
-                StatusCode::BAD_REQUEST,
-                "text/plain",
-                format!("rate: {e}\n"),
-            )
-        }
-    };
-    let app = app.clone();
-    let opts = crate::cache::ScrubOptions { sample, rate };
-    let result = tokio::task::spawn_blocking(move || app.cache().scrub(&opts)).await;
-    match result {
-        Ok(Ok(report)) => admin_text(
-            StatusCode::OK,
-            "application/json",
-            serde_json::to_string(&report).unwrap_or_default(),
-        ),
-        Ok(Err(crate::cache::ScrubError::Busy)) => admin_text(
-            StatusCode::CONFLICT,
-            "text/plain",
-            "a scrub is already running\n".to_owned(),
-        ),
-        Ok(Err(e)) => admin_text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            format!("{e}\n"),
-        ),
-        Err(e) => task_failed("scrub task", &e),
-    }
-}
-
-/// `POST /purge?target=…[&tag_only=true][&force=true]`: drops an image, a tag mapping or a blob
-/// (see `berth purge`) and answers what went as JSON; 404 when it is not cached, 409 when it is
-/// pinned and not forced, 400 for a target that names nothing.
-async fn purge_response(req: &Request<Incoming>, app: &Arc<App>) -> Response<Body> {
-    if let Some(refused) = post_only(
-        req,
-        "POST /purge?target=IMAGE|DIGEST drops it from the cache",
-    ) {
-        return refused;
-    }
-    let query = req.uri().query();
-    let flag = |k| crate::router::query_param(query, k).is_some_and(|v| v == "true" || v == "1");
-    let Some(target) = crate::router::query_param(query, "target") else {
-        return admin_text(
-            StatusCode::BAD_REQUEST,
-            "text/plain",
-            "target: an image reference or a digest\n".to_owned(),
-        );
-    };
-    let (tag_only, force) = (flag("tag_only"), flag("force"));
-    let app2 = app.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        crate::proxy::purge::purge(app2.cache(), app2.upstreams(), &target, tag_only, force)
-    })
-    .await;
-    match result {
-        Ok(Ok(report)) => admin_text(
-            StatusCode::OK,
-            "application/json",
-            serde_json::to_string(&report).unwrap_or_default(),
-        ),
-        Ok(Err(e)) => {
-            use crate::cache::PurgeError;
-            use crate::proxy::purge::TargetError;
-            let status = match &e {
-                TargetError::Purge(PurgeError::Pinned(_)) => StatusCode::CONFLICT,
-                TargetError::Purge(PurgeError::NotCached(_)) => StatusCode::NOT_FOUND,
-                TargetError::Invalid(_) => StatusCode::BAD_REQUEST,
-            };
-            admin_text(status, "text/plain", format!("{e}\n"))
-        }
-        Err(e) => task_failed("purge task", &e),
-    }
-}
-
-/// The bearer secret of `POST /events`, from its file (trimmed; empty refused).
-fn read_events_secret(path: &std::path::Path) -> Result<crate::secret::Secret, StartError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| StartError::Events(format!("{}: {e}", path.display())))?;
-    let secret = text.trim();
-    if secret.is_empty() {
-        return Err(StartError::Events(format!("{} is empty", path.display())));
-    }
-    Ok(crate::secret::Secret::new(secret.to_owned()))
-}
-
-/// Most bytes of one notification delivery.
-const MAX_EVENTS_BODY: usize = 1 << 20;
-
-/// `POST /events[?upstream=NAME]` with `Authorization: Bearer <admin.events_secret_file>`:
-/// registry notifications (distribution envelopes, ACR webhooks) for the upstream named (the
-/// default upstream otherwise). 404 when not configured, 401 without the secret.
-async fn events_response(
-    req: Request<Incoming>,
-    app: &Arc<App>,
-    secret: Option<&crate::secret::Secret>,
-) -> Response<Body> {
-    use http_body_util::BodyExt;
-    let Some(secret) = secret else {
-        return admin_text(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "events are off (admin.events_secret_file)\n".to_owned(),
-        );
-    };
-    if let Some(refused) = post_only(&req, "POST registry notifications here") {
-        return refused;
-    }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !crate::secret::constant_time_eq(given.trim().as_bytes(), secret.expose().as_bytes()) {
-        return admin_text(
-            StatusCode::UNAUTHORIZED,
-            "text/plain",
-            "a bearer secret is required\n".to_owned(),
-        );
-    }
-    let upstream = crate::router::query_param(req.uri().query(), "upstream");
-    let limited = http_body_util::Limited::new(req.into_body(), MAX_EVENTS_BODY);
-    let body = match tokio::time::timeout(Duration::from_secs(10), limited.collect()).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        _ => {
-            return admin_text(
-                StatusCode::BAD_REQUEST,
-                "text/plain",
-                "body too large, too slow or cut\n".to_owned(),
-            )
-        }
-    };
-    let app2 = app.clone();
-    let result =
-        tokio::task::spawn_blocking(move || app2.apply_events(upstream.as_deref(), &body)).await;
-    match result {
-        Ok(Ok(applied)) => admin_text(
-            StatusCode::OK,
-            "application/json",
-            serde_json::to_string(&applied).unwrap_or_default(),
-        ),
-        Ok(Err(e)) => admin_text(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
-        Err(e) => task_failed("events task", &e),
-    }
-}
-
-/// 405 with `usage` for anything but a POST to an admin action.
-fn post_only(req: &Request<Incoming>, usage: &str) -> Option<Response<Body>> {
-    (req.method() != hyper::Method::POST).then(|| {
-        admin_text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            format!("{usage}\n"),
-        )
-    })
-}
-
-/// 500 for an admin action whose blocking task died.
-fn task_failed(what: &str, e: &tokio::task::JoinError) -> Response<Body> {
-    admin_text(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "text/plain",
-        format!("{what}: {e}\n"),
-    )
-}
-
-/// An admin listener answer: a status and a small text body (shared with the start-up
-/// listener in `starting.rs`).
-fn admin_text(status: StatusCode, ctype: &'static str, text: String) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, ctype)
-        .body(body::full(text))
-        .expect("static headers are valid")
 }

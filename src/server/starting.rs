@@ -7,6 +7,8 @@
 //! Kubernetes startup probe can then tell a busy start from a dead process, and a port clash
 //! fails the start before the rebuild. Once berth is up, the same socket passes to the real
 //! admin listener, so no connection attempt is refused in between.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Admin listener".
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -106,5 +108,5 @@ fn respond(path: &str, metrics: &Metrics) -> Response<Body> {
             "not found\n".to_owned(),
         ),
     };
-    super::admin_text(status, ctype, text)
+    super::admin::admin_text(status, ctype, text)
 }

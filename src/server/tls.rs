@@ -8,6 +8,8 @@
 //! files parse and the key matches the certificate, so a rotation caught between the two writes
 //! keeps serving the old pair and is retried on the next handshake. Established connections
 //! keep the certificate they were accepted with.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Request path".
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
