@@ -40,8 +40,8 @@ use super::store::DiskStore;
 use crate::oci::{Digest, Hasher};
 use crate::upstream::UpstreamError;
 
-/// Size of the reads and writes a fill and its readers make.
-pub const CHUNK: usize = 256 * 1024;
+/// Size of the reads and writes a fill and its readers make: one pooled read buffer.
+pub const CHUNK: usize = super::readbuf::BUF_SIZE;
 /// Most bytes a fill gathers from the origin into one write (only what already arrived is
 /// joined: a fill never waits to fill a batch).
 const FILL_BATCH: usize = 256 * 1024;
