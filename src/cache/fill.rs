@@ -34,7 +34,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
 
-use super::index::{DiskIndex, Key, Kind, ReserveError};
+use super::index::{DiskIndex, Key, ObjectKind, ReserveError};
 use super::queue::{FillLimits, FillObserver, FillQueue};
 use super::store::DiskStore;
 use crate::oci::{Digest, Hasher};
@@ -739,7 +739,7 @@ impl Fills {
     /// back is forgotten.
     async fn open_indexed(&self, d: &Digest) -> io::Result<Option<(File, u64)>> {
         let key = Key {
-            kind: Kind::Blob,
+            kind: ObjectKind::Blob,
             digest: d.clone(),
         };
         if !self.index.contains(&key) {
@@ -788,7 +788,7 @@ impl Fills {
         fetcher: impl FnOnce() -> Arc<dyn BlobFetcher>,
     ) -> io::Result<BlobSource> {
         let key = Key {
-            kind: Kind::Blob,
+            kind: ObjectKind::Blob,
             digest: d.clone(),
         };
         let mut map = loop {
@@ -1104,7 +1104,7 @@ impl Fills {
             Ok(()) => {
                 guard.0 = None;
                 let key = Key {
-                    kind: Kind::Blob,
+                    kind: ObjectKind::Blob,
                     digest: fill.digest.clone(),
                 };
                 let evicted = reservation.commit(key.clone(), written);

@@ -26,7 +26,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 pub use fill::{BlobFetcher, BlobSource, BlobStream, Fetched, Fill, FillError, FillStats, Fills};
-pub use index::{DiskIndex, Key, Kind, PinError, Usage};
+pub use index::{DiskIndex, Key, ObjectKind, PinError, Usage};
 pub use membership::Memberships;
 pub use pins::PinnedImage;
 pub use purge::{PurgeError, PurgeReport, PurgeStats};
@@ -270,7 +270,7 @@ impl Cache {
     /// The index key of manifest `d` if the disk tier has it.
     fn indexed_manifest(&self, d: &Digest) -> Option<Key> {
         let key = Key {
-            kind: Kind::Manifest,
+            kind: ObjectKind::Manifest,
             digest: d.clone(),
         };
         self.index.contains(&key).then_some(key)
@@ -301,7 +301,7 @@ impl Cache {
     /// file deleted behind berth's back).
     pub async fn blob_len(&self, d: &Digest) -> io::Result<Option<u64>> {
         let key = Key {
-            kind: Kind::Blob,
+            kind: ObjectKind::Blob,
             digest: d.clone(),
         };
         if !self.index.contains(&key) {
@@ -331,7 +331,7 @@ impl Cache {
         let m = Arc::new(m);
         self.memory.put_manifest(d.clone(), m.clone());
         let key = Key {
-            kind: Kind::Manifest,
+            kind: ObjectKind::Manifest,
             digest: d.clone(),
         };
         if self.index.contains(&key) {
@@ -378,7 +378,7 @@ impl Cache {
     /// budget. A blob already cached is left as it is.
     pub fn adopt_blob(&self, temp: &std::path::Path, d: &Digest, size: u64) -> io::Result<()> {
         let key = Key {
-            kind: Kind::Blob,
+            kind: ObjectKind::Blob,
             digest: d.clone(),
         };
         if self.index.contains(&key) {
@@ -602,7 +602,7 @@ mod tests {
             .store()
             .write_recency(&[(
                 Key {
-                    kind: Kind::Blob,
+                    kind: ObjectKind::Blob,
                     digest: Digest::sha256_of(b"x"),
                 },
                 true,

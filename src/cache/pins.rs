@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::index::{Key, Kind};
+use super::index::{Key, ObjectKind};
 use crate::oci::Digest;
 
 /// File name of the pin records.
@@ -39,8 +39,8 @@ impl PinnedImage {
         let parse = |kind, d: &String| d.parse::<Digest>().ok().map(|digest| Key { kind, digest });
         self.manifests
             .iter()
-            .filter_map(|d| parse(Kind::Manifest, d))
-            .chain(self.blobs.iter().filter_map(|d| parse(Kind::Blob, d)))
+            .filter_map(|d| parse(ObjectKind::Manifest, d))
+            .chain(self.blobs.iter().filter_map(|d| parse(ObjectKind::Blob, d)))
             .collect()
     }
 }

@@ -16,7 +16,7 @@ use crate::body::{self, Body};
 use crate::cache::fill::{
     read_file_range, BlobFetcher, BlobSource, Fetched, FetchedFrom, FillError,
 };
-use crate::cache::{Key, Kind, Tier};
+use crate::cache::{Key, ObjectKind, Tier};
 use crate::cluster::fetch::PeerBlob;
 use crate::cluster::MEMBER_HEADER;
 use crate::error::Error;
@@ -89,7 +89,7 @@ impl App {
         if let Some(bytes) = self.cache().memory().blob(&digest) {
             confirm().await?;
             self.cache().index().touch(&Key {
-                kind: Kind::Blob,
+                kind: ObjectKind::Blob,
                 digest: digest.clone(),
             });
             self.count_lookup("blob", "memory", true);
