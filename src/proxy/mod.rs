@@ -8,6 +8,7 @@ pub mod events;
 pub mod freshness;
 mod listing;
 mod manifests;
+mod observe;
 mod prefetch;
 pub mod purge;
 pub mod range;
