@@ -10,12 +10,11 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use super::{BlobFetcher, Fill, FillError, FillState, FillStats};
+use super::{BlobFetcher, Fill, FillStats};
 use crate::cache::index::{DiskIndex, Key, ObjectKind};
 use crate::cache::queue::{FillLimits, FillObserver, FillQueue};
 use crate::cache::store::DiskStore;
 use crate::oci::Digest;
-use crate::upstream::UpstreamError;
 
 /// A committed blob or a fill to read from.
 pub enum BlobSource {
@@ -187,41 +186,24 @@ impl Fills {
         let fill = Fill::new(d.clone(), fetcher());
         map.insert(d.clone(), fill.clone());
         drop(map);
-        let this = self.clone();
-        let f = fill.clone();
+        let (this, f) = (self.clone(), fill.clone());
         tokio::spawn(async move {
             let result = this.run(&f).await;
             // Leave the map before announcing the end: later requests then find the
             // committed file (or start afresh after a failure).
-            {
-                let mut map = this.map.lock().unwrap_or_else(|p| p.into_inner());
-                if map.get(&f.digest).is_some_and(|x| Arc::ptr_eq(x, &f)) {
-                    map.remove(&f.digest);
-                }
-                this.settled.send_replace(map.len());
-            }
-            match result {
-                Ok(Some(state)) => {
-                    f.state.send_replace(state);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    if matches!(e, FillError::Upstream(UpstreamError::Offline { .. })) {
-                        tracing::debug!(digest = %f.digest, "not in this mirror");
-                    } else {
-                        tracing::warn!(digest = %f.digest, error = %e, "fill failed");
-                    }
-                    *this
-                        .stats
-                        .failures
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .entry((e.reason(), e.upstream()))
-                        .or_default() += 1;
-                    f.state.send_replace(FillState::Failed(e));
-                }
-            }
+            this.leave(&f);
+            this.announce(&f, result);
         });
         Ok(BlobSource::Filling { fill, leader: true })
+    }
+
+    /// Removes an ended fill from the map (unless another one replaced it) and tells those
+    /// waiting for fills to settle.
+    fn leave(&self, fill: &Arc<Fill>) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&fill.digest).is_some_and(|x| Arc::ptr_eq(x, fill)) {
+            map.remove(&fill.digest);
+        }
+        self.settled.send_replace(map.len());
     }
 }

@@ -2,6 +2,8 @@
 //! disk budget, write and hash the bytes on two blocking threads as they arrive, verify the
 //! digest, commit. Storage that fails or does not fit turns the fill into a pass-through.
 
+use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -10,9 +12,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
-use super::{Fetched, Fill, FillError, FillState, Fills};
-use crate::cache::index::{Key, ObjectKind, ReserveError};
+use super::{Fetched, FetchedFrom, Fill, FillError, FillState, Fills, UpstreamStream};
+use crate::cache::index::{Key, ObjectKind, Reservation, ReserveError};
 use crate::oci::{Digest, Hasher};
 use crate::upstream::UpstreamError;
 
@@ -29,6 +33,260 @@ const WARN_INTERVAL: Duration = Duration::from_secs(60);
 // === impl Fills ===
 
 impl Fills {
+    /// Runs one fill. Returns the final state to publish (`None` when already published).
+    pub(super) async fn run(&self, fill: &Arc<Fill>) -> Result<Option<FillState>, FillError> {
+        // Held until the fill ends: at most `max_concurrent` fills fetch at once.
+        let _slot = self
+            .queue
+            .acquire()
+            .await
+            .map_err(|t| FillError::QueueTimeout { waited: t.waited })?;
+        let fetched = fill.fetcher.fetch(0, None).await?;
+        let from = fetched.from;
+        let _ = fill.from.set(from);
+        let total = fetched.total;
+        let Some(mut storage) = self.prepare(fill, total).await? else {
+            return Ok(Some(self.hand_off(fill, fetched)));
+        };
+        fill.state.send_replace(FillState::Running {
+            total,
+            available: 0,
+        });
+        let Fetched {
+            upstream, mut body, ..
+        } = fetched;
+        let disk = DiskSide::start(fill, &storage.file, total);
+        let copied = self
+            .copy(
+                fill,
+                &mut body,
+                total,
+                &mut storage.reservation,
+                &disk,
+                &upstream,
+            )
+            .await;
+        let (wrote, hasher) = disk.finish().await?;
+        if let Some(e) = copied.failure {
+            return Err(e);
+        }
+        let written = match self.written(fill, total, &copied, wrote) {
+            Ok(written) => written,
+            Err(pass_through) => return Ok(Some(pass_through)),
+        };
+        verify(fill, from, upstream, total, written, hasher)?;
+        // Verified: readers get the last bytes now, not after the fsync below.
+        fill.state.send_replace(FillState::Done { total: written });
+        self.commit(fill, storage, written).await?;
+        fill.fetcher.verified(from);
+        Ok(Some(FillState::Done { total: written }))
+    }
+
+    /// Publishes how a fill ended to its waiters; a failure is logged and counted by reason and
+    /// source.
+    pub(super) fn announce(&self, fill: &Fill, result: Result<Option<FillState>, FillError>) {
+        match result {
+            Ok(Some(state)) => {
+                fill.state.send_replace(state);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if matches!(e, FillError::Upstream(UpstreamError::Offline { .. })) {
+                    tracing::debug!(digest = %fill.digest, "not in this mirror");
+                } else {
+                    tracing::warn!(digest = %fill.digest, error = %e, "fill failed");
+                }
+                *self
+                    .stats
+                    .failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry((e.reason(), e.upstream()))
+                    .or_default() += 1;
+                fill.state.send_replace(FillState::Failed(e));
+            }
+        }
+    }
+
+    /// Reserves disk budget for the blob (`total` bytes, when the source said) and opens a temp
+    /// file for it. `None` when the blob will not be stored: too large for the budget, no budget
+    /// left, or no temp file.
+    async fn prepare(&self, fill: &Fill, total: Option<u64>) -> Result<Option<Storage>, FillError> {
+        let reservation = match self.index.reserve(total.unwrap_or(0)) {
+            Ok((r, evicted)) => {
+                self.delete(evicted).await;
+                r
+            }
+            Err(e @ ReserveError::TooLarge { .. }) => {
+                tracing::info!(digest = %fill.digest, reason = %e, "not storing blob");
+                return Ok(None);
+            }
+            Err(e) => {
+                self.storage_failed(&fill.digest, "no disk budget", &e);
+                return Ok(None);
+            }
+        };
+        let store = self.store.clone();
+        let temp = tokio::task::spawn_blocking(move || store.temp_file())
+            .await
+            .map_err(|e| FillError::Internal(e.to_string()))?;
+        let (file, temp) = match temp {
+            Ok(x) => x,
+            Err(e) => {
+                self.storage_failed(&fill.digest, "cannot create a temp file", &e);
+                return Ok(None);
+            }
+        };
+        let file = Arc::new(file);
+        let _ = fill.file.set(file.clone());
+        Ok(Some(Storage {
+            reservation,
+            file,
+            temp: TempGuard(Some(temp)),
+        }))
+    }
+
+    /// The fill does not store the blob: counted, and the source's body is handed to the first
+    /// reader, which continues from it instead of opening another request.
+    fn hand_off(&self, fill: &Fill, fetched: Fetched) -> FillState {
+        self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
+        let total = fetched.total;
+        *fill.handoff.lock().unwrap_or_else(|p| p.into_inner()) = Some(fetched);
+        FillState::PassThrough {
+            total,
+            available: 0,
+        }
+    }
+
+    /// Copies the source's body to the disk side, batch by batch, growing the reservation as
+    /// bytes exceed it. Stops at the body's end, when the source fails or sends more than it
+    /// said, or when storage fails.
+    async fn copy(
+        &self,
+        fill: &Fill,
+        body: &mut UpstreamStream,
+        total: Option<u64>,
+        reservation: &mut Reservation,
+        disk: &DiskSide,
+        upstream: &str,
+    ) -> Copied {
+        let mut copied = Copied {
+            queued: 0,
+            storage_failed: false,
+            failure: None,
+        };
+        loop {
+            let (data, last) = match next_batch(body).await {
+                Batch::Data { data, last } => (data, last),
+                Batch::End => break,
+                Batch::Failed(e) => {
+                    copied.failure = Some(e.into());
+                    break;
+                }
+            };
+            let queued = copied.queued + data.len() as u64;
+            if total.is_some_and(|t| queued > t) {
+                copied.failure = Some(
+                    UpstreamError::Invalid {
+                        upstream: upstream.to_owned(),
+                        reason: "body longer than its Content-Length".into(),
+                    }
+                    .into(),
+                );
+                break;
+            }
+            if queued > reservation.bytes() {
+                match reservation.grow(queued - reservation.bytes()) {
+                    Ok(evicted) => self.delete(evicted).await,
+                    Err(e) => {
+                        self.storage_failed(&fill.digest, "disk budget exhausted mid-fill", &e);
+                        copied.storage_failed = true;
+                        break;
+                    }
+                }
+            }
+            if !disk.send(data).await {
+                // The writer stopped: a write failed.
+                copied.storage_failed = true;
+                break;
+            }
+            copied.queued = queued;
+            if last {
+                break;
+            }
+        }
+        copied
+    }
+
+    /// How many bytes the file holds once the disk side finished, or the pass-through state to
+    /// publish when storage failed (readers read what was written, then continue from the
+    /// source).
+    fn written(
+        &self,
+        fill: &Fill,
+        total: Option<u64>,
+        copied: &Copied,
+        wrote: Result<u64, (io::Error, u64)>,
+    ) -> Result<u64, FillState> {
+        match wrote {
+            Ok(_) if copied.storage_failed => {
+                self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
+                // Everything queued was written: readers may read it from the file.
+                Err(FillState::PassThrough {
+                    total,
+                    available: copied
+                        .queued
+                        .min(total.unwrap_or(u64::MAX).saturating_sub(1)),
+                })
+            }
+            Ok(written) => Ok(written),
+            Err((e, written)) => {
+                self.storage_failed(&fill.digest, "cache write failed", &e);
+                self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
+                Err(FillState::PassThrough {
+                    total,
+                    available: written,
+                })
+            }
+        }
+    }
+
+    /// Moves the verified temp file into place and indexes it. A failed commit keeps nothing;
+    /// readers still read the bytes through the open file.
+    async fn commit(
+        &self,
+        fill: &Fill,
+        mut storage: Storage,
+        written: u64,
+    ) -> Result<(), FillError> {
+        let store = self.store.clone();
+        let digest = fill.digest.clone();
+        let temp_path = storage.temp.0.clone().expect("temp path present");
+        let f = storage.file.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || store.commit_blob(&f, &temp_path, &digest))
+                .await
+                .map_err(|e| FillError::Internal(e.to_string()))?;
+        match committed {
+            Ok(()) => {
+                storage.temp.0 = None;
+                let key = Key {
+                    kind: ObjectKind::Blob,
+                    digest: fill.digest.clone(),
+                };
+                let evicted = storage.reservation.commit(key.clone(), written);
+                if fill.late_hits.load(Ordering::Relaxed) > 0 {
+                    self.index.touch(&key);
+                }
+                self.delete(evicted).await;
+            }
+            // The bytes are verified and readable through the open file: serve them all, keep
+            // nothing.
+            Err(e) => self.storage_failed(&fill.digest, "cache commit failed", &e),
+        }
+        Ok(())
+    }
+
     fn storage_failed(&self, digest: &Digest, what: &str, e: &dyn std::fmt::Display) {
         self.stats.write_failures.fetch_add(1, Ordering::Relaxed);
         let mut last = self.last_warn.lock().unwrap_or_else(|p| p.into_inner());
@@ -50,70 +308,130 @@ impl Fills {
         })
         .await;
     }
+}
 
-    /// Runs one fill. Returns the final state to publish (`None` when already published).
-    pub(super) async fn run(&self, fill: &Arc<Fill>) -> Result<Option<FillState>, FillError> {
-        // Held until the fill ends: at most `max_concurrent` fills fetch at once.
-        let _slot = self
-            .queue
-            .acquire()
-            .await
-            .map_err(|t| FillError::QueueTimeout { waited: t.waited })?;
-        let fetched = fill.fetcher.fetch(0, None).await?;
-        let from = fetched.from;
-        let _ = fill.from.set(from);
-        let total = fetched.total;
-        let pass_through = |fetched: Fetched| {
-            self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
-            *fill.handoff.lock().unwrap_or_else(|p| p.into_inner()) = Some(fetched);
-            Ok(Some(FillState::PassThrough {
-                total,
-                available: 0,
-            }))
-        };
-        let mut reservation = match self.index.reserve(total.unwrap_or(0)) {
-            Ok((r, evicted)) => {
-                self.delete(evicted).await;
-                r
+/// Checks the fill's bytes against the length the source said and the digest. Bytes that fail
+/// are rejected (the fetcher is told which source sent them).
+fn verify(
+    fill: &Fill,
+    from: FetchedFrom,
+    upstream: String,
+    total: Option<u64>,
+    written: u64,
+    hasher: Hasher,
+) -> Result<(), FillError> {
+    if let Some(t) = total {
+        if written != t {
+            fill.fetcher.rejected(from);
+            return Err(UpstreamError::Invalid {
+                upstream,
+                reason: format!("body ended after {written} of {t} bytes"),
             }
-            Err(e @ ReserveError::TooLarge { .. }) => {
-                tracing::info!(digest = %fill.digest, reason = %e, "not storing blob");
-                return pass_through(fetched);
-            }
-            Err(e) => {
-                self.storage_failed(&fill.digest, "no disk budget", &e);
-                return pass_through(fetched);
-            }
-        };
-        let store = self.store.clone();
-        let temp = tokio::task::spawn_blocking(move || store.temp_file())
-            .await
-            .map_err(|e| FillError::Internal(e.to_string()))?;
-        let (file, temp) = match temp {
-            Ok(x) => x,
-            Err(e) => {
-                self.storage_failed(&fill.digest, "cannot create a temp file", &e);
-                return pass_through(fetched);
-            }
-        };
-        let file = Arc::new(file);
-        let _ = fill.file.set(file.clone());
-        let mut guard = TempGuard(Some(temp));
-        fill.state.send_replace(FillState::Running {
-            total,
-            available: 0,
-        });
+            .into());
+        }
+    }
+    let actual = hasher.finish();
+    if actual != fill.digest {
+        fill.fetcher.rejected(from);
+        return Err(UpstreamError::DigestMismatch {
+            upstream,
+            expected: fill.digest.to_string(),
+            actual: actual.to_string(),
+        }
+        .into());
+    }
+    Ok(())
+}
 
-        let Fetched {
-            upstream, mut body, ..
-        } = fetched;
-        // The disk side runs on its own blocking thread, fed through a bounded queue, so that
-        // reading from the origin, writing, hashing and serving readers overlap.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
-        // Hashing runs on a second thread beside the writer: on a busy origin link the two
-        // together cost about as much as the transfer itself, so they must not take turns.
-        let (hash_tx, mut hash_rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
-        let hasher_task = {
+/// Where a fill that stores its blob writes it: its share of the budget and its temp file.
+struct Storage {
+    reservation: Reservation,
+    file: Arc<File>,
+    temp: TempGuard,
+}
+
+/// How copying the source's body ended.
+struct Copied {
+    /// Bytes queued for the disk side (all written, unless a write failed).
+    queued: u64,
+    /// Storage failed (budget or a write): the fill stops, readers continue from the source.
+    storage_failed: bool,
+    /// The source failed or sent more than it said. Announced only after the writer stopped: it
+    /// must not publish progress after the failure.
+    failure: Option<FillError>,
+}
+
+/// What the source gave for one write.
+enum Batch {
+    /// Bytes to write; `last` when the body ended after them.
+    Data { data: Bytes, last: bool },
+    /// The body ended.
+    End,
+    /// The source failed; what this batch had gathered is dropped.
+    Failed(UpstreamError),
+}
+
+/// The next write: one chunk (waited for), joined with whatever else has already arrived, up
+/// to [`FILL_BATCH`], without waiting: bytes that reached berth are published to readers now,
+/// not when a full batch has gathered.
+async fn next_batch(body: &mut UpstreamStream) -> Batch {
+    let mut parts: Vec<Bytes> = Vec::new();
+    match body.next().await {
+        Some(Ok(chunk)) => parts.push(chunk),
+        Some(Err(e)) => return Batch::Failed(e),
+        None => return Batch::End,
+    }
+    let mut batched: usize = parts[0].len();
+    let mut last = false;
+    while batched < FILL_BATCH {
+        match body.next().now_or_never() {
+            Some(Some(Ok(chunk))) => {
+                batched += chunk.len();
+                parts.push(chunk);
+            }
+            Some(Some(Err(e))) => return Batch::Failed(e),
+            Some(None) => {
+                last = true;
+                break;
+            }
+            None => break,
+        }
+    }
+    if batched == 0 {
+        return Batch::End;
+    }
+    // One chunk goes on as it is; several are joined into one write.
+    let data = if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        let mut joined = BytesMut::with_capacity(batched);
+        for p in parts.drain(..) {
+            joined.extend_from_slice(&p);
+        }
+        joined.freeze()
+    };
+    Batch::Data { data, last }
+}
+
+/// The disk side of a fill: a writer and a hasher, each on its own blocking thread and fed
+/// through a bounded queue, so that reading from the source, writing, hashing and serving
+/// readers overlap. (On a busy origin link writing and hashing together cost about as much as
+/// the transfer itself, so they must not take turns.)
+struct DiskSide {
+    to_writer: mpsc::Sender<Bytes>,
+    to_hasher: mpsc::Sender<Bytes>,
+    /// Bytes written, or the write error and the bytes written before it.
+    writer: JoinHandle<Result<u64, (io::Error, u64)>>,
+    hasher: JoinHandle<Hasher>,
+}
+
+impl DiskSide {
+    /// Starts both threads. The writer publishes each batch to the fill's readers once it is in
+    /// the file, holding back the final bytes until the digest is verified.
+    fn start(fill: &Arc<Fill>, file: &Arc<File>, total: Option<u64>) -> DiskSide {
+        let (to_writer, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let (to_hasher, mut hash_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let hasher = {
             let algorithm = fill.digest.algorithm();
             tokio::task::spawn_blocking(move || {
                 let mut hasher = Hasher::new(algorithm);
@@ -145,160 +463,37 @@ impl Fills {
                 Ok(written)
             })
         };
-        let mut queued: u64 = 0;
-        let mut parts: Vec<Bytes> = Vec::new();
-        let mut ended = false;
-        // Once storage fails the fill stops; readers continue from the origin.
-        let mut storage_failed = false;
-        // An origin failure ends the fill, but only after the writer stopped: it must not
-        // publish progress after the failure is announced.
-        let mut failure: Option<FillError> = None;
-        while !ended {
-            match body.next().await {
-                Some(Ok(chunk)) => parts.push(chunk),
-                Some(Err(e)) => {
-                    failure = Some(e.into());
-                    break;
-                }
-                None => ended = true,
-            }
-            // Take whatever else has already arrived, without waiting: bytes that reached
-            // berth are published to readers now, not when a full batch has gathered.
-            let mut batched: usize = parts.iter().map(Bytes::len).sum();
-            while !ended && batched < FILL_BATCH {
-                match body.next().now_or_never() {
-                    Some(Some(Ok(chunk))) => {
-                        batched += chunk.len();
-                        parts.push(chunk);
-                    }
-                    Some(Some(Err(e))) => {
-                        failure = Some(e.into());
-                        break;
-                    }
-                    Some(None) => ended = true,
-                    None => break,
-                }
-            }
-            if failure.is_some() || batched == 0 {
-                break;
-            }
-            // One chunk goes on as it is; several are joined into one write.
-            let data = if parts.len() == 1 {
-                parts.pop().expect("one part")
-            } else {
-                let mut joined = BytesMut::with_capacity(batched);
-                for p in parts.drain(..) {
-                    joined.extend_from_slice(&p);
-                }
-                joined.freeze()
-            };
-            let new_queued = queued + data.len() as u64;
-            if total.is_some_and(|t| new_queued > t) {
-                failure = Some(
-                    UpstreamError::Invalid {
-                        upstream: upstream.clone(),
-                        reason: "body longer than its Content-Length".into(),
-                    }
-                    .into(),
-                );
-                break;
-            }
-            if new_queued > reservation.bytes() {
-                match reservation.grow(new_queued - reservation.bytes()) {
-                    Ok(evicted) => self.delete(evicted).await,
-                    Err(e) => {
-                        self.storage_failed(&fill.digest, "disk budget exhausted mid-fill", &e);
-                        storage_failed = true;
-                        break;
-                    }
-                }
-            }
-            if hash_tx.send(data.clone()).await.is_err() || tx.send(data).await.is_err() {
-                // The writer stopped: a write failed.
-                storage_failed = true;
-                break;
-            }
-            queued = new_queued;
+        DiskSide {
+            to_writer,
+            to_hasher,
+            writer,
+            hasher,
         }
-        drop(tx);
-        drop(hash_tx);
-        let written_out = writer
+    }
+
+    /// Queues `data` for the hasher and the writer; false when the writer stopped (a write
+    /// failed).
+    async fn send(&self, data: Bytes) -> bool {
+        self.to_hasher.send(data.clone()).await.is_ok() && self.to_writer.send(data).await.is_ok()
+    }
+
+    /// Closes the queues and waits for both threads: what the writer wrote, and the hash.
+    async fn finish(self) -> Result<(Result<u64, (io::Error, u64)>, Hasher), FillError> {
+        let DiskSide {
+            to_writer,
+            to_hasher,
+            writer,
+            hasher,
+        } = self;
+        drop(to_writer);
+        drop(to_hasher);
+        let wrote = writer
             .await
             .map_err(|e| FillError::Internal(e.to_string()))?;
-        let hasher = hasher_task
+        let hasher = hasher
             .await
             .map_err(|e| FillError::Internal(e.to_string()))?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        let written = match written_out {
-            Ok(_) if storage_failed => {
-                self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
-                // Everything queued was written: readers may read it from the file.
-                return Ok(Some(FillState::PassThrough {
-                    total,
-                    available: queued.min(total.unwrap_or(u64::MAX).saturating_sub(1)),
-                }));
-            }
-            Ok(x) => x,
-            Err((e, written)) => {
-                self.storage_failed(&fill.digest, "cache write failed", &e);
-                self.stats.pass_through.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some(FillState::PassThrough {
-                    total,
-                    available: written,
-                }));
-            }
-        };
-        if let Some(t) = total {
-            if written != t {
-                fill.fetcher.rejected(from);
-                return Err(UpstreamError::Invalid {
-                    upstream,
-                    reason: format!("body ended after {written} of {t} bytes"),
-                }
-                .into());
-            }
-        }
-        let actual = hasher.finish();
-        if actual != fill.digest {
-            fill.fetcher.rejected(from);
-            return Err(UpstreamError::DigestMismatch {
-                upstream,
-                expected: fill.digest.to_string(),
-                actual: actual.to_string(),
-            }
-            .into());
-        }
-        // Verified: readers get the last bytes now, not after the fsync below.
-        fill.state.send_replace(FillState::Done { total: written });
-        let store = self.store.clone();
-        let digest = fill.digest.clone();
-        let temp_path = guard.0.clone().expect("temp path present");
-        let f = file.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || store.commit_blob(&f, &temp_path, &digest))
-                .await
-                .map_err(|e| FillError::Internal(e.to_string()))?;
-        match committed {
-            Ok(()) => {
-                guard.0 = None;
-                let key = Key {
-                    kind: ObjectKind::Blob,
-                    digest: fill.digest.clone(),
-                };
-                let evicted = reservation.commit(key.clone(), written);
-                if fill.late_hits.load(Ordering::Relaxed) > 0 {
-                    self.index.touch(&key);
-                }
-                self.delete(evicted).await;
-            }
-            // The bytes are verified and readable through the open file: serve them all, keep
-            // nothing.
-            Err(e) => self.storage_failed(&fill.digest, "cache commit failed", &e),
-        }
-        fill.fetcher.verified(from);
-        Ok(Some(FillState::Done { total: written }))
+        Ok((wrote, hasher))
     }
 }
 
