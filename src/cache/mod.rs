@@ -28,7 +28,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-pub use fill::{BlobFetcher, BlobSource, BlobStream, Fetched, Fill, FillError, FillStats, Fills};
+pub use fill::{
+    BlobFetcher, BlobSource, BlobStream, FetchError, FetchFailure, Fetched, Fill, FillError,
+    FillStats, Fills,
+};
 pub use index::{DiskIndex, Key, ObjectKind, PinError, Usage};
 pub use membership::Memberships;
 pub use pins::PinnedImage;

@@ -1,11 +1,11 @@
 //! One fill per digest (docs/ARCHITECTURE.md, "Cache"): the first request for a missing blob
-//! starts a single upstream fetch in its own task; it and every later request for the same
+//! starts a single fetch from its sources in its own task; it and every later request for the same
 //! digest read the growing temp file as bytes land (the last few batches written straight from
 //! memory). The last bytes are published only after the digest checked out, so no client ever
 //! receives a complete-looking body with wrong bytes.
 //!
 //! When the blob cannot be stored (larger than the disk budget, the budget held by other fills,
-//! a full disk, a write error) clients are still served: readers continue from the upstream
+//! a full disk, a write error) clients are still served: readers continue from the source
 //! with a ranged request from where the file left them (pass-through), verifying whole-blob
 //! bodies themselves.
 //!
@@ -41,9 +41,8 @@ use tokio::sync::watch;
 
 use super::queue::FillObserver;
 use crate::oci::Digest;
-use crate::upstream::UpstreamError;
 
-pub use fetch::{BlobFetcher, Fetched, FetchedFrom, UpstreamStream};
+pub use fetch::{BlobFetcher, FetchError, FetchFailure, FetchStream, Fetched, FetchedFrom};
 pub use reader::{read_file_range, BlobStream};
 pub use registry::{BlobSource, Fills};
 
@@ -57,9 +56,28 @@ const TAIL_BATCHES: usize = 8;
 /// Why a fill failed; shared by every waiter.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FillError {
-    /// The origin failed or sent bad bytes: every waiter's response is aborted.
+    /// The source failed: every waiter's response is aborted.
     #[error(transparent)]
-    Upstream(#[from] UpstreamError),
+    Fetch(#[from] FetchError),
+    /// The source's bytes do not match the digest: nothing was stored or served as a complete
+    /// body.
+    #[error("content from {source_name} does not match digest {expected} (got {actual})")]
+    DigestMismatch {
+        /// The source's name.
+        source_name: String,
+        /// The digest asked for.
+        expected: Digest,
+        /// The digest of the bytes received.
+        actual: Digest,
+    },
+    /// The source's body was longer or shorter than the length it stated.
+    #[error("upstream {source_name} sent an invalid answer: {reason}")]
+    WrongLength {
+        /// The source's name.
+        source_name: String,
+        /// By how much.
+        reason: String,
+    },
     /// Too many fills were fetching: this one waited `waited` for a slot and gave up.
     #[error("too many blob fills in progress (waited {waited:?} for a slot); try again")]
     QueueTimeout {
@@ -105,7 +123,7 @@ pub struct Fill {
     state: watch::Sender<FillState>,
     file: OnceLock<Arc<File>>,
     fetcher: Arc<dyn BlobFetcher>,
-    /// The fill's own upstream body when it decided not to store before reading any of it: the
+    /// The fill's own source body when it decided not to store before reading any of it: the
     /// first reader takes it instead of opening another request.
     handoff: Mutex<Option<Fetched>>,
     /// Requests served from this fill after it was verified but before it was committed: hits
@@ -120,7 +138,7 @@ pub struct Fill {
 /// Counters the metrics layer reads.
 #[derive(Default)]
 pub struct FillStats {
-    /// Failed fills by (reason, upstream).
+    /// Failed fills by (reason, source name).
     pub failures: Mutex<HashMap<(&'static str, String), u64>>,
     /// Fills that could not store their blob (budget, disk full, write error).
     pub pass_through: AtomicU64,
@@ -147,31 +165,27 @@ impl FillError {
     /// Label value for `berth_fill_failures_total{reason}`.
     pub fn reason(&self) -> &'static str {
         match self {
-            FillError::Upstream(UpstreamError::DigestMismatch { .. }) => "digest_mismatch",
-            FillError::Upstream(UpstreamError::Timeout { .. }) => "timeout",
-            FillError::Upstream(UpstreamError::Unreachable { .. }) => "unreachable",
-            FillError::Upstream(UpstreamError::Status { .. }) => "status",
-            FillError::Upstream(UpstreamError::Token { .. }) => "auth",
-            FillError::Upstream(UpstreamError::Invalid { .. }) => "invalid",
-            FillError::Upstream(UpstreamError::Offline { .. }) => "offline",
+            FillError::Fetch(e) => e.failure().as_str(),
+            FillError::DigestMismatch { .. } => FetchFailure::DigestMismatch.as_str(),
+            FillError::WrongLength { .. } => FetchFailure::Invalid.as_str(),
             FillError::QueueTimeout { .. } => "queue_timeout",
             FillError::Internal(_) => "internal",
         }
     }
 
-    fn upstream(&self) -> String {
+    /// The name of the source that failed (empty for local failures).
+    pub fn source_name(&self) -> &str {
         match self {
-            FillError::Upstream(
-                UpstreamError::DigestMismatch { upstream, .. }
-                | UpstreamError::Timeout { upstream, .. }
-                | UpstreamError::Unreachable { upstream, .. }
-                | UpstreamError::Status { upstream, .. }
-                | UpstreamError::Token { upstream, .. }
-                | UpstreamError::Invalid { upstream, .. }
-                | UpstreamError::Offline { upstream },
-            ) => upstream.clone(),
-            FillError::QueueTimeout { .. } | FillError::Internal(_) => String::new(),
+            FillError::Fetch(e) => e.source_name(),
+            FillError::DigestMismatch { source_name, .. }
+            | FillError::WrongLength { source_name, .. } => source_name,
+            FillError::QueueTimeout { .. } | FillError::Internal(_) => "",
         }
+    }
+
+    /// Whether the source is offline by configuration: the blob is not in this mirror.
+    pub fn is_offline(&self) -> bool {
+        matches!(self, FillError::Fetch(e) if e.is_offline())
     }
 }
 

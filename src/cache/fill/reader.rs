@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
 
-use super::{Fill, FillState, FillStats, UpstreamStream, CHUNK};
+use super::{FetchStream, Fill, FillState, FillStats, CHUNK};
 use crate::oci::Hasher;
 
 /// A stream of a blob's bytes, in [`CHUNK`]-sized frames; an error aborts the response.
@@ -39,7 +39,7 @@ impl Fill {
             phase: Phase::File,
             verify: None,
             stats,
-            upstream: String::new(),
+            source: String::new(),
             counted_unverified: false,
         };
         futures_util::stream::unfold(init, |mut r| async move {
@@ -58,7 +58,7 @@ impl Fill {
 
 enum Phase {
     File,
-    Upstream(UpstreamStream),
+    Source(FetchStream),
     Finished,
 }
 
@@ -79,7 +79,8 @@ struct Reader {
     phase: Phase,
     verify: Option<Verify>,
     stats: Arc<FillStats>,
-    upstream: String,
+    /// The name of the source a pass-through read continues from.
+    source: String,
     /// Whether this response was counted as carrying unverified bytes.
     counted_unverified: bool,
 }
@@ -105,7 +106,7 @@ impl Reader {
             }
             match &mut self.phase {
                 Phase::Finished => return Ok(None),
-                Phase::Upstream(_) => return self.next_upstream().await,
+                Phase::Source(_) => return self.next_from_source().await,
                 Phase::File => {}
             }
             let state = self.rx.borrow_and_update().clone();
@@ -131,7 +132,7 @@ impl Reader {
                         if self.end.is_none() {
                             self.end = total;
                         }
-                        self.switch_to_upstream().await?;
+                        self.switch_to_source().await?;
                         continue;
                     }
                 }
@@ -170,7 +171,7 @@ impl Reader {
     }
 
     /// Storage failed or was skipped: continue from the origin at `offset`.
-    async fn switch_to_upstream(&mut self) -> io::Result<()> {
+    async fn switch_to_source(&mut self) -> io::Result<()> {
         let whole = self.start == 0 && (self.end.is_none() || self.end == self.total);
         if whole {
             // Verify the whole body: hash what the file already gave this client.
@@ -209,13 +210,13 @@ impl Reader {
                 .await
                 .map_err(|e| io::Error::other(e.to_string()))?,
         };
-        self.upstream = fetched.upstream;
-        self.phase = Phase::Upstream(fetched.body);
+        self.source = fetched.source;
+        self.phase = Phase::Source(fetched.body);
         Ok(())
     }
 
-    async fn next_upstream(&mut self) -> io::Result<Option<Bytes>> {
-        let Phase::Upstream(body) = &mut self.phase else {
+    async fn next_from_source(&mut self) -> io::Result<Option<Bytes>> {
+        let Phase::Source(body) = &mut self.phase else {
             return Ok(None);
         };
         loop {
@@ -272,7 +273,7 @@ impl Reader {
                             .failures
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .entry(("digest_mismatch", self.upstream.clone()))
+                            .entry(("digest_mismatch", self.source.clone()))
                             .or_default() += 1;
                         return Err(io::Error::other(format!(
                             "origin content does not match {} (got {actual})",

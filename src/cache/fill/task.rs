@@ -15,10 +15,9 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{Fetched, FetchedFrom, Fill, FillError, FillState, Fills, UpstreamStream};
+use super::{FetchError, FetchStream, Fetched, FetchedFrom, Fill, FillError, FillState, Fills};
 use crate::cache::index::{Key, ObjectKind, Reservation, ReserveError};
 use crate::oci::{Digest, Hasher};
-use crate::upstream::UpstreamError;
 
 /// Most bytes a fill gathers from the origin into one write (only what already arrived is
 /// joined: a fill never waits to fill a batch).
@@ -53,7 +52,7 @@ impl Fills {
             available: 0,
         });
         let Fetched {
-            upstream, mut body, ..
+            source, mut body, ..
         } = fetched;
         let disk = DiskSide::start(fill, &storage.file, total);
         let copied = self
@@ -63,7 +62,7 @@ impl Fills {
                 total,
                 &mut storage.reservation,
                 &disk,
-                &upstream,
+                &source,
             )
             .await;
         let (wrote, hasher) = disk.finish().await?;
@@ -74,7 +73,7 @@ impl Fills {
             Ok(written) => written,
             Err(pass_through) => return Ok(Some(pass_through)),
         };
-        verify(fill, from, upstream, total, written, hasher)?;
+        verify(fill, from, source, total, written, hasher)?;
         // Verified: readers get the last bytes now, not after the fsync below.
         fill.state.send_replace(FillState::Done { total: written });
         self.commit(fill, storage, written).await?;
@@ -91,7 +90,7 @@ impl Fills {
             }
             Ok(None) => {}
             Err(e) => {
-                if matches!(e, FillError::Upstream(UpstreamError::Offline { .. })) {
+                if e.is_offline() {
                     tracing::debug!(digest = %fill.digest, "not in this mirror");
                 } else {
                     tracing::warn!(digest = %fill.digest, error = %e, "fill failed");
@@ -101,7 +100,7 @@ impl Fills {
                     .failures
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .entry((e.reason(), e.upstream()))
+                    .entry((e.reason(), e.source_name().to_owned()))
                     .or_default() += 1;
                 fill.state.send_replace(FillState::Failed(e));
             }
@@ -164,11 +163,11 @@ impl Fills {
     async fn copy(
         &self,
         fill: &Fill,
-        body: &mut UpstreamStream,
+        body: &mut FetchStream,
         total: Option<u64>,
         reservation: &mut Reservation,
         disk: &DiskSide,
-        upstream: &str,
+        source: &str,
     ) -> Copied {
         let mut copied = Copied {
             queued: 0,
@@ -186,13 +185,10 @@ impl Fills {
             };
             let queued = copied.queued + data.len() as u64;
             if total.is_some_and(|t| queued > t) {
-                copied.failure = Some(
-                    UpstreamError::Invalid {
-                        upstream: upstream.to_owned(),
-                        reason: "body longer than its Content-Length".into(),
-                    }
-                    .into(),
-                );
+                copied.failure = Some(FillError::WrongLength {
+                    source_name: source.to_owned(),
+                    reason: "body longer than its Content-Length".into(),
+                });
                 break;
             }
             if queued > reservation.bytes() {
@@ -315,7 +311,7 @@ impl Fills {
 fn verify(
     fill: &Fill,
     from: FetchedFrom,
-    upstream: String,
+    source: String,
     total: Option<u64>,
     written: u64,
     hasher: Hasher,
@@ -323,22 +319,20 @@ fn verify(
     if let Some(t) = total {
         if written != t {
             fill.fetcher.rejected(from);
-            return Err(UpstreamError::Invalid {
-                upstream,
+            return Err(FillError::WrongLength {
+                source_name: source,
                 reason: format!("body ended after {written} of {t} bytes"),
-            }
-            .into());
+            });
         }
     }
     let actual = hasher.finish();
     if actual != fill.digest {
         fill.fetcher.rejected(from);
-        return Err(UpstreamError::DigestMismatch {
-            upstream,
-            expected: fill.digest.to_string(),
-            actual: actual.to_string(),
-        }
-        .into());
+        return Err(FillError::DigestMismatch {
+            source_name: source,
+            expected: fill.digest.clone(),
+            actual,
+        });
     }
     Ok(())
 }
@@ -368,13 +362,13 @@ enum Batch {
     /// The body ended.
     End,
     /// The source failed; what this batch had gathered is dropped.
-    Failed(UpstreamError),
+    Failed(FetchError),
 }
 
 /// The next write: one chunk (waited for), joined with whatever else has already arrived, up
 /// to [`FILL_BATCH`], without waiting: bytes that reached berth are published to readers now,
 /// not when a full batch has gathered.
-async fn next_batch(body: &mut UpstreamStream) -> Batch {
+async fn next_batch(body: &mut FetchStream) -> Batch {
     let mut parts: Vec<Bytes> = Vec::new();
     match body.next().await {
         Some(Ok(chunk)) => parts.push(chunk),
