@@ -6,13 +6,13 @@
 
 use std::hint::black_box;
 
-use berth::cache::{DiskIndex, Key, Kind, Memberships};
+use berth::cache::{DiskIndex, Key, Memberships, ObjectKind};
 use berth::oci::{Digest, DigestAlgorithm, Hasher};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn key(n: u64) -> Key {
     Key {
-        kind: Kind::Blob,
+        kind: ObjectKind::Blob,
         digest: Digest::sha256_of(&n.to_le_bytes()),
     }
 }

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use berth::cache::{DiskIndex, Key, Kind};
+use berth::cache::{DiskIndex, Key, ObjectKind};
 use berth::oci::Digest;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -186,7 +186,7 @@ fn main() {
             let budget = (total as f64 * share) as u64;
             let keys: Vec<Key> = (0..sizes.len() as u64)
                 .map(|i| Key {
-                    kind: Kind::Blob,
+                    kind: ObjectKind::Blob,
                     digest: Digest::sha256_of(&i.to_le_bytes()),
                 })
                 .collect();

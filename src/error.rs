@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::{self, Body};
+use crate::cache::{FetchError, FetchFailure};
 use crate::oci::{DigestError, NameError, ReferenceError};
 use crate::upstream::UpstreamError;
 
@@ -162,6 +163,28 @@ impl Error {
     }
 }
 
+// === impl FetchError ===
+
+/// An upstream client's failure as a fill sees it: its class (the fill failure label), the
+/// upstream's name, and the error itself, which the blob handler recovers to answer as it
+/// would without the cache.
+impl From<UpstreamError> for FetchError {
+    fn from(e: UpstreamError) -> FetchError {
+        let (failure, name) = match &e {
+            UpstreamError::Unreachable { upstream, .. } => (FetchFailure::Unreachable, upstream),
+            UpstreamError::Timeout { upstream, .. } => (FetchFailure::Timeout, upstream),
+            UpstreamError::Status { upstream, .. } => (FetchFailure::Status, upstream),
+            UpstreamError::Token { upstream, .. } => (FetchFailure::Auth, upstream),
+            UpstreamError::DigestMismatch { upstream, .. } => {
+                (FetchFailure::DigestMismatch, upstream)
+            }
+            UpstreamError::Invalid { upstream, .. } => (FetchFailure::Invalid, upstream),
+            UpstreamError::Offline { upstream } => (FetchFailure::Offline, upstream),
+        };
+        FetchError::new(failure, name.clone(), e)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +206,29 @@ mod tests {
         let r = Error::RangeNotSatisfiable { size: 10 }.into_response(false);
         assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
         assert_eq!(r.headers()[header::CONTENT_RANGE], "bytes */10");
+    }
+
+    #[test]
+    fn an_upstream_error_passes_through_a_fill_whole() {
+        let e = UpstreamError::Status {
+            upstream: "hub".into(),
+            status: StatusCode::TOO_MANY_REQUESTS,
+            retry_after: Some("7".into()),
+        };
+        let f = FetchError::from(e.clone());
+        assert_eq!(
+            (f.failure().as_str(), f.source_name(), f.is_offline()),
+            ("status", "hub", false)
+        );
+        assert_eq!(f.to_string(), e.to_string());
+        let back = f
+            .downcast_ref::<UpstreamError>()
+            .expect("the origin's error");
+        assert_eq!((back.status(), back.retry_after()), (e.status(), Some("7")));
+        let offline = FetchError::from(UpstreamError::Offline {
+            upstream: "hub".into(),
+        });
+        assert!(offline.is_offline());
+        assert_eq!(offline.failure().as_str(), "offline");
     }
 }

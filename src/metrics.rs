@@ -519,18 +519,3 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 }
-
-/// The fills report queueing and unverified Range responses as they happen.
-impl crate::cache::FillObserver for Metrics {
-    fn fills_queued(&self, queued: usize) {
-        self.fills_queued.set(queued as i64);
-    }
-
-    fn fill_queue_wait(&self, waited: std::time::Duration) {
-        self.fill_queue_wait.observe(waited.as_secs_f64());
-    }
-
-    fn unverified_range_response(&self) {
-        self.unverified_range_responses.inc();
-    }
-}

@@ -24,7 +24,7 @@ use hyper_util::rt::TokioExecutor;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::Semaphore;
 
-use crate::cache::{Key, Kind, PinnedImage};
+use crate::cache::{Key, ObjectKind, PinnedImage};
 use crate::oci::{media, Digest, ImageRef};
 use crate::proxy::App;
 
@@ -272,7 +272,7 @@ impl Puller {
             // Pin as soon as it is stored (the commit lands just after the last byte), so that
             // later fills of this warm cannot evict it before the image is complete.
             let key = Key {
-                kind: Kind::Blob,
+                kind: ObjectKind::Blob,
                 digest: d.digest.clone(),
             };
             // The verified last bytes reach this client just before the commit lands.

@@ -22,19 +22,19 @@ pub const PROTECTED_SHARE: f64 = 0.8;
 
 /// What an object is: the two kinds live in separate directories.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
+pub enum ObjectKind {
     /// A layer or config blob.
     Blob,
     /// A manifest or index.
     Manifest,
 }
 
-impl Kind {
+impl ObjectKind {
     /// Directory name and label value.
     pub fn as_str(self) -> &'static str {
         match self {
-            Kind::Blob => "blobs",
-            Kind::Manifest => "manifests",
+            ObjectKind::Blob => "blobs",
+            ObjectKind::Manifest => "manifests",
         }
     }
 }
@@ -43,7 +43,7 @@ impl Kind {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key {
     /// Blob or manifest.
-    pub kind: Kind,
+    pub kind: ObjectKind,
     /// Its digest.
     pub digest: Digest,
 }
@@ -597,7 +597,7 @@ mod tests {
 
     fn key(n: u8) -> Key {
         Key {
-            kind: Kind::Blob,
+            kind: ObjectKind::Blob,
             digest: Digest::sha256_of(&[n]),
         }
     }

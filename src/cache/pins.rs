@@ -4,11 +4,13 @@
 //! leaves the old records or the new ones. A file damaged anyway is set aside as
 //! `pins.json.damaged` (for the operator to restore from) and berth starts with no pins.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::index::{Key, Kind};
+use super::index::{Key, ObjectKind, PinError};
+use super::Cache;
 use crate::oci::Digest;
 
 /// File name of the pin records.
@@ -39,8 +41,8 @@ impl PinnedImage {
         let parse = |kind, d: &String| d.parse::<Digest>().ok().map(|digest| Key { kind, digest });
         self.manifests
             .iter()
-            .filter_map(|d| parse(Kind::Manifest, d))
-            .chain(self.blobs.iter().filter_map(|d| parse(Kind::Blob, d)))
+            .filter_map(|d| parse(ObjectKind::Manifest, d))
+            .chain(self.blobs.iter().filter_map(|d| parse(ObjectKind::Blob, d)))
             .collect()
     }
 }
@@ -79,4 +81,52 @@ pub fn read(dir: &Path) -> std::io::Result<Vec<PinnedImage>> {
 /// The pin records as saved.
 pub fn encode(pins: &[PinnedImage]) -> Vec<u8> {
     serde_json::to_vec_pretty(pins).expect("plain records serialize")
+}
+
+// === impl Cache ===
+
+impl Cache {
+    /// Pins an image: all its objects must be on disk and fit the budget beside what is pinned
+    /// already. The record is saved so that pins survive restarts (and `berth export` can list
+    /// pinned images).
+    pub fn pin_image(&self, image: PinnedImage) -> Result<(), PinError> {
+        self.index.pin(&image.keys())?;
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        pins.retain(|p| p.reference != image.reference);
+        pins.push(image);
+        self.save_pins(&pins);
+        Ok(())
+    }
+
+    /// Saves the pin records crash-safely (see [`super::DiskStore::write_small`]).
+    pub(super) fn save_pins(&self, pins: &[PinnedImage]) {
+        let path = self.store.root().join(PINS_FILE);
+        if let Err(e) = self.store.write_small(&path, &encode(pins)) {
+            tracing::warn!(path = %path.display(), error = %e, "could not save pins");
+        }
+    }
+
+    /// Unpins the images recorded under `reference`: their objects become ordinary cache
+    /// entries again (most evictable first), except those another pinned image still needs.
+    /// Returns how many records were removed.
+    pub fn unpin_image(&self, reference: &str) -> usize {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        let before = pins.len();
+        let (gone, kept): (Vec<_>, Vec<_>) = pins.drain(..).partition(|p| p.reference == reference);
+        *pins = kept;
+        let still: HashSet<Key> = pins.iter().flat_map(|p| p.keys()).collect();
+        let release: Vec<Key> = gone
+            .iter()
+            .flat_map(|p| p.keys())
+            .filter(|k| !still.contains(k))
+            .collect();
+        self.index.unpin(&release);
+        self.save_pins(&pins);
+        before - pins.len()
+    }
+
+    /// The pinned images.
+    pub fn pinned_images(&self) -> Vec<PinnedImage> {
+        self.pins.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use super::membership::referenced_digests;
-use super::{Cache, Key, Kind};
+use super::{Cache, Key, ObjectKind};
 use crate::oci::{Digest, RepoName, Tag};
 
 /// What a purge removed.
@@ -56,11 +56,11 @@ impl Cache {
     pub fn purge_digest(&self, d: &Digest, force: bool) -> Result<PurgeReport, PurgeError> {
         let mut keys = Vec::new();
         let manifest = Key {
-            kind: Kind::Manifest,
+            kind: ObjectKind::Manifest,
             digest: d.clone(),
         };
         let blob = Key {
-            kind: Kind::Blob,
+            kind: ObjectKind::Blob,
             digest: d.clone(),
         };
         if self.index.contains(&manifest) || self.memory.manifest(d).is_some() {
@@ -116,7 +116,7 @@ impl Cache {
                 continue;
             }
             keys.push(Key {
-                kind: Kind::Manifest,
+                kind: ObjectKind::Manifest,
                 digest: m.clone(),
             });
             // Read where it is, without promoting it to memory or touching its recency: it is
@@ -130,14 +130,14 @@ impl Cache {
             };
             for child in referenced_digests(&bytes) {
                 let as_manifest = Key {
-                    kind: Kind::Manifest,
+                    kind: ObjectKind::Manifest,
                     digest: child.clone(),
                 };
                 if self.index.contains(&as_manifest) || self.memory.manifest(&child).is_some() {
                     todo.push(child);
                 } else {
                     keys.push(Key {
-                        kind: Kind::Blob,
+                        kind: ObjectKind::Blob,
                         digest: child,
                     });
                 }
@@ -165,15 +165,15 @@ impl Cache {
         }
         for k in keys {
             match k.kind {
-                Kind::Manifest => self.memory.remove_manifest(&k.digest),
-                Kind::Blob => self.memory.remove_blob(&k.digest),
+                ObjectKind::Manifest => self.memory.remove_manifest(&k.digest),
+                ObjectKind::Blob => self.memory.remove_blob(&k.digest),
             }
             if let Some(size) = self.index.remove(k) {
                 self.store.delete(k);
                 report.bytes += size;
                 match k.kind {
-                    Kind::Manifest => report.manifests += 1,
-                    Kind::Blob => report.blobs += 1,
+                    ObjectKind::Manifest => report.manifests += 1,
+                    ObjectKind::Blob => report.blobs += 1,
                 }
             }
         }

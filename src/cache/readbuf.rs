@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 
 /// Size of every pooled buffer: the largest read made from a cached file.
-pub const BUF_SIZE: usize = super::fill::CHUNK;
+pub const BUF_SIZE: usize = 256 * 1024;
 
 /// Most buffers kept for reuse (8 MiB); more are freed when returned.
 const POOL_MAX: usize = 32;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{Cache, Key, Kind};
+use super::{Cache, Key, ObjectKind};
 use crate::oci::Hasher;
 
 /// What to scrub and how fast.
@@ -172,7 +172,7 @@ impl Cache {
         let mut buf = vec![0u8; CHUNK];
         // A stored manifest starts with its media type and a newline; the digest covers the
         // rest.
-        let mut header = key.kind == Kind::Manifest;
+        let mut header = key.kind == ObjectKind::Manifest;
         loop {
             let n = file.read(&mut buf)?;
             if n == 0 {
@@ -211,10 +211,10 @@ impl Cache {
     }
 }
 
-fn kind_label(kind: Kind) -> &'static str {
+fn kind_label(kind: ObjectKind) -> &'static str {
     match kind {
-        Kind::Blob => "blob",
-        Kind::Manifest => "manifest",
+        ObjectKind::Blob => "blob",
+        ObjectKind::Manifest => "manifest",
     }
 }
 

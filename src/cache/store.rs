@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
-use super::index::{Key, Kind};
+use super::index::{Key, ObjectKind};
 use crate::oci::{Digest, Hasher};
 
 /// Name of the recency snapshot file.
@@ -122,7 +122,7 @@ impl DiskStore {
     /// digests (or whose directory does not match) are deleted: nothing unverifiable is served.
     pub fn scan(&self) -> io::Result<Vec<(Key, u64, std::time::SystemTime)>> {
         let mut out = Vec::new();
-        for kind in [Kind::Blob, Kind::Manifest] {
+        for kind in [ObjectKind::Blob, ObjectKind::Manifest] {
             let kind_dir = self.root.join(kind.as_str());
             for alg in fs::read_dir(&kind_dir)? {
                 let alg = alg?;
@@ -203,8 +203,8 @@ impl DiskStore {
         for (k, protected) in order {
             text.push_str(if *protected { "p " } else { "o " });
             text.push_str(match k.kind {
-                Kind::Blob => "b ",
-                Kind::Manifest => "m ",
+                ObjectKind::Blob => "b ",
+                ObjectKind::Manifest => "m ",
             });
             text.push_str(&k.digest.to_string());
             text.push('\n');
@@ -335,8 +335,8 @@ fn parse_recency_line(l: &str) -> Option<(Key, bool)> {
         _ => return None,
     };
     let kind = match kind {
-        "b" => Kind::Blob,
-        "m" => Kind::Manifest,
+        "b" => ObjectKind::Blob,
+        "m" => ObjectKind::Manifest,
         _ => return None,
     };
     if it.next().is_some() {

@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Empty};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 use super::{Cluster, BLOB_PATH, MEMBER_HEADER, UPSTREAM_AUTH_HEADER};
-use crate::cache::fill::{BlobFetcher, Fetched, FetchedFrom};
+use crate::cache::fill::{BlobFetcher, FetchError, Fetched, FetchedFrom};
 use crate::cache::Memberships;
 use crate::oci::Digest;
 use crate::upstream::{Selected, UpstreamAuth, UpstreamError};
@@ -102,7 +102,7 @@ impl BlobFetcher for PeerBlob {
         &self,
         start: u64,
         end: Option<u64>,
-    ) -> Pin<Box<dyn Future<Output = Result<Fetched, UpstreamError>> + Send>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Fetched, FetchError>> + Send>> {
         let request = self.request(start, end);
         let (client, timeout, idle) = (
             self.cluster.client.clone(),
@@ -128,14 +128,16 @@ impl BlobFetcher for PeerBlob {
                     return Err(UpstreamError::Timeout {
                         upstream: name,
                         what: "peer answer",
-                    });
+                    }
+                    .into());
                 }
                 Ok(Err(e)) => {
                     counter("error");
                     return Err(UpstreamError::Unreachable {
                         upstream: name,
                         reason: crate::upstream::error_chain(&e),
-                    });
+                    }
+                    .into());
                 }
                 Ok(Ok(r)) => r,
             };
@@ -153,7 +155,8 @@ impl BlobFetcher for PeerBlob {
                         upstream: name,
                         status,
                         retry_after: None,
-                    });
+                    }
+                    .into());
                 }
             };
             counter("ok");
@@ -182,7 +185,7 @@ impl BlobFetcher for PeerBlob {
                                     upstream,
                                     what: "peer body idle",
                                 };
-                                return Some((Err(e), None));
+                                return Some((Err(e.into()), None));
                             }
                             Ok(None) => return None,
                             Ok(Some(Err(e))) => {
@@ -190,7 +193,7 @@ impl BlobFetcher for PeerBlob {
                                     reason: crate::upstream::error_chain(&e),
                                     upstream,
                                 };
-                                return Some((Err(e), None));
+                                return Some((Err(e.into()), None));
                             }
                             Ok(Some(Ok(f))) => f,
                         };
@@ -211,7 +214,7 @@ impl BlobFetcher for PeerBlob {
             );
             Ok(Fetched {
                 total,
-                upstream: name,
+                source: name,
                 body: Box::pin(stream),
                 from: FetchedFrom::Peer,
             })

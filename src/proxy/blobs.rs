@@ -16,9 +16,9 @@ use super::{sourced, App, CacheResult, Source};
 use crate::auth::Target;
 use crate::body::{self, Body};
 use crate::cache::fill::{
-    read_file_range, BlobFetcher, BlobSource, Fetched, FetchedFrom, FillError,
+    read_file_range, BlobFetcher, BlobSource, FetchError, Fetched, FetchedFrom, FillError,
 };
-use crate::cache::{Key, Kind, Tier};
+use crate::cache::{Key, ObjectKind, Tier};
 use crate::cluster::fetch::PeerBlob;
 use crate::cluster::MEMBER_HEADER;
 use crate::error::Error;
@@ -92,7 +92,7 @@ impl App {
         if let Some(bytes) = self.cache().memory().blob(&digest) {
             confirm().await?;
             self.cache().index().touch(&Key {
-                kind: Kind::Blob,
+                kind: ObjectKind::Blob,
                 digest: digest.clone(),
             });
             self.count_lookup("blob", "memory", true);
@@ -316,7 +316,7 @@ impl BlobFetcher for UpstreamBlob {
         &self,
         start: u64,
         end: Option<u64>,
-    ) -> Pin<Box<dyn Future<Output = Result<Fetched, UpstreamError>> + Send>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Fetched, FetchError>> + Send>> {
         let upstream = self.upstream.clone();
         let mut request = self.request.clone();
         let metrics = self.metrics.clone();
@@ -338,7 +338,7 @@ impl BlobFetcher for UpstreamBlob {
             let skip = match resp.status() {
                 StatusCode::OK => start,
                 StatusCode::PARTIAL_CONTENT if ranged => 0,
-                _ => return Err(upstream.status_error(&resp)),
+                _ => return Err(upstream.status_error(&resp).into()),
             };
             // The origin answered this repository's GET with the blob: evidence, recorded
             // before any waiter of this fill is released.
@@ -364,13 +364,13 @@ impl BlobFetcher for UpstreamBlob {
                                 return Some((Ok(chunk), Some((u, b, skip))));
                             }
                             Ok(None) => return None,
-                            Err(e) => return Some((Err(e), None)),
+                            Err(e) => return Some((Err(e.into()), None)),
                         }
                     }
                 });
             Ok(Fetched {
                 total,
-                upstream: name,
+                source: name,
                 body: Box::pin(stream),
                 from: FetchedFrom::Origin,
             })
@@ -411,9 +411,35 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
+/// A failed fill's answer: the source's own error as the origin's would be answered (every
+/// fetcher here fails with an [`UpstreamError`]), bytes that failed verification as a bad
+/// gateway (counted in `berth_digest_mismatches_total` by `App::handle`), a full fill queue
+/// as 429.
 fn fill_err(e: FillError) -> Error {
     match e {
-        FillError::Upstream(u) => not_found_as(u, "blob"),
+        FillError::Fetch(f) => match f.downcast_ref::<UpstreamError>() {
+            Some(u) => not_found_as(u.clone(), "blob"),
+            None => Error::Upstream(UpstreamError::Unreachable {
+                upstream: f.source_name().to_owned(),
+                reason: f.to_string(),
+            }),
+        },
+        FillError::DigestMismatch {
+            source_name,
+            expected,
+            actual,
+        } => Error::Upstream(UpstreamError::DigestMismatch {
+            upstream: source_name,
+            expected: expected.to_string(),
+            actual: actual.to_string(),
+        }),
+        FillError::WrongLength {
+            source_name,
+            reason,
+        } => Error::Upstream(UpstreamError::Invalid {
+            upstream: source_name,
+            reason,
+        }),
         e @ FillError::QueueTimeout { .. } => Error::TooManyRequests(e.to_string()),
         FillError::Internal(m) => Error::Internal(m),
     }

@@ -8,6 +8,7 @@ pub mod events;
 pub mod freshness;
 mod listing;
 mod manifests;
+mod observe;
 pub mod peer;
 mod prefetch;
 pub mod purge;

@@ -20,7 +20,7 @@ use tokio::sync::{watch, Semaphore};
 use super::blobs::Caller;
 use super::App;
 use crate::cache::fill::{BlobFetcher, BlobSource, Fill, Fills};
-use crate::cache::{Key, Kind, StoredManifest};
+use crate::cache::{Key, ObjectKind, StoredManifest};
 use crate::config::PrefetchConfig;
 use crate::metrics::{Metrics, PrefetchMetrics};
 use crate::oci::{media, Digest};
@@ -230,7 +230,7 @@ impl App {
             .into_iter()
             .filter(|part| {
                 let key = Key {
-                    kind: Kind::Blob,
+                    kind: ObjectKind::Blob,
                     digest: part.digest.clone(),
                 };
                 let present = cache.index().contains(&key)

@@ -8,11 +8,10 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
-use crate::cache::fill::{BlobFetcher, Fetched, FetchedFrom, UpstreamStream};
+use crate::cache::fill::{BlobFetcher, FetchError, FetchStream, Fetched, FetchedFrom};
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::shared::SharedTier;
-use crate::upstream::UpstreamError;
 
 /// A fill's sources for one digest.
 pub(super) struct TieredBlob {
@@ -29,7 +28,7 @@ impl BlobFetcher for TieredBlob {
         &self,
         start: u64,
         end: Option<u64>,
-    ) -> Pin<Box<dyn Future<Output = Result<Fetched, UpstreamError>> + Send>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Fetched, FetchError>> + Send>> {
         let (peer, shared, origin) = (self.peer.clone(), self.shared.clone(), self.origin.clone());
         let (digest, metrics) = (self.digest.clone(), self.metrics.clone());
         Box::pin(async move {
@@ -81,7 +80,7 @@ async fn next_source(
     metrics: &Metrics,
     start: u64,
     end: Option<u64>,
-) -> Result<Fetched, UpstreamError> {
+) -> Result<Fetched, FetchError> {
     if let Some(shared) = shared {
         if let Some(f) = shared.fetch_blob(digest, start, end).await {
             return Ok(spared(f, metrics));
@@ -101,9 +100,9 @@ struct Rest {
 /// Which body a continued fetch is reading.
 enum Leg {
     /// The owner's, with the source of the rest should it fail.
-    Peer(UpstreamStream, Rest),
+    Peer(FetchStream, Rest),
     /// The shared tier's or the origin's, from where the owner stopped.
-    Rest(UpstreamStream),
+    Rest(FetchStream),
 }
 
 impl Rest {

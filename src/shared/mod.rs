@@ -26,7 +26,7 @@ use futures_util::StreamExt;
 use object_store::path::Path as StorePath;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig};
 
-use crate::cache::fill::{Fetched, FetchedFrom};
+use crate::cache::fill::{FetchError, Fetched, FetchedFrom};
 use crate::cache::DiskStore;
 use crate::config::SharedConfig;
 use crate::metrics::Metrics;
@@ -194,19 +194,19 @@ impl SharedTier {
             async move {
                 let mut inner = state?;
                 let item = match tokio::time::timeout(timeout, inner.next()).await {
-                    Err(_) => Err(UpstreamError::Timeout {
+                    Err(_) => Err(FetchError::from(UpstreamError::Timeout {
                         upstream: NAME.into(),
                         what: "shared tier read",
-                    }),
+                    })),
                     Ok(None) => return None,
                     Ok(Some(Ok(b))) => {
                         read.inc_by(b.len() as u64);
                         return Some((Ok(b), Some(inner)));
                     }
-                    Ok(Some(Err(e))) => Err(UpstreamError::Unreachable {
+                    Ok(Some(Err(e))) => Err(FetchError::from(UpstreamError::Unreachable {
                         upstream: NAME.into(),
                         reason: e.to_string(),
-                    }),
+                    })),
                 };
                 Some((item, None))
             }
@@ -214,7 +214,7 @@ impl SharedTier {
         .boxed();
         Some(Fetched {
             total: Some(total),
-            upstream: NAME.into(),
+            source: NAME.into(),
             body,
             from: FetchedFrom::Shared,
         })
