@@ -29,7 +29,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use fill::{
-    BlobFetcher, BlobSource, BlobStream, FetchError, FetchFailure, Fetched, Fill, FillError,
+    BlobFetcher, BlobRead, BlobStream, FetchError, FetchFailure, Fetched, Fill, FillError,
     FillStats, Fills,
 };
 pub use index::{DiskIndex, Key, ObjectKind, PinError, Usage};

@@ -6,7 +6,7 @@
 //! the same owner for a digest by rendezvous (highest random weight) hashing over the set, so a
 //! peer that joins or leaves moves only the digests it owns. A replica that misses a blob it does
 //! not own streams it from the owner ([`fetch::PeerBlob`]); the owner answers on an internal,
-//! secret-protected endpoint ([`crate::proxy::peer`]) through its own fill path and never
+//! secret-protected endpoint (`proxy/peer.rs`) through its own fill path and never
 //! forwards again.
 
 pub mod fetch;

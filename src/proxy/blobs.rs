@@ -12,11 +12,11 @@ use http::{header, HeaderMap, Method, Response, StatusCode};
 use super::manifests::{io_err, not_found_as};
 use super::range::{self, RangeRequest};
 use super::sources::TieredBlob;
-use super::{sourced, App, CacheResult, Source};
+use super::{sourced, App, CacheResult, ServedFrom};
 use crate::auth::Target;
 use crate::body::{self, Body};
 use crate::cache::fill::{
-    read_file_range, BlobFetcher, BlobSource, FetchError, Fetched, FetchedFrom, FillError,
+    read_file_range, BlobFetcher, BlobRead, FetchError, Fetched, FetchedFrom, FillError,
 };
 use crate::cache::{Key, ObjectKind, Tier};
 use crate::cluster::fetch::PeerBlob;
@@ -105,7 +105,7 @@ impl App {
             .map_err(io_err)?;
         // A prefetch must never fail a client: one that failed before its first byte, which
         // this request had joined, is replaced by this request's own fill.
-        if let BlobSource::Filling {
+        if let BlobRead::Filling {
             fill,
             leader: false,
         } = &source
@@ -119,7 +119,7 @@ impl App {
             }
         }
         match source {
-            BlobSource::Cached(file, size) => {
+            BlobRead::Cached(file, size) => {
                 confirm().await?;
                 let eligible = self.cache().memory().fits(size);
                 if let Some((bytes, tier)) = self.cache().small_blob(&digest, size).await {
@@ -145,9 +145,12 @@ impl App {
                         blob_response(&digest, start, end, size, body::stream(s), true)
                     }
                 };
-                Ok((sourced(resp, Source::Disk), CacheResult::Hit))
+                Ok((
+                    sourced(resp, ServedFrom::Tier(Tier::Disk)),
+                    CacheResult::Hit,
+                ))
             }
-            BlobSource::Filling { fill, leader } => {
+            BlobRead::Filling { fill, leader } => {
                 // A fill that is verified and only being committed is as good as cached.
                 let verified = !leader && fill.verified();
                 self.count_lookup("blob", "disk", verified);
@@ -193,13 +196,13 @@ impl App {
                         }
                     },
                 };
-                let source = match fill.fetched_from() {
-                    Some(FetchedFrom::Shared) => Source::Shared,
-                    Some(FetchedFrom::Peer) => Source::Peer,
-                    Some(FetchedFrom::Origin) | None => Source::Upstream,
-                };
+                let source =
+                    ServedFrom::Fetched(fill.fetched_from().unwrap_or(FetchedFrom::Origin));
                 Ok(if verified {
-                    (sourced(resp, Source::Disk), CacheResult::Hit)
+                    (
+                        sourced(resp, ServedFrom::Tier(Tier::Disk)),
+                        CacheResult::Hit,
+                    )
                 } else {
                     (sourced(resp, source), CacheResult::Miss)
                 })

@@ -17,8 +17,10 @@ use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 use super::freshness::{self, Grant, Outcome, Subject};
 use super::manifests::not_found_as;
-use super::{send_counted, sourced, App, CacheResult, Source};
+use super::{send_counted, sourced, App, CacheResult, ServedFrom};
 use crate::body::{self, Body};
+use crate::cache::fill::FetchedFrom;
+use crate::cache::Tier;
 use crate::error::Error;
 use crate::upstream::{Selected, UpstreamError, UpstreamRequest};
 
@@ -97,7 +99,10 @@ impl App {
         if let Some(l) = &kept {
             if self.clock().now() < l.fresh_until {
                 return Ok((
-                    sourced(listing_response(l, sel, head), Source::Memory),
+                    sourced(
+                        listing_response(l, sel, head),
+                        ServedFrom::Tier(Tier::Memory),
+                    ),
                     CacheResult::Hit,
                 ));
             }
@@ -126,7 +131,10 @@ impl App {
                 revalidated(Outcome::Unchanged);
                 self.keep(key, &l, keep);
                 Ok((
-                    sourced(listing_response(&l, sel, head), Source::Memory),
+                    sourced(
+                        listing_response(&l, sel, head),
+                        ServedFrom::Tier(Tier::Memory),
+                    ),
                     CacheResult::Hit,
                 ))
             }
@@ -134,7 +142,10 @@ impl App {
                 revalidated(Outcome::Changed);
                 self.keep(key, &l, keep);
                 Ok((
-                    sourced(listing_response(&l, sel, head), Source::Upstream),
+                    sourced(
+                        listing_response(&l, sel, head),
+                        ServedFrom::Fetched(FetchedFrom::Origin),
+                    ),
                     CacheResult::Miss,
                 ))
             }
@@ -149,7 +160,10 @@ impl App {
                     .inc();
                 let l = kept.expect("checked above");
                 Ok((
-                    sourced(listing_response(&l, sel, head), Source::Memory),
+                    sourced(
+                        listing_response(&l, sel, head),
+                        ServedFrom::Tier(Tier::Memory),
+                    ),
                     CacheResult::Stale,
                 ))
             }

@@ -6,8 +6,9 @@
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::freshness::{self, Outcome, Subject};
-use super::{send_counted, sourced, App, CacheResult, Source};
+use super::{send_counted, sourced, App, CacheResult, ServedFrom};
 use crate::body::{self, Body};
+use crate::cache::fill::FetchedFrom;
 use crate::cache::{accept_key, StoredManifest, TagEntry, TagKey, Tier, Validity};
 use crate::error::Error;
 use crate::oci::{media, Digest, Hasher, Reference, Tag, DIGEST_HEADER};
@@ -66,7 +67,10 @@ impl App {
                     let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
                     self.prefetch_unless_head(sel, &d, &m, head);
                     return Ok((
-                        sourced(self.respond(sel, &d, &m, head), Source::Shared),
+                        sourced(
+                            self.respond(sel, &d, &m, head),
+                            ServedFrom::Fetched(FetchedFrom::Shared),
+                        ),
                         CacheResult::Miss,
                     ));
                 }
@@ -78,7 +82,10 @@ impl App {
                 let m = self.cache().put_manifest(&got, m).await.map_err(io_err)?;
                 self.prefetch_unless_head(sel, &got, &m, head);
                 Ok((
-                    sourced(self.respond(sel, &got, &m, head), Source::Upstream),
+                    sourced(
+                        self.respond(sel, &got, &m, head),
+                        ServedFrom::Fetched(FetchedFrom::Origin),
+                    ),
                     CacheResult::Miss,
                 ))
             }
@@ -201,7 +208,10 @@ impl App {
                         .await;
                     self.prefetch_unless_head(sel, &d, &m, head);
                     return Ok((
-                        sourced(self.respond(sel, &d, &m, head), Source::Shared),
+                        sourced(
+                            self.respond(sel, &d, &m, head),
+                            ServedFrom::Fetched(FetchedFrom::Shared),
+                        ),
                         CacheResult::Miss,
                     ));
                 }
@@ -218,7 +228,10 @@ impl App {
                     .await;
                 self.prefetch_unless_head(sel, &d, &m, head);
                 Ok((
-                    sourced(self.respond(sel, &d, &m, head), Source::Upstream),
+                    sourced(
+                        self.respond(sel, &d, &m, head),
+                        ServedFrom::Fetched(FetchedFrom::Origin),
+                    ),
                     CacheResult::Miss,
                 ))
             }

@@ -23,7 +23,8 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 
 use crate::auth::{Authorizer, Principal, Realm, Target};
 use crate::body::{self, Body};
-use crate::cache::Cache;
+use crate::cache::fill::FetchedFrom;
+use crate::cache::{Cache, Tier};
 use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -65,46 +66,36 @@ impl CacheResult {
     }
 }
 
-/// Where a response body's bytes come from, for `berth_served_bytes_total{source}`. Handlers
-/// attach it to the response with [`sourced`].
+/// Where a response body's bytes came from, for `berth_served_bytes_total{source}`: one of
+/// this replica's cache tiers ([`Tier`]: a hit), or where the fill fetched them
+/// ([`FetchedFrom`]: a miss). Handlers attach it to the response with [`sourced`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// The memory tier.
-    Memory,
-    /// The disk tier.
-    Disk,
-    /// The origin (a miss).
-    Upstream,
-    /// The shared tier (a miss of this replica's tiers).
-    Shared,
-    /// Another replica of the cluster (a miss of this replica's tiers).
-    Peer,
+pub enum ServedFrom {
+    /// A tier of this replica's cache.
+    Tier(Tier),
+    /// Fetched on a miss.
+    Fetched(FetchedFrom),
 }
 
-impl Source {
-    /// Label value.
+impl ServedFrom {
+    /// Label value (a fetch from the origin is `upstream`, as the label has always said).
     pub fn as_str(self) -> &'static str {
         match self {
-            Source::Memory => "memory",
-            Source::Disk => "disk",
-            Source::Upstream => "upstream",
-            Source::Shared => "shared",
-            Source::Peer => "peer",
+            ServedFrom::Tier(t) => t.as_str(),
+            ServedFrom::Fetched(FetchedFrom::Origin) => "upstream",
+            ServedFrom::Fetched(f) => f.as_str(),
         }
     }
 }
 
-impl From<crate::cache::Tier> for Source {
-    fn from(t: crate::cache::Tier) -> Source {
-        match t {
-            crate::cache::Tier::Memory => Source::Memory,
-            crate::cache::Tier::Disk => Source::Disk,
-        }
+impl From<Tier> for ServedFrom {
+    fn from(t: Tier) -> ServedFrom {
+        ServedFrom::Tier(t)
     }
 }
 
 /// Marks where a response's body comes from.
-pub(crate) fn sourced(mut resp: Response<Body>, source: Source) -> Response<Body> {
+pub(crate) fn sourced(mut resp: Response<Body>, source: ServedFrom) -> Response<Body> {
     resp.extensions_mut().insert(source);
     resp
 }
@@ -354,7 +345,7 @@ impl App {
         }
         let counter = resp
             .extensions()
-            .get::<Source>()
+            .get::<ServedFrom>()
             .map(|source| self.metrics.served_bytes_of(source.as_str()));
         let status = resp.status();
         let elapsed = start.elapsed();

@@ -19,7 +19,7 @@ use tokio::sync::{watch, Semaphore};
 
 use super::blobs::Caller;
 use super::App;
-use crate::cache::fill::{BlobFetcher, BlobSource, Fill, Fills};
+use crate::cache::fill::{BlobFetcher, BlobRead, Fill, Fills};
 use crate::cache::{Key, ObjectKind, StoredManifest};
 use crate::config::PrefetchConfig;
 use crate::metrics::{Metrics, PrefetchMetrics};
@@ -320,7 +320,7 @@ impl PrefetchRun {
                 continue;
             }
             match self.fills.blob_or_fill(&part.digest, || fetcher).await {
-                Ok(BlobSource::Filling { fill, leader: true }) => {
+                Ok(BlobRead::Filling { fill, leader: true }) => {
                     metrics.blob("started").inc();
                     self.prefetch.lead(&part.digest, &fill, part.size);
                     let (prefetch, metrics, failed) = (

@@ -44,7 +44,7 @@ use crate::oci::Digest;
 
 pub use fetch::{BlobFetcher, FetchError, FetchFailure, FetchStream, Fetched, FetchedFrom};
 pub use reader::{read_file_range, BlobStream};
-pub use registry::{BlobSource, Fills};
+pub use registry::{BlobRead, Fills};
 
 /// Size of the reads and writes a fill and its readers make: one pooled read buffer.
 pub const CHUNK: usize = super::readbuf::BUF_SIZE;

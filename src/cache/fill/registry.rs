@@ -17,7 +17,7 @@ use crate::cache::store::DiskStore;
 use crate::oci::Digest;
 
 /// A committed blob or a fill to read from.
-pub enum BlobSource {
+pub enum BlobRead {
     /// Already on disk: the file and its length.
     Cached(File, u64),
     /// Being fetched; `leader` is true for the request that started it.
@@ -161,18 +161,18 @@ impl Fills {
         self: &Arc<Self>,
         d: &Digest,
         fetcher: impl FnOnce() -> Arc<dyn BlobFetcher>,
-    ) -> io::Result<BlobSource> {
+    ) -> io::Result<BlobRead> {
         let key = Key {
             kind: ObjectKind::Blob,
             digest: d.clone(),
         };
         let mut map = loop {
             if let Some((f, len)) = self.open_indexed(d).await? {
-                return Ok(BlobSource::Cached(f, len));
+                return Ok(BlobRead::Cached(f, len));
             }
             let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(fill) = map.get(d) {
-                return Ok(BlobSource::Filling {
+                return Ok(BlobRead::Filling {
                     fill: fill.clone(),
                     leader: false,
                 });
@@ -194,7 +194,7 @@ impl Fills {
             this.leave(&f);
             this.announce(&f, result);
         });
-        Ok(BlobSource::Filling { fill, leader: true })
+        Ok(BlobRead::Filling { fill, leader: true })
     }
 
     /// Removes an ended fill from the map (unless another one replaced it) and tells those
