@@ -11,6 +11,8 @@
 //! Space is reserved before a fill writes a byte ([`DiskIndex::reserve`]), so committed bytes
 //! plus bytes being written never exceed the budget, however many fills run at once. Eviction
 //! only unlinks files: a reader that already opened one finishes undisturbed.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Cache".
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};

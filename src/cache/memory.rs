@@ -1,5 +1,7 @@
 //! The memory tier: manifests and small blobs in one moka cache weighed in bytes (moka's
 //! TinyLFU admission keeps one-off objects from displacing hot ones).
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Cache".
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -3,6 +3,8 @@
 //! crash-safely (temp file, fsync, rename, directory fsync) so a killed `warm --pin` or `unpin`
 //! leaves the old records or the new ones. A file damaged anyway is set aside as
 //! `pins.json.damaged` (for the operator to restore from) and berth starts with no pins.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "On disk".
 
 use std::collections::HashSet;
 use std::path::Path;

@@ -6,6 +6,8 @@
 //!
 //! Readers that continue a fill from the origin after storage failed (pass-through) are not
 //! counted: they serve a client that is already being answered.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Cache".
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};

@@ -2,6 +2,8 @@
 //! zero-fill and, because glibc hands blocks that large back to the kernel when they are freed,
 //! page faults on every use: a third of the CPU of serving a hot blob. A buffer whose bytes have
 //! been sent goes back to a small pool instead, already initialized, and the next read fills it.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Cache".
 
 use std::sync::Mutex;
 

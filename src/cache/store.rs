@@ -14,6 +14,8 @@
 //! temp file, fsync, rename, directory fsync, so a crash leaves the old or the new version,
 //! never a torn one. A file damaged anyway (a disk fault, a hand edit) is logged and treated as
 //! absent by its reader; it never stops berth from starting.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "On disk".
 
 use std::fs::{self, File};
 use std::io::{self, Write};

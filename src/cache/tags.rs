@@ -11,6 +11,8 @@
 //! `cache.tag_ttl`; it is measured on the store's own [`Clock`], which tests move forward
 //! instead of sleeping. Mapping files written before lifetimes and validators existed load as
 //! they always did: stale until revalidated, then the default lifetime.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Cache".
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -3,6 +3,8 @@
 //! fails). The bytes are verified by the fill like any other; whether they may be served under
 //! the client's repository is settled by this replica, with the owner's relayed origin evidence
 //! or, without it, by asking the origin.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Peers".
 
 use std::future::Future;
 use std::pin::Pin;

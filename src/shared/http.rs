@@ -1,6 +1,8 @@
 //! The object store's HTTP client: berth's own hyper client (rustls on ring, web PKI roots
 //! compiled in, berth's resolver), so the shared tier needs no second TLS stack and works in the
 //! static container image, which has neither CA files nor glibc NSS.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Shared tier".
 
 use std::time::Duration;
 

@@ -3,6 +3,8 @@
 //! `cache.shared.upload_attempts` times. A full queue drops the upload (counted): the blob stays
 //! on the local disk and another replica, or this one's next fill, uploads it later. A client
 //! never waits for an upload.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Shared tier".
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
