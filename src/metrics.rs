@@ -6,9 +6,11 @@
 //! bytes) are copied in by [`Metrics::refresh`] when `/metrics` is scraped.
 
 mod hot;
+mod labels;
 mod prefetch;
 mod scale;
 
+pub use labels::method_label;
 pub use prefetch::PrefetchMetrics;
 pub use scale::ScaleMetrics;
 

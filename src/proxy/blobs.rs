@@ -329,7 +329,7 @@ impl BlobFetcher for UpstreamBlob {
                     request.headers.insert(header::RANGE, v);
                 }
             }
-            let resp = super::send_counted(&upstream, &metrics, &request).await;
+            let resp = upstream.send_counted(&metrics, &request).await;
             let resp = resp?;
             // An origin that ignores Range answers 200 with the whole blob: skip to `start`.
             let skip = match resp.status() {

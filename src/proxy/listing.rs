@@ -15,7 +15,7 @@ use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 use super::freshness::{self, Grant, Outcome, Subject};
 use super::manifests::not_found_as;
-use super::{send_counted, sourced, App, CacheResult, Source};
+use super::{sourced, App, CacheResult, Source};
 use crate::body::{self, Body};
 use crate::error::Error;
 use crate::upstream::{Selected, UpstreamError, UpstreamRequest};
@@ -195,7 +195,7 @@ impl App {
                     }
                 }
             }
-            let resp = send_counted(&sel.upstream, &self.metrics, &req).await?;
+            let resp = sel.upstream.send_counted(&self.metrics, &req).await?;
             let (at, now) = (self.clock().system_now(), self.clock().now());
             if resp.status() == StatusCode::NOT_MODIFIED {
                 let (parts, _) = resp.into_parts();

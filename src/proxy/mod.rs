@@ -355,8 +355,11 @@ impl App {
             .map(|source| self.metrics.served_bytes_of(source.as_str()));
         let status = resp.status();
         let elapsed = start.elapsed();
-        self.metrics
-            .count_request(outcome.route, method_label(&method), status.as_str());
+        self.metrics.count_request(
+            outcome.route,
+            crate::metrics::method_label(&method),
+            status.as_str(),
+        );
         self.metrics
             .observe_request(outcome.route, outcome.cache.as_str(), elapsed.as_secs_f64());
         // The request log: one event per request, when its body is done (or abandoned), with
@@ -568,47 +571,11 @@ impl App {
         sel: &Selected,
         req: &crate::upstream::UpstreamRequest,
     ) -> Result<Response<hyper::body::Incoming>, crate::upstream::UpstreamError> {
-        let resp = send_counted(&sel.upstream, &self.metrics, req).await?;
+        let resp = sel.upstream.send_counted(&self.metrics, req).await?;
         if resp.status() != StatusCode::OK {
             return Err(sel.upstream.status_error(&resp));
         }
         Ok(resp)
-    }
-}
-
-/// Sends a request to an origin, counting it in `berth_upstream_requests_total` and
-/// `berth_upstream_request_duration_seconds`.
-pub(crate) async fn send_counted(
-    upstream: &crate::upstream::Upstream,
-    metrics: &Metrics,
-    req: &crate::upstream::UpstreamRequest,
-) -> Result<Response<hyper::body::Incoming>, crate::upstream::UpstreamError> {
-    let started = Instant::now();
-    let resp = upstream.send(req).await;
-    let status = resp
-        .as_ref()
-        .map(|r| r.status().as_str().to_owned())
-        .unwrap_or_else(|_| "error".into());
-    metrics
-        .upstream_requests
-        .with_label_values(&[upstream.name(), method_label(&req.method), &status])
-        .inc();
-    metrics
-        .upstream_duration
-        .with_label_values(&[upstream.name()])
-        .observe(started.elapsed().as_secs_f64());
-    resp
-}
-
-fn method_label(m: &Method) -> &'static str {
-    match *m {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        _ => "OTHER",
     }
 }
 
