@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
 
 use super::{Authorizer, Credential, Principal};
@@ -19,7 +19,7 @@ use crate::body::{self, Body};
 use crate::config::AuthMode;
 use crate::error::Error;
 use crate::oci::RepoName;
-use crate::upstream::{Upstream, Upstreams};
+use crate::upstream::{TokenServiceRequest, Upstream, Upstreams};
 
 /// Largest token request or response body accepted.
 const MAX_TOKEN_BODY: usize = 64 << 10;
@@ -257,6 +257,13 @@ fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// The URL of the origin's token realm (with the query of a GET).
+fn realm_uri(realm: &str) -> Result<http::Uri, Error> {
+    realm
+        .parse()
+        .map_err(|_| Error::Internal("the origin's token realm is not a valid URL".into()))
+}
+
 fn token_json(token: &str, expires_in: Duration) -> Response<Body> {
     let v = serde_json::json!({
         "token": token,
@@ -364,29 +371,11 @@ impl Authorizer {
     async fn exchange(
         &self,
         upstream: &Upstream,
-        request: Request<Full<Bytes>>,
+        request: TokenServiceRequest,
     ) -> Result<(StatusCode, Bytes), Error> {
-        let timeout = upstream.config().first_byte_timeout;
-        let failed = |reason: String| {
-            Error::Upstream(crate::upstream::UpstreamError::Token {
-                upstream: upstream.name().to_owned(),
-                reason,
-            })
-        };
-        let resp = tokio::time::timeout(timeout, upstream.http().request(request))
-            .await
-            .map_err(|_| failed("timed out".into()))?
-            .map_err(|e| failed(crate::upstream::error_chain(&e)))?;
-        let status = resp.status();
-        let raw = tokio::time::timeout(
-            timeout,
-            Limited::new(resp.into_body(), MAX_TOKEN_BODY).collect(),
-        )
-        .await
-        .map_err(|_| failed("timed out".into()))?
-        .map_err(|e| failed(format!("reading the answer: {e}")))?
-        .to_bytes();
-        Ok((status, raw))
+        Ok(upstream
+            .send_token_request(&self.metrics, &request, MAX_TOKEN_BODY)
+            .await?)
     }
 
     async fn forward(
@@ -436,11 +425,6 @@ impl Authorizer {
             params.push(("service".into(), s.clone()));
         }
         let mut headers = HeaderMap::new();
-        if let Some(a) = &req.authorization {
-            let mut a = a.clone();
-            a.set_sensitive(true);
-            headers.insert(header::AUTHORIZATION, a);
-        }
         let (uri, body) = if req.method == Method::POST {
             if !scopes.is_empty() {
                 params.push(("scope".into(), scopes.join(" ")));
@@ -460,14 +444,13 @@ impl Authorizer {
                 Bytes::new(),
             )
         };
-        let mut b = Request::builder().method(req.method.clone()).uri(&uri);
-        for (k, v) in &headers {
-            b = b.header(k, v);
-        }
-        let request = b
-            .header(header::USER_AGENT, crate::upstream::USER_AGENT)
-            .body(Full::new(body))
-            .map_err(|_| Error::Internal("the origin's token realm is not a valid URL".into()))?;
+        let request = TokenServiceRequest {
+            method: req.method.clone(),
+            uri: realm_uri(&uri)?,
+            headers,
+            authorization: req.authorization.clone(),
+            body,
+        };
         let (status, raw) = self.exchange(upstream, request).await?;
         // A token service that does not take this method: Docker clients GET with Basic,
         // containerd POSTs OAuth2 forms. Translate a password GET into the POST form.
@@ -489,15 +472,18 @@ impl Authorizer {
                 if !scopes.is_empty() {
                     form.push(("scope".into(), scopes.join(" ")));
                 }
-                let request = Request::builder()
-                    .method(Method::POST)
-                    .uri(&realm)
-                    .header(header::USER_AGENT, crate::upstream::USER_AGENT)
-                    .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                    .body(Full::new(Bytes::from(encode_pairs(&form))))
-                    .map_err(|_| {
-                        Error::Internal("the origin's token realm is not a valid URL".into())
-                    })?;
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-www-form-urlencoded"),
+                );
+                let request = TokenServiceRequest {
+                    method: Method::POST,
+                    uri: realm_uri(&realm)?,
+                    headers,
+                    authorization: None,
+                    body: Bytes::from(encode_pairs(&form)),
+                };
                 self.exchange(upstream, request).await?
             }
             (_, _, s) => (s, raw),

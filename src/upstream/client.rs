@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -66,6 +66,23 @@ pub struct UpstreamRequest {
     pub scope: String,
     /// Whose credentials the request is made with.
     pub auth: UpstreamAuth,
+}
+
+/// A request to the origin's token service on behalf of a client (`/token` forwarding): the
+/// realm the origin's challenge named, with the client's parameters.
+#[derive(Debug, Clone)]
+pub struct TokenServiceRequest {
+    /// GET (parameters in the query) or POST (a form).
+    pub method: Method,
+    /// The realm's absolute URL, with the query of a GET.
+    pub uri: Uri,
+    /// Headers to send (Content-Type of a form).
+    pub headers: HeaderMap,
+    /// The client's `Authorization`, sent to the realm's host only, never after a redirect to
+    /// another host.
+    pub authorization: Option<HeaderValue>,
+    /// The form of a POST; empty for a GET.
+    pub body: Bytes,
 }
 
 /// Whose credentials a request to the origin carries (docs/ARCHITECTURE.md, "Authorization").
@@ -193,6 +210,59 @@ impl Upstream {
             started,
         );
         resp
+    }
+
+    /// Sends a client's request to the origin's token service and reads the answer (at most
+    /// `limit` bytes): counted, redirects of a GET followed as for any origin request, the
+    /// first-byte timeout on the answer and again on its body. Every failure is a
+    /// [`UpstreamError::Token`].
+    pub async fn send_token_request(
+        &self,
+        metrics: &Metrics,
+        req: &TokenServiceRequest,
+        limit: usize,
+    ) -> Result<(StatusCode, Bytes), UpstreamError> {
+        let auth = req.authorization.clone().map(|mut a| {
+            a.set_sensitive(true);
+            a
+        });
+        let started = Instant::now();
+        let resp = self
+            .follow(
+                &req.method,
+                req.uri.clone(),
+                &req.headers,
+                auth.as_ref(),
+                req.body.clone(),
+            )
+            .await;
+        self.count(
+            metrics,
+            &req.method,
+            resp.as_ref().map(|r| r.status()),
+            started,
+        );
+        let failed = |reason: String| UpstreamError::Token {
+            upstream: self.config.name.clone(),
+            reason,
+        };
+        let resp = resp.map_err(|e| match e {
+            UpstreamError::Timeout { .. } => failed("timed out".into()),
+            UpstreamError::Unreachable { reason, .. } | UpstreamError::Invalid { reason, .. } => {
+                failed(reason)
+            }
+            other => other,
+        })?;
+        let status = resp.status();
+        let raw = tokio::time::timeout(
+            self.config.first_byte_timeout,
+            Limited::new(resp.into_body(), limit).collect(),
+        )
+        .await
+        .map_err(|_| failed("timed out".into()))?
+        .map_err(|e| failed(format!("reading the answer: {e}")))?
+        .to_bytes();
+        Ok((status, raw))
     }
 
     /// Counts one origin request (its final status, or `error`) and its time.
@@ -329,11 +399,6 @@ impl Upstream {
             return Err(self.status_error(&resp));
         }
         Ok(found)
-    }
-
-    /// The pooled client, for the token endpoint's forwarding.
-    pub fn http(&self) -> &HttpClient {
-        &self.client
     }
 
     fn origin_uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
