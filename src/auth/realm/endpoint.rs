@@ -8,7 +8,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
-use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
 
 use super::scope::scope_repository;
 use super::MAX_TOKEN_BODY;
@@ -35,35 +34,18 @@ pub struct TokenRequest {
 }
 
 /// Decodes `/token` parameters (a query string or an `x-www-form-urlencoded` body): `+` is a
-/// space, `%XX` escapes are decoded, bad UTF-8 is replaced. Public so that it can be fuzzed.
+/// space, `%XX` escapes are decoded, bad UTF-8 is replaced, empty pairs are skipped, repeated
+/// keys are kept in order. Public so that it can be fuzzed.
 pub fn decode_pairs(s: &str) -> Vec<(String, String)> {
-    s.split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            let d = |x: &str| {
-                percent_decode_str(&x.replace('+', " "))
-                    .decode_utf8_lossy()
-                    .into_owned()
-            };
-            (d(k), d(v))
-        })
-        .collect()
+    form_urlencoded::parse(s.as_bytes()).into_owned().collect()
 }
 
-/// Encodes parameters for an origin's token service; [`decode_pairs`] reads them back unchanged.
+/// Encodes parameters for an origin's token service (`application/x-www-form-urlencoded`, as
+/// Docker and containerd send them); [`decode_pairs`] reads them back unchanged.
 pub fn encode_pairs(pairs: &[(String, String)]) -> String {
-    pairs
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "{}={}",
-                utf8_percent_encode(k, NON_ALPHANUMERIC),
-                utf8_percent_encode(v, NON_ALPHANUMERIC)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
 }
 
 // === impl TokenRequest ===
@@ -245,5 +227,10 @@ mod tests {
         assert_eq!(p[0], ("grant_type".into(), "password".into()));
         assert_eq!(p[1].1, "repository:a/b:pull repository:c:pull");
         assert_eq!(decode_pairs(&encode_pairs(&p)), p);
+        // Empty pairs are skipped, repeated keys kept in order.
+        assert_eq!(
+            decode_pairs("scope=a&&scope=b&"),
+            vec![("scope".into(), "a".into()), ("scope".into(), "b".into())]
+        );
     }
 }
