@@ -1,5 +1,7 @@
 //! Label values shared by the families several layers count into: fixed sets, never client
 //! input.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Metrics".
 
 use http::Method;
 
