@@ -8,9 +8,11 @@
 //! Architecture: docs/ARCHITECTURE.md, "Metrics".
 
 mod hot;
+mod labels;
 mod prefetch;
 mod scale;
 
+pub use labels::method_label;
 pub use prefetch::PrefetchMetrics;
 pub use scale::ScaleMetrics;
 

@@ -130,12 +130,12 @@ pub fn classify(path: &str) -> &'static str {
     }
 }
 
-/// Query parameters by name, percent-decoded.
+/// The first value of query parameter `key`, form-decoded (`+` is a space, `%XX` escapes
+/// decoded, bad UTF-8 replaced).
 pub fn query_param(query: Option<&str>, key: &str) -> Option<String> {
-    query?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (decode(k) == key).then(|| decode(&v.replace('+', " ")))
-    })
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
 }
 
 fn truncate(s: &str) -> String {
@@ -227,5 +227,10 @@ mod tests {
         );
         assert_eq!(query_param(Some("n=1"), "ns"), None);
         assert_eq!(query_param(None, "ns"), None);
+        // `+` is a space, `%2B` a plus; the first of repeated keys counts.
+        assert_eq!(
+            query_param(Some("&q=a+b%2B&q=2"), "q").as_deref(),
+            Some("a b+")
+        );
     }
 }

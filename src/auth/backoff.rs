@@ -1,6 +1,8 @@
 //! Refused credentials, remembered with a growing wait: a client retrying a wrong password
 //! costs neither a bcrypt run nor a login attempt at the origin until the wait is over, so a
 //! stream of wrong passwords cannot get berth's address locked out by the origin.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Authorization".
 
 use std::time::{Duration, Instant};
 

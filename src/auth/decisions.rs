@@ -1,6 +1,8 @@
 //! Authorization decisions of the origin, cached per (principal, upstream, repository).
 //! Repository membership (which digests belong where) is evidence about content and lives with
 //! the cache ([`crate::cache::Memberships`]).
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Authorization".
 
 use std::time::{Duration, Instant};
 

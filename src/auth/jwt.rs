@@ -1,5 +1,7 @@
 //! Reads the expiry of a JWT without verifying it: only to bound how long a decision the origin
 //! made about this token is reused. The origin verifies the token; berth never trusts its claims.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Authorization".
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -7,6 +7,8 @@
 //! checks all four, so a token never opens another upstream or repository. bcrypt checks run
 //! on a bounded number of blocking threads, and a refused password is remembered for a short,
 //! growing while, so a stream of wrong passwords costs little CPU.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Authorization".
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;

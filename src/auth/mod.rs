@@ -635,7 +635,7 @@ async fn check(
     metrics: &Metrics,
     req: &UpstreamRequest,
 ) -> Result<(StatusCode, Option<Digest>, UpstreamError), UpstreamError> {
-    let resp = crate::proxy::send_counted(upstream, metrics, req).await?;
+    let resp = upstream.send_counted(metrics, req).await?;
     let digest = resp
         .headers()
         .get("docker-content-digest")

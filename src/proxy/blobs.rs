@@ -1,4 +1,4 @@
-//! GET|HEAD /v2/<name>/blobs/<digest>: from disk, or from the single fill of a missing blob,
+//! `GET|HEAD /v2/<name>/blobs/<digest>`: from disk, or from the single fill of a missing blob,
 //! with Range (206 / 416) on both.
 //!
 //! Architecture: docs/ARCHITECTURE.md, "Request path".
@@ -47,7 +47,7 @@ impl App {
         Ok(served)
     }
 
-    /// GET: /_berth/peer/v1/blobs/<digest> (`proxy/peer.rs`): another replica asks this
+    /// GET: `/_berth/peer/v1/blobs/<digest>` (`proxy/peer.rs`): another replica asks this
     /// one, the digest's owner, for a blob in `sel`. Served through the same fill as this
     /// replica's own clients, never forwarded to a peer; carries [`MEMBER_HEADER`] when this
     /// replica holds the origin's evidence for the digest in `sel`'s repository. The asking
@@ -335,7 +335,7 @@ impl BlobFetcher for UpstreamBlob {
                     request.headers.insert(header::RANGE, v);
                 }
             }
-            let resp = super::send_counted(&upstream, &metrics, &request).await;
+            let resp = upstream.send_counted(&metrics, &request).await;
             let resp = resp?;
             // An origin that ignores Range answers 200 with the whole blob: skip to `start`.
             let skip = match resp.status() {

@@ -1,4 +1,4 @@
-//! GET /v2/<name>/tags/list and /v2/<name>/referrers/<digest>: forwarded, kept in memory for
+//! `GET /v2/<name>/tags/list` and `/v2/<name>/referrers/<digest>`: forwarded, kept in memory for
 //! as long as the origin's caching headers allow (within `cache.tag_ttl_min ..= tag_ttl_max`;
 //! `cache.tag_ttl` when it states nothing; never with `no-store`), revalidated with the
 //! validators it gave (`If-None-Match`, `If-Modified-Since`: a `304` refreshes the kept listing
@@ -17,7 +17,7 @@ use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 use super::freshness::{self, Grant, Outcome, Subject};
 use super::manifests::not_found_as;
-use super::{send_counted, sourced, App, CacheResult, ServedFrom};
+use super::{sourced, App, CacheResult, ServedFrom};
 use crate::body::{self, Body};
 use crate::cache::fill::FetchedFrom;
 use crate::cache::Tier;
@@ -213,7 +213,7 @@ impl App {
                     }
                 }
             }
-            let resp = send_counted(&sel.upstream, &self.metrics, &req).await?;
+            let resp = sel.upstream.send_counted(&self.metrics, &req).await?;
             let (at, now) = (self.clock().system_now(), self.clock().now());
             if resp.status() == StatusCode::NOT_MODIFIED {
                 let (parts, _) = resp.into_parts();

@@ -1,4 +1,4 @@
-//! GET|HEAD /v2/<name>/manifests/<reference>: by digest from the content-addressed cache, by tag
+//! `GET|HEAD /v2/<name>/manifests/<reference>`: by digest from the content-addressed cache, by tag
 //! through the tag mapping (fresh → cache; stale → HEAD revalidation; origin down → stale).
 //!
 //! Architecture: docs/ARCHITECTURE.md, "Request path".
@@ -6,7 +6,7 @@
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::freshness::{self, Outcome, Subject};
-use super::{send_counted, sourced, App, CacheResult, ServedFrom};
+use super::{sourced, App, CacheResult, ServedFrom};
 use crate::body::{self, Body};
 use crate::cache::fill::FetchedFrom;
 use crate::cache::{accept_key, StoredManifest, TagEntry, TagKey, Tier, Validity};
@@ -368,7 +368,7 @@ impl App {
         if let Some(v) = etag.and_then(|t| HeaderValue::from_str(t).ok()) {
             req.headers.insert(header::IF_NONE_MATCH, v);
         }
-        let resp = send_counted(&sel.upstream, &self.metrics, &req).await?;
+        let resp = sel.upstream.send_counted(&self.metrics, &req).await?;
         let not_modified = resp.status() == StatusCode::NOT_MODIFIED && etag.is_some();
         if resp.status() != StatusCode::OK && !not_modified {
             return Err(sel.upstream.status_error(&resp));

@@ -26,7 +26,7 @@ use crate::oci::{Digest, RepoName};
 use crate::router::query_param;
 use crate::upstream::{Selected, UpstreamAuth};
 
-/// GET: /_berth/peer/v1/blobs/<digest>
+/// GET: `/_berth/peer/v1/blobs/<digest>`
 pub async fn handle<B>(cluster: &Cluster, app: &App, req: Request<B>) -> Response<Body> {
     let served = |result: &str| {
         app.metrics()

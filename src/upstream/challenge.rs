@@ -1,4 +1,6 @@
 //! Parsing `WWW-Authenticate` challenges (RFC 7235 auth-params) as registries send them.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Upstream client".
 
 use std::collections::HashMap;
 

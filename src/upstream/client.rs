@@ -3,12 +3,12 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -18,6 +18,7 @@ use super::challenge;
 use super::token::{self, TokenCache};
 use super::{error_chain, HttpClient, UpstreamError, USER_AGENT};
 use crate::config::{Credentials, UpstreamConfig};
+use crate::metrics::{method_label, Metrics};
 
 /// Largest read buffer of an HTTP/1 origin connection (and so the largest body chunk).
 const UPSTREAM_READ_BUF: usize = 128 * 1024;
@@ -52,7 +53,7 @@ pub struct Upstream {
 /// `ratelimit` before the origin ever sent a `ratelimit-remaining` header.
 const RATELIMIT_UNKNOWN: i64 = i64::MIN;
 
-/// What [`Upstream::send`] should ask for.
+/// What [`Upstream::send_counted`] should ask for.
 #[derive(Debug, Clone)]
 pub struct UpstreamRequest {
     /// GET or HEAD.
@@ -65,6 +66,23 @@ pub struct UpstreamRequest {
     pub scope: String,
     /// Whose credentials the request is made with.
     pub auth: UpstreamAuth,
+}
+
+/// A request to the origin's token service on behalf of a client (`/token` forwarding): the
+/// realm the origin's challenge named, with the client's parameters.
+#[derive(Debug, Clone)]
+pub struct TokenServiceRequest {
+    /// GET (parameters in the query) or POST (a form).
+    pub method: Method,
+    /// The realm's absolute URL, with the query of a GET.
+    pub uri: Uri,
+    /// Headers to send (Content-Type of a form).
+    pub headers: HeaderMap,
+    /// The client's `Authorization`, sent to the realm's host only, never after a redirect to
+    /// another host.
+    pub authorization: Option<HeaderValue>,
+    /// The form of a POST; empty for a GET.
+    pub body: Bytes,
 }
 
 /// Whose credentials a request to the origin carries (docs/ARCHITECTURE.md, "Authorization").
@@ -174,10 +192,103 @@ impl Upstream {
         }
     }
 
-    /// Sends a request to the origin. Handles the auth challenge (one retry with a token or
-    /// Basic credentials) and follows redirects for GET / HEAD, dropping Authorization when the
-    /// target is another host. Returns the final answer whatever its status.
-    pub async fn send(&self, req: &UpstreamRequest) -> Result<Response<Incoming>, UpstreamError> {
+    /// Sends a request to the origin, counting it in `berth_upstream_requests_total` and
+    /// `berth_upstream_request_duration_seconds`. Handles the auth challenge (one retry with a
+    /// token or Basic credentials) and follows redirects for GET / HEAD, dropping Authorization
+    /// when the target is another host. Returns the final answer whatever its status.
+    pub async fn send_counted(
+        &self,
+        metrics: &Metrics,
+        req: &UpstreamRequest,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let started = Instant::now();
+        let resp = self.send(req).await;
+        self.count(
+            metrics,
+            &req.method,
+            resp.as_ref().map(|r| r.status()),
+            started,
+        );
+        resp
+    }
+
+    /// Sends a client's request to the origin's token service and reads the answer (at most
+    /// `limit` bytes): counted, redirects of a GET followed as for any origin request, the
+    /// first-byte timeout on the answer and again on its body. Every failure is a
+    /// [`UpstreamError::Token`].
+    pub async fn send_token_request(
+        &self,
+        metrics: &Metrics,
+        req: &TokenServiceRequest,
+        limit: usize,
+    ) -> Result<(StatusCode, Bytes), UpstreamError> {
+        let auth = req.authorization.clone().map(|mut a| {
+            a.set_sensitive(true);
+            a
+        });
+        let started = Instant::now();
+        let resp = self
+            .follow(
+                &req.method,
+                req.uri.clone(),
+                &req.headers,
+                auth.as_ref(),
+                req.body.clone(),
+            )
+            .await;
+        self.count(
+            metrics,
+            &req.method,
+            resp.as_ref().map(|r| r.status()),
+            started,
+        );
+        let failed = |reason: String| UpstreamError::Token {
+            upstream: self.config.name.clone(),
+            reason,
+        };
+        let resp = resp.map_err(|e| match e {
+            UpstreamError::Timeout { .. } => failed("timed out".into()),
+            UpstreamError::Unreachable { reason, .. } | UpstreamError::Invalid { reason, .. } => {
+                failed(reason)
+            }
+            other => other,
+        })?;
+        let status = resp.status();
+        let raw = tokio::time::timeout(
+            self.config.first_byte_timeout,
+            Limited::new(resp.into_body(), limit).collect(),
+        )
+        .await
+        .map_err(|_| failed("timed out".into()))?
+        .map_err(|e| failed(format!("reading the answer: {e}")))?
+        .to_bytes();
+        Ok((status, raw))
+    }
+
+    /// Counts one origin request (its final status, or `error`) and its time.
+    fn count(
+        &self,
+        metrics: &Metrics,
+        method: &Method,
+        status: Result<StatusCode, &UpstreamError>,
+        started: Instant,
+    ) {
+        let status = match status {
+            Ok(s) => s.as_str().to_owned(),
+            Err(_) => "error".to_owned(),
+        };
+        metrics
+            .upstream_requests
+            .with_label_values(&[self.name(), method_label(method), &status])
+            .inc();
+        metrics
+            .upstream_duration
+            .with_label_values(&[self.name()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Sends a request to the origin: see [`Upstream::send_counted`].
+    async fn send(&self, req: &UpstreamRequest) -> Result<Response<Incoming>, UpstreamError> {
         if self.config.offline {
             return Err(UpstreamError::Offline {
                 upstream: self.config.name.clone(),
@@ -192,16 +303,18 @@ impl Upstream {
             }
             UpstreamAuth::Bearer(token) => {
                 // The client's own token: sent as is, never swapped for another credential.
-                return self
-                    .follow(req, origin, Some(format!("Bearer {}", token.expose())))
-                    .await;
+                let auth = self.authorization(&format!("Bearer {}", token.expose()))?;
+                return self.follow_request(req, origin, Some(&auth)).await;
             }
         };
         let auth = self
             .tokens
             .get(&token_key)
             .map(|t| format!("Bearer {}", t.expose()));
-        let resp = self.follow(req, origin.clone(), auth.clone()).await?;
+        let header = auth.as_deref().map(|a| self.authorization(a)).transpose()?;
+        let resp = self
+            .follow_request(req, origin.clone(), header.as_ref())
+            .await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
@@ -237,7 +350,8 @@ impl Upstream {
         match new_auth {
             Some(a) if Some(&a) != auth.as_ref() => {
                 drop(resp);
-                self.follow(req, origin, Some(a)).await
+                let header = self.authorization(&a)?;
+                self.follow_request(req, origin, Some(&header)).await
             }
             _ => Ok(resp),
         }
@@ -269,7 +383,7 @@ impl Upstream {
             auth: UpstreamAuth::Bearer(crate::secret::Secret::new(String::new())),
         };
         let origin = self.origin_uri(&req.path_and_query)?;
-        let resp = self.follow(&req, origin, None).await?;
+        let resp = self.follow_request(&req, origin, None).await?;
         let found = resp
             .headers()
             .get_all(header::WWW_AUTHENTICATE)
@@ -287,11 +401,6 @@ impl Upstream {
         Ok(found)
     }
 
-    /// The pooled client, for the token endpoint's forwarding.
-    pub fn http(&self) -> &HttpClient {
-        &self.client
-    }
-
     fn origin_uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
         let base = &self.config.url;
         Uri::builder()
@@ -305,32 +414,53 @@ impl Upstream {
             })
     }
 
-    async fn follow(
+    /// An `Authorization` value, marked sensitive (kept out of HTTP/2 header compression).
+    fn authorization(&self, value: &str) -> Result<HeaderValue, UpstreamError> {
+        let mut v = HeaderValue::from_str(value).map_err(|_| UpstreamError::Invalid {
+            upstream: self.config.name.clone(),
+            reason: "token is not a valid header value".into(),
+        })?;
+        v.set_sensitive(true);
+        Ok(v)
+    }
+
+    /// [`Upstream::follow`] for a registry API request (no body).
+    async fn follow_request(
         &self,
         req: &UpstreamRequest,
-        mut uri: Uri,
-        auth: Option<String>,
+        uri: Uri,
+        auth: Option<&HeaderValue>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let origin_authority = uri.authority().cloned();
+        self.follow(&req.method, uri, &req.headers, auth, Bytes::new())
+            .await
+    }
+
+    /// Sends one request, following redirects of a GET or HEAD (at most [`MAX_REDIRECTS`]);
+    /// `auth` goes only to the host of the first URI. Each hop has the first-byte timeout.
+    async fn follow(
+        &self,
+        method: &Method,
+        mut uri: Uri,
+        headers: &HeaderMap,
+        auth: Option<&HeaderValue>,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let first_authority = uri.authority().cloned();
+        let origin_authority = self.config.url.authority();
         for _ in 0..=MAX_REDIRECTS {
-            let same_host = uri.authority() == origin_authority.as_ref();
+            let same_host = uri.authority() == first_authority.as_ref();
             let mut b = Request::builder()
-                .method(req.method.clone())
+                .method(method.clone())
                 .uri(uri.clone())
                 .header(header::USER_AGENT, USER_AGENT);
-            for (k, v) in &req.headers {
+            for (k, v) in headers {
                 b = b.header(k, v);
             }
-            if let (true, Some(a)) = (same_host, &auth) {
-                let mut v = HeaderValue::from_str(a).map_err(|_| UpstreamError::Invalid {
-                    upstream: self.config.name.clone(),
-                    reason: "token is not a valid header value".into(),
-                })?;
-                v.set_sensitive(true);
-                b = b.header(header::AUTHORIZATION, v);
+            if let (true, Some(a)) = (same_host, auth) {
+                b = b.header(header::AUTHORIZATION, a.clone());
             }
             let request = b
-                .body(Full::new(Bytes::new()))
+                .body(Full::new(body.clone()))
                 .map_err(|e| UpstreamError::Invalid {
                     upstream: self.config.name.clone(),
                     reason: e.to_string(),
@@ -354,10 +484,10 @@ impl Upstream {
                     | StatusCode::TEMPORARY_REDIRECT
                     | StatusCode::PERMANENT_REDIRECT
             );
-            if same_host {
+            if uri.authority() == origin_authority {
                 self.note_ratelimit(resp.headers());
             }
-            if !redirect || !(req.method == Method::GET || req.method == Method::HEAD) {
+            if !redirect || !(method == Method::GET || method == Method::HEAD) {
                 return Ok(resp);
             }
             let Some(next) = resp

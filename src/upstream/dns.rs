@@ -5,6 +5,8 @@
 //! itself, with hickory's stub resolver: `/etc/hosts` first, then the name servers of
 //! `/etc/resolv.conf`, the two files every container runtime and Kubernetes provide. IP literals
 //! never reach the resolver (hyper's connector parses them first).
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Upstream client".
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,4 +1,6 @@
 //! Errors of the upstream client, each knowing the status berth answers its own client with.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Upstream client".
 
 use http::StatusCode;
 

@@ -14,7 +14,7 @@ use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-pub use client::{BuildError, Upstream, UpstreamAuth, UpstreamRequest};
+pub use client::{BuildError, TokenServiceRequest, Upstream, UpstreamAuth, UpstreamRequest};
 pub use dns::{ResolveError, Resolver};
 pub use error::UpstreamError;
 pub use token::{parse_token_response, TokenCache};
@@ -23,7 +23,7 @@ use crate::config::UpstreamConfig;
 use crate::oci::RepoName;
 
 /// The pooled client type shared by an upstream and its token fetches.
-pub type HttpClient =
+type HttpClient =
     hyper_util::client::legacy::Client<HttpsConnector<HttpConnector<Resolver>>, Full<Bytes>>;
 
 /// User-Agent sent to origins.

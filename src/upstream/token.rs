@@ -1,4 +1,6 @@
 //! Docker / OAuth2 token dance with an origin's token service, and the per-scope token cache.
+//!
+//! Architecture: docs/ARCHITECTURE.md, "Upstream client".
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
