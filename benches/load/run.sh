@@ -10,7 +10,9 @@
 #   DURATION=10s        wrk duration per hot scenario (QUICK: 3s)
 #   WRK_THREADS=2       wrk -t
 #   WRK_CONNS=8         wrk -c (hot blob scenarios)
-#   MANIFEST_CONNS="8 64"  wrk -c values for the hot manifest scenario, one run each
+#   MANIFEST_CONNS="8 64"  wrk -c values for the hot manifest scenario
+#   MANIFEST_ROUNDS=3   rounds of the manifest scenario, the order of the three targets rotated
+#                       each round; the table gives the median round of each (QUICK: 1)
 #   SMALL_SIZE=1MiB     blob for the hot requests/s scenario
 #   HOT_SIZE=64MiB      blob for the hot throughput scenario
 #   COLD_SIZE=512MiB    blob for the cold pull (one per target: berth, nginx, direct) (QUICK: 64MiB)
@@ -46,7 +48,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 
 KNOBS=(QUICK DURATION WRK_THREADS WRK_CONNS SMALL_SIZE HOT_SIZE COLD_SIZE CONC_SIZE CONC_CLIENTS
   BIG BIG_SIZE BIG_CLIENTS SCENARIOS SKIP_BUILD BERTH_BIN BERTH_WORKERS ORIGIN_RATE WAN_RATE
-  BERTH_RUST_LOG KEEP_TMP MANIFEST_CONNS)
+  BERTH_RUST_LOG KEEP_TMP MANIFEST_CONNS MANIFEST_ROUNDS)
 COMMAND=""
 for k in "${KNOBS[@]}"; do
   if [[ -n ${!k+x} ]]; then COMMAND+="$k=${!k} "; fi
@@ -57,6 +59,7 @@ QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
   DURATION=${DURATION:-3s}
   COLD_SIZE=${COLD_SIZE:-64MiB}
+  MANIFEST_ROUNDS=${MANIFEST_ROUNDS:-1}
 fi
 DURATION=${DURATION:-10s}
 WRK_THREADS=${WRK_THREADS:-2}
@@ -76,6 +79,7 @@ KEEP_TMP=${KEEP_TMP:-0}
 WAN_RATE=${WAN_RATE:-500MiB}
 SCENARIOS=${SCENARIOS:-hot small manifest cold wan conc}
 MANIFEST_CONNS=${MANIFEST_CONNS:-8 64}
+MANIFEST_ROUNDS=${MANIFEST_ROUNDS:-3}
 REPO=bench
 has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
@@ -633,6 +637,21 @@ run_wrk() {
   log "$key: ${R[$key.rps]} req/s, ${R[$key.mibs]} MiB/s, p50 ${R[$key.p50]} ms, p99 ${R[$key.p99]} ms, errors $errs, origin requests during run ${R[$key.upstream]}"
 }
 
+# median_round KEY N: copies the results of the round of KEY.r0 .. KEY.r<N-1> with the median
+# requests/s to KEY (all its fields), and lists every round's req/s in KEY.rounds
+median_round() {
+  local key=$1 n=$2 r best list=""
+  for ((r = 0; r < n; r++)); do list+="${R[$key.r$r.rps]:-0} r$r"$'\n'; done
+  best=$(printf '%s' "$list" | sort -n | awk -v m=$(((n + 1) / 2)) 'NR == m { print $2 }')
+  R[$key.rounds]=$(printf '%s' "$list" | awk '{ printf "%s%s", (NR > 1 ? ", " : ""), $1 }')
+  for f in rps p50 p99 requests; do R[$key.$f]=${R[$key.$best.$f]:-}; done
+  R[$key.errs]=0 R[$key.upstream]=0
+  for ((r = 0; r < n; r++)); do
+    R[$key.errs]=$((R[$key.errs] + ${R[$key.r$r.errs]:-0}))
+    R[$key.upstream]=$((R[$key.upstream] + ${R[$key.r$r.upstream]:-0}))
+  done
+}
+
 # cold_pull KEY URL DIGEST: TTFB and total time of one GET (body to /dev/null)
 cold_pull() {
   local key=$1 url=$2 dg=$3 w code ttfb total size
@@ -769,11 +788,21 @@ if has manifest; then
   BL=$BERTH BL_PID=$BERTH_PID BL_LOG=$BERTH_LOG
   BERTH=${saved[0]} BERTH_PID=${saved[1]} BERTH_LOG=${saved[2]}
   warm berth "$BL/v2/$REPO/manifests/v1" "$MANIFEST_DG" -H "$MANIFEST_ACCEPT"
-  # interleaved, so that a burst of load elsewhere on the box hits all three alike
+  # Interleaved, so that a burst of load elsewhere on the box hits all three alike, and the
+  # order rotated every round: on 2 CPUs whichever target runs at a given position gains or
+  # loses up to a quarter of its rate (a control run with both berths logging measured 0.97
+  # and 1.08), so a single fixed order would bias one target. Each target's median round is
+  # reported.
+  declare -A URL=([berth]=$B [nginx]=$N [berthlog]=$BL)
+  order=(berth nginx berthlog)
   for c in $MANIFEST_CONNS; do
-    WRK_CONNS=$c run_wrk "berth.manifest$c" "$B/v2/$REPO/manifests/v1" -H "$MANIFEST_ACCEPT"
-    WRK_CONNS=$c run_wrk "nginx.manifest$c" "$N/v2/$REPO/manifests/v1" -H "$MANIFEST_ACCEPT"
-    WRK_CONNS=$c run_wrk "berthlog.manifest$c" "$BL/v2/$REPO/manifests/v1" -H "$MANIFEST_ACCEPT"
+    for ((r = 0; r < MANIFEST_ROUNDS; r++)); do
+      for ((i = 0; i < 3; i++)); do
+        t=${order[(i + r) % 3]}
+        WRK_CONNS=$c run_wrk "$t.manifest$c.r$r" "${URL[$t]}/v2/$REPO/manifests/v1" -H "$MANIFEST_ACCEPT"
+      done
+    done
+    for t in berth nginx berthlog; do median_round "$t.manifest$c" "$MANIFEST_ROUNDS"; done
   done
   R[berthlog.lines]=$(grep -c '"request"\|request' "$BL_LOG" || true)
   stop_pid "$BL_PID"
@@ -907,7 +936,7 @@ HS=$(human "$HOT_BYTES") SS=$(human "$SMALL_BYTES") CS=$(human "$COLD_BYTES") QS
   echo
   echo "- berth $REV (release build), nginx $(nginx -v 2>&1 | sed 's|.*/||'), docker-registry $(docker-registry --version | awk '{print $3}'), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')"
   echo "- $(nproc) CPUs ($CPU), $(uname -sr); load average at start $LOAD_START, at end $LOAD_END"
-  echo "- client (wrk/curl), proxies and origin on one machine, loopback; wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION for blobs, -c${MANIFEST_CONNS// / and -c} for the manifest"
+  echo "- client (wrk/curl), proxies and origin on one machine, loopback; wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION for blobs, -c${MANIFEST_CONNS// / and -c} for the manifest ($MANIFEST_ROUNDS rounds, order rotated, median round)"
   echo "- ↑ higher is better, ↓ lower is better; ratios are left column / right column"
   echo
   echo "| metric | berth | nginx | direct | berth/nginx | berth/direct | nginx/direct |"
@@ -920,6 +949,7 @@ HS=$(human "$HOT_BYTES") SS=$(human "$SMALL_BYTES") CS=$(human "$COLD_BYTES") QS
     row "hot manifest by tag -c$c, berth's request log on (⁴), req/s ↑" "$(v berthlog.manifest$c.rps)" "$(v nginx.manifest$c.rps)"
     row "hot manifest by tag -c$c, berth's request log on (⁴), p50 / p99, ms ↓" "$(v berthlog.manifest$c.p50) / $(v berthlog.manifest$c.p99)" "$(v nginx.manifest$c.p50) / $(v nginx.manifest$c.p99)"
     row "hot manifest by tag -c$c, berth's req/s with the log on ÷ off ↑" "$(ratio "$(v berthlog.manifest$c.rps)" "$(v berth.manifest$c.rps)")" "-"
+    row "hot manifest by tag -c$c, req/s of every round (berth log off; log on ⁴)" "$(v berth.manifest$c.rounds); $(v berthlog.manifest$c.rounds)" "$(v nginx.manifest$c.rounds)"
   done
   errs=(0 0) ups=(0 0)
   for k in hot small $(for c in $MANIFEST_CONNS; do echo "manifest$c"; done); do
