@@ -384,21 +384,13 @@ fn purge(config: &ConfigArgs, targets: &[String], tag_only: bool, force: bool) -
 
 /// `berth verify`: scrubs a stopped berth's disk tier and prints (or emits as JSON) the report.
 fn verify(config: &ConfigArgs, sample: Option<usize>, rate: Option<u64>, json: bool) -> i32 {
-    let cfg = match load(config) {
+    let cache = match open_stopped_cache(
+        config,
+        "verify",
+        " (a running berth scrubs its cache with `POST /verify` on its admin listener)",
+    ) {
         Ok(c) => c,
         Err(code) => return code,
-    };
-    init_logging_quiet();
-    let cache = match crate::cache::Cache::open(&cfg.cache) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!(
-                "berth: verify: cache {}: {e} (a running berth scrubs its cache with \
-                 `POST /verify` on its admin listener)",
-                cfg.cache.dir.display()
-            );
-            return 1;
-        }
     };
     let report = match cache.scrub(&crate::cache::ScrubOptions { sample, rate }) {
         Ok(r) => r,
@@ -441,17 +433,9 @@ fn verify(config: &ConfigArgs, sample: Option<usize>, rate: Option<u64>, json: b
 
 /// `berth unpin`: lets the disk budget evict images again.
 fn unpin(config: &ConfigArgs, images: &[String]) -> i32 {
-    let cfg = match load(config) {
+    let cache = match open_stopped_cache(config, "unpin", "") {
         Ok(c) => c,
         Err(code) => return code,
-    };
-    init_logging_quiet();
-    let cache = match crate::cache::Cache::open(&cfg.cache) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("berth: unpin: cache {}: {e}", cfg.cache.dir.display());
-            return 1;
-        }
     };
     let mut missing = 0;
     for image in images {
@@ -614,6 +598,25 @@ where
                 1
             }
         }
+    })
+}
+
+/// The cache directory of a config, for a command that works on a stopped berth's cache:
+/// loads the config and opens the cache (taking its lock), or prints why not (with `hint`) and
+/// gives the exit status.
+fn open_stopped_cache(
+    config: &ConfigArgs,
+    command: &str,
+    hint: &str,
+) -> Result<crate::cache::Cache, i32> {
+    let cfg = load(config)?;
+    init_logging_quiet();
+    crate::cache::Cache::open(&cfg.cache).map_err(|e| {
+        eprintln!(
+            "berth: {command}: cache {}: {e}{hint}",
+            cfg.cache.dir.display()
+        );
+        1
     })
 }
 
