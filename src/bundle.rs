@@ -349,7 +349,6 @@ fn ends_like_tar(file: &mut File) -> io::Result<bool> {
 
 /// Reads and verifies every object of the bundle into temp files.
 fn stage(cache: &Cache, bundle: &Path) -> Result<Staged, BundleError> {
-    let corrupt = |m: String| BundleError::Corrupt(m);
     let mut file = File::open(bundle)?;
     if !ends_like_tar(&mut file)? {
         return Err(corrupt(
@@ -477,6 +476,7 @@ struct Plan {
     images: Vec<ImportedImage>,
 }
 
+/// A bundle that is not what it should be (truncated, incomplete, not an image layout).
 fn corrupt(m: String) -> BundleError {
     BundleError::Corrupt(m)
 }

@@ -520,7 +520,7 @@ fn node_config_command(args: NodeConfigArgs) -> i32 {
 fn warm_command(args: WarmArgs) -> i32 {
     let WarmArgs {
         config,
-        images,
+        mut images,
         file,
         platform,
         with_referrers,
@@ -533,7 +533,6 @@ fn warm_command(args: WarmArgs) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let mut images = images;
     if let Some(f) = file {
         match std::fs::read_to_string(&f) {
             Ok(text) => images.extend(
