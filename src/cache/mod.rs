@@ -186,21 +186,10 @@ impl Cache {
             kind: ObjectKind::Blob,
             digest: d.clone(),
         };
-        if !self.index.contains(&key) {
-            return Ok(None);
-        }
-        let (store, digest) = (self.store.clone(), d.clone());
-        let opened = tokio::task::spawn_blocking(move || store.open_blob(&digest))
-            .await
-            .map_err(io::Error::other)??;
-        match opened {
-            Some((_, len)) if self.index.size_of(&key) == Some(len) => Ok(Some(len)),
-            Some((_, len)) => {
-                self.fills.stale_size(&key, len);
-                Ok(None)
-            }
-            None => Ok(None),
-        }
+        Ok(match self.fills.open_committed(&key).await? {
+            fill::Committed::File(_, len) => Some(len),
+            _ => None,
+        })
     }
 
     /// Stores a manifest already verified against `d` in both tiers (the fsynced disk write

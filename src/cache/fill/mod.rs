@@ -44,6 +44,7 @@ use crate::oci::Digest;
 
 pub use fetch::{BlobFetcher, FetchError, FetchFailure, FetchStream, Fetched, FetchedFrom};
 pub use reader::{read_file_range, BlobStream};
+pub(crate) use registry::Committed;
 pub use registry::{BlobRead, Fills};
 
 /// Size of the reads and writes a fill and its readers make: one pooled read buffer.

@@ -16,6 +16,16 @@ use crate::cache::queue::{FillLimits, FillObserver, FillQueue};
 use crate::cache::store::DiskStore;
 use crate::oci::Digest;
 
+/// What the disk holds for a blob the index may name.
+pub(crate) enum Committed {
+    /// Its file, opened, and its length.
+    File(File, u64),
+    /// Indexed, but the file is gone (deleted behind berth's back).
+    Gone,
+    /// Not indexed, or a file of the wrong size (now dropped).
+    Absent,
+}
+
 /// A committed blob or a fill to read from.
 pub enum BlobRead {
     /// Already on disk: the file and its length.
@@ -117,27 +127,37 @@ impl Fills {
             kind: ObjectKind::Blob,
             digest: d.clone(),
         };
-        if !self.index.contains(&key) {
-            return Ok(None);
+        Ok(match self.open_committed(&key).await? {
+            Committed::File(f, len) => {
+                self.index.touch(&key);
+                Some((f, len))
+            }
+            Committed::Gone => {
+                self.index.remove(&key);
+                None
+            }
+            Committed::Absent => None,
+        })
+    }
+
+    /// Blob `key`'s committed file, opened on the blocking pool, if the index has it at the
+    /// size it recorded (a file of another size is dropped as stale and reported absent).
+    pub(crate) async fn open_committed(&self, key: &Key) -> io::Result<Committed> {
+        if !self.index.contains(key) {
+            return Ok(Committed::Absent);
         }
-        let (store, digest) = (self.store.clone(), d.clone());
+        let (store, digest) = (self.store.clone(), key.digest.clone());
         let opened = tokio::task::spawn_blocking(move || store.open_blob(&digest))
             .await
             .map_err(io::Error::other)??;
-        match opened {
-            Some((_, len)) if self.index.size_of(&key) != Some(len) => {
-                self.stale_size(&key, len);
-                Ok(None)
+        Ok(match opened {
+            Some((_, len)) if self.index.size_of(key) != Some(len) => {
+                self.stale_size(key, len);
+                Committed::Absent
             }
-            Some(x) => {
-                self.index.touch(&key);
-                Ok(Some(x))
-            }
-            None => {
-                self.index.remove(&key);
-                Ok(None)
-            }
-        }
+            Some((f, len)) => Committed::File(f, len),
+            None => Committed::Gone,
+        })
     }
 
     /// A stored blob whose length differs from the index (truncated or grown at rest): never
