@@ -241,14 +241,24 @@ fn init_logging(format: LogFormat) -> crate::logwriter::LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = crate::logwriter::spawn(std::io::stderr());
+    let ansi = stderr_is_terminal();
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(stderr_is_terminal())
-        .with_writer(writer);
-    let _ = match format {
+        .with_ansi(ansi)
+        .with_writer(writer.clone());
+    let installed = match format {
         LogFormat::Text => b.try_init(),
         LogFormat::Json => b.json().flatten_event(true).try_init(),
     };
+    // Request lines skip the generic formatter (the same line, a fraction of the cost), except
+    // in colour on a terminal, where the formatter's colours are the point.
+    if installed.is_ok() && !ansi {
+        let format = match format {
+            LogFormat::Text => crate::proxy::reqlog::LineFormat::Text,
+            LogFormat::Json => crate::proxy::reqlog::LineFormat::Json,
+        };
+        crate::proxy::reqlog::install(writer, format);
+    }
     guard
 }
 

@@ -191,6 +191,7 @@ async fn serve_runs_the_example_config_and_stops_on_sigterm() {
         "cache directory created from the env override"
     );
 
+    let mut stderr = child.stderr.take().unwrap();
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -201,6 +202,39 @@ async fn serve_runs_the_example_config_and_stops_on_sigterm() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
+    // The request log: one JSON object per line, the request's under its own target, written
+    // by the exit at the latest.
+    let mut err = String::new();
+    use std::io::Read;
+    stderr.read_to_string(&mut err).unwrap();
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let requests: Vec<_> = lines
+        .iter()
+        .filter(|l| l["target"] == "berth::request")
+        .collect();
+    assert_eq!(requests.len(), 1, "{err}");
+    let r = requests[0];
+    assert_eq!(
+        (
+            &r["method"],
+            &r["path"],
+            &r["route"],
+            &r["status"],
+            &r["bytes"]
+        ),
+        (
+            &"GET".into(),
+            &"/v2/".into(),
+            &"base".into(),
+            &200.into(),
+            &2.into()
+        ),
+        "{err}"
+    );
+    assert!(r["duration_ms"].as_f64().is_some_and(|d| d >= 0.0), "{err}");
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 
-use super::{conditional, listing, App, CacheResult, ConnInfo, ServedFrom, CACHE_HEADER};
+use super::{conditional, listing, reqlog, App, CacheResult, ConnInfo, ServedFrom, CACHE_HEADER};
 use crate::auth::{Principal, Realm, Target};
 use crate::body::{self, Body};
 use crate::error::Error;
@@ -33,7 +33,7 @@ impl App {
     {
         let start = Instant::now();
         let method = req.method().clone();
-        let log = tracing::enabled!(tracing::Level::INFO);
+        let log = reqlog::enabled();
         let path = if log {
             req.uri().path().to_owned()
         } else {
@@ -111,20 +111,20 @@ impl App {
             if !outcome.log {
                 return;
             }
-            tracing::info!(
-                method = %method,
-                path = %path,
-                route = outcome.route,
-                upstream = outcome.upstream.as_deref().unwrap_or("-"),
-                repository = outcome.repository.as_deref().unwrap_or("-"),
-                reference = outcome.reference.as_deref().unwrap_or("-"),
-                status = status.as_u16(),
-                cache = outcome.cache.as_str(),
+            reqlog::RequestLine {
+                method: &method,
+                path: &path,
+                route: outcome.route,
+                upstream: outcome.upstream.as_deref().unwrap_or("-"),
+                repository: outcome.repository.as_deref().unwrap_or("-"),
+                reference: outcome.reference.as_deref().unwrap_or("-"),
+                status: status.as_u16(),
+                cache: outcome.cache.as_str(),
                 bytes,
-                head_ms = elapsed.as_secs_f64() * 1000.0,
-                duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-                "request"
-            );
+                head_ms: elapsed.as_secs_f64() * 1000.0,
+                duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+            }
+            .emit();
         };
         Response::from_parts(parts, body::counted(b, counter, done))
     }

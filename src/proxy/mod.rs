@@ -17,6 +17,7 @@ pub mod peer;
 mod prefetch;
 pub mod purge;
 pub mod range;
+pub mod reqlog;
 mod snapshot;
 mod sources;
 
