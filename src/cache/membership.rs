@@ -49,10 +49,7 @@ fn member_key(upstream: &str, repo: &str, digest: &Digest) -> MemberKey {
     h.update([0]);
     h.update(repo.as_bytes());
     h.update([0]);
-    // The digest's text form (`alg:hex`), without allocating it.
-    h.update(digest.algorithm().as_str().as_bytes());
-    h.update(b":");
-    h.update(digest.hex().as_bytes());
+    h.update(digest.as_str().as_bytes());
     h.finalize().into()
 }
 

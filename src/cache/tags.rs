@@ -90,19 +90,21 @@ struct OnDisk {
 /// Normalizes a client's Accept values: split on commas, parameters dropped, lowercased,
 /// sorted, deduplicated, joined.
 pub fn accept_key(values: &[String]) -> String {
-    let mut v: Vec<String> = values
+    // Borrowed where already lowercase (nearly always): one allocation, the key itself.
+    let mut v: Vec<std::borrow::Cow<'_, str>> = values
         .iter()
         .flat_map(|h| h.split(','))
-        .map(|a| {
-            a.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
+        .map(|a| a.split(';').next().unwrap_or("").trim())
         .filter(|a| !a.is_empty())
+        .map(|a| {
+            if a.bytes().any(|b| b.is_ascii_uppercase()) {
+                a.to_ascii_lowercase().into()
+            } else {
+                a.into()
+            }
+        })
         .collect();
-    v.sort();
+    v.sort_unstable();
     v.dedup();
     v.join(",")
 }

@@ -50,10 +50,14 @@ pub enum DigestError {
 }
 
 /// A validated content digest. Its string form is safe to use as a file name component.
+///
+/// Kept as its string form (`algorithm:hex`), which is what headers, paths and logs want:
+/// displaying it is a copy. Ordered as that string, which is by algorithm, then hex.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
+    /// `algorithm:hex`.
+    full: String,
     algorithm: DigestAlgorithm,
-    hex: String,
 }
 
 impl Digest {
@@ -64,7 +68,21 @@ impl Digest {
 
     /// The lowercase hex part, without the algorithm prefix.
     pub fn hex(&self) -> &str {
-        &self.hex
+        &self.full[self.algorithm.as_str().len() + 1..]
+    }
+
+    /// The string form, `algorithm:hex`.
+    pub fn as_str(&self) -> &str {
+        &self.full
+    }
+
+    fn new(algorithm: DigestAlgorithm, hex: &str) -> Digest {
+        let alg = algorithm.as_str();
+        let mut full = String::with_capacity(alg.len() + 1 + hex.len());
+        full.push_str(alg);
+        full.push(':');
+        full.push_str(hex);
+        Digest { full, algorithm }
     }
 
     /// The sha256 digest of `bytes`.
@@ -92,16 +110,13 @@ impl FromStr for Digest {
         {
             return Err(DigestError::BadEncoding);
         }
-        Ok(Digest {
-            algorithm,
-            hex: hex.to_owned(),
-        })
+        Ok(Digest::new(algorithm, hex))
     }
 }
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.algorithm.as_str(), self.hex)
+        f.write_str(&self.full)
     }
 }
 
@@ -136,7 +151,7 @@ impl Hasher {
             Hasher::Sha256(h) => (DigestAlgorithm::Sha256, hex::encode(h.finalize())),
             Hasher::Sha512(h) => (DigestAlgorithm::Sha512, hex::encode(h.finalize())),
         };
-        Digest { algorithm, hex }
+        Digest::new(algorithm, &hex)
     }
 }
 

@@ -12,7 +12,7 @@ use http::{header, HeaderMap, Method, Response, StatusCode};
 use super::manifests::{io_err, not_found_as};
 use super::range::{self, RangeRequest};
 use super::sources::TieredBlob;
-use super::{sourced, App, CacheResult, ServedFrom};
+use super::{conditional, sourced, App, CacheResult, ServedFrom};
 use crate::auth::Target;
 use crate::body::{self, Body};
 use crate::cache::fill::{
@@ -177,7 +177,7 @@ impl App {
                         Response::builder()
                             .status(StatusCode::OK)
                             .header(header::CONTENT_TYPE, "application/octet-stream")
-                            .header(DIGEST_HEADER, digest.to_string())
+                            .header(DIGEST_HEADER, digest.as_str())
                             .header(header::ACCEPT_RANGES, "bytes")
                             .body(body::stream(stream))
                             .map_err(|e| Error::Internal(e.to_string()))?
@@ -453,9 +453,9 @@ fn blob_head(d: &Digest, size: u64) -> Response<Body> {
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, size)
-        .header(DIGEST_HEADER, d.to_string())
+        .header(DIGEST_HEADER, d.as_str())
         .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::ETAG, format!("\"{d}\""))
+        .header(header::ETAG, conditional::etag(d))
         .body(body::empty())
         .expect("static headers are valid")
 }
@@ -476,9 +476,9 @@ fn blob_response(
         })
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, end - start)
-        .header(DIGEST_HEADER, d.to_string())
+        .header(DIGEST_HEADER, d.as_str())
         .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::ETAG, format!("\"{d}\""));
+        .header(header::ETAG, conditional::etag(d));
     if partial {
         b = b.header(
             header::CONTENT_RANGE,

@@ -13,6 +13,15 @@ use crate::body::{self, Body};
 /// `Cache-Control` of content-addressed answers: a digest names the same bytes forever.
 pub const IMMUTABLE: &str = "max-age=31536000, immutable";
 
+/// The entity tag of content `d`: its digest, quoted.
+pub(super) fn etag(d: &crate::oci::Digest) -> String {
+    let mut q = String::with_capacity(d.as_str().len() + 2);
+    q.push('"');
+    q.push_str(d.as_str());
+    q.push('"');
+    q
+}
+
 /// Marks a successful answer for a digest as never changing (unless the handler said
 /// otherwise).
 pub(super) fn immutable(resp: &mut Response<Body>) {

@@ -51,10 +51,13 @@ impl App {
         // The route from the request itself: `path` is only kept for the request log.
         let result = if req.uri().path() == "/token" {
             outcome.route = "token";
-            match crate::auth::realm::TokenRequest::read(req).await {
-                Ok(tr) => self.auth.token(tr, &self.upstreams).await,
-                Err(e) => Err(e),
-            }
+            // Boxed, as are listings and every origin request: what a hot cache hit's future
+            // does not carry, hyper does not copy on each request.
+            Box::pin(async {
+                let tr = crate::auth::realm::TokenRequest::read(req).await?;
+                self.auth.token(tr, &self.upstreams).await
+            })
+            .await
         } else {
             self.dispatch(&req, &mut outcome).await
         };
@@ -197,7 +200,7 @@ impl App {
             }
             Route::Blob { name, digest } => {
                 outcome.repository = outcome.log.then(|| name.to_string());
-                outcome.reference = outcome.log.then(|| digest.to_string());
+                outcome.reference = outcome.log.then(|| digest.as_str().to_owned());
                 let sel = self.admit(who, name, Target::Blob(&digest)).await?;
                 outcome.upstream = outcome.log.then(|| sel.upstream.name().to_owned());
                 let range = req
@@ -238,15 +241,14 @@ impl App {
                     }
                 }
                 let path = format!("/v2/{}/tags/list", sel.name);
-                let (resp, cache) = self
-                    .listing(&sel, listing::ListingKind::Tags, path, q, head)
-                    .await?;
+                let (resp, cache) =
+                    Box::pin(self.listing(&sel, listing::ListingKind::Tags, path, q, head)).await?;
                 outcome.cache = cache;
                 Ok(resp)
             }
             Route::Referrers { name, digest } => {
                 outcome.repository = outcome.log.then(|| name.to_string());
-                outcome.reference = outcome.log.then(|| digest.to_string());
+                outcome.reference = outcome.log.then(|| digest.as_str().to_owned());
                 let sel = self.admit(who, name, Target::Listing).await?;
                 outcome.upstream = outcome.log.then(|| sel.upstream.name().to_owned());
                 let mut q = Vec::new();
@@ -254,9 +256,9 @@ impl App {
                     q.push(("artifactType", v));
                 }
                 let path = format!("/v2/{}/referrers/{}", sel.name, digest);
-                let (resp, cache) = self
-                    .listing(&sel, listing::ListingKind::Referrers, path, q, head)
-                    .await?;
+                let (resp, cache) =
+                    Box::pin(self.listing(&sel, listing::ListingKind::Referrers, path, q, head))
+                        .await?;
                 outcome.cache = cache;
                 Ok(resp)
             }

@@ -6,7 +6,7 @@
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::freshness::{self, Outcome, Subject};
-use super::{sourced, App, CacheResult, ServedFrom};
+use super::{conditional, sourced, App, CacheResult, ServedFrom};
 use crate::body::{self, Body};
 use crate::cache::fill::FetchedFrom;
 use crate::cache::{accept_key, StoredManifest, TagEntry, TagKey, Tier, Validity};
@@ -56,7 +56,10 @@ impl App {
                         CacheResult::Hit,
                     ));
                 }
-                if let Some(m) = self.shared_manifest(&d).await {
+                // Boxed, as every step that leaves the machine: their futures are large, and
+                // an unboxed one would make every request's future (which hyper copies) carry
+                // it, cache hits included.
+                if let Some(m) = Box::pin(self.shared_manifest(&d)).await {
                     // Bytes from the shared tier are not evidence: the origin's word first.
                     if !self.auth.is_member(sel, &d) {
                         let r = Reference::Digest(d.clone());
@@ -74,8 +77,7 @@ impl App {
                         CacheResult::Miss,
                     ));
                 }
-                let (got, m, _) = self
-                    .fetch_manifest(sel, &d.to_string(), &accept, Some(&d))
+                let (got, m, _) = Box::pin(self.fetch_manifest(sel, d.as_str(), &accept, Some(&d)))
                     .await
                     .map_err(|e| not_found_as(e, "manifest"))?;
                 self.share_manifest(&got, &m);
@@ -199,7 +201,7 @@ impl App {
                 ..
             }) = self.head_manifest(sel, tag.as_str(), &accept, None).await
             {
-                if let Some(m) = self.shared_manifest(&d).await {
+                if let Some(m) = Box::pin(self.shared_manifest(&d)).await {
                     let media_type = m.media_type.clone();
                     let m = self.cache().put_manifest(&d, m).await.map_err(io_err)?;
                     self.cache()
@@ -217,7 +219,7 @@ impl App {
                 }
             }
         }
-        match self.fetch_manifest(sel, tag.as_str(), &accept, None).await {
+        match Box::pin(self.fetch_manifest(sel, tag.as_str(), &accept, None)).await {
             Ok((d, m, validity)) => {
                 self.share_manifest(&d, &m);
                 let media_type = m.media_type.clone();
@@ -518,8 +520,8 @@ fn manifest_response(d: &Digest, m: &StoredManifest, head: bool) -> Response<Bod
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, m.media_type.as_str())
         .header(header::CONTENT_LENGTH, m.bytes.len())
-        .header(DIGEST_HEADER, d.to_string())
-        .header(header::ETAG, format!("\"{d}\""))
+        .header(DIGEST_HEADER, d.as_str())
+        .header(header::ETAG, conditional::etag(d))
         .body(if head {
             body::empty()
         } else {

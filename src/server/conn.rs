@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -285,8 +286,9 @@ where
     let counted = activity.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let guard = counted.begin();
-        let answer = handler(req);
-        async move { Ok::<_, Infallible>(answer.await.map(|b| hold(b, guard))) }
+        // A combinator rather than an async block, which would hold the handler's future
+        // twice (captured and awaited) and so double what hyper copies on every request.
+        handler(req).map(move |r| Ok::<_, Infallible>(r.map(|b| hold(b, guard))))
     });
     let conn = setup.builder.serve_connection(io, svc);
     tokio::pin!(conn);

@@ -202,7 +202,9 @@ impl Upstream {
         req: &UpstreamRequest,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let started = Instant::now();
-        let resp = self.send(req).await;
+        // Boxed: an origin request's future is about 2 KB, and every handler that may make
+        // one would otherwise carry it (and copy it) on each request, the cache hits too.
+        let resp = Box::pin(self.send(req)).await;
         self.count(
             metrics,
             &req.method,
@@ -227,15 +229,14 @@ impl Upstream {
             a
         });
         let started = Instant::now();
-        let resp = self
-            .follow(
-                &req.method,
-                req.uri.clone(),
-                &req.headers,
-                auth.as_ref(),
-                req.body.clone(),
-            )
-            .await;
+        let resp = Box::pin(self.follow(
+            &req.method,
+            req.uri.clone(),
+            &req.headers,
+            auth.as_ref(),
+            req.body.clone(),
+        ))
+        .await;
         self.count(
             metrics,
             &req.method,
