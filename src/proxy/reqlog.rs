@@ -111,10 +111,13 @@ impl RequestLine<'_> {
 
     /// Appends the line as `tracing-subscriber` formats it at `now`, newline included.
     fn format(&self, format: LineFormat, now: SystemTime, out: &mut Vec<u8>) {
-        let ts = humantime::format_rfc3339_micros(now);
         match format {
             LineFormat::Text => {
-                let _ = write!(out, "{ts}  INFO {TARGET}: request method={}", self.method);
+                timestamp(now, out);
+                out.extend_from_slice(b"  INFO ");
+                out.extend_from_slice(TARGET.as_bytes());
+                out.extend_from_slice(b": request method=");
+                out.extend_from_slice(self.method.as_str().as_bytes());
                 out.extend_from_slice(b" path=");
                 out.extend_from_slice(self.path.as_bytes());
                 debug_field(out, "route", self.route);
@@ -126,17 +129,15 @@ impl RequestLine<'_> {
                 debug_field(out, "cache", self.cache);
                 out.extend_from_slice(b" bytes=");
                 int(out, self.bytes);
-                let _ = write!(
-                    out,
-                    " head_ms={:?} duration_ms={:?}",
-                    self.head_ms, self.duration_ms
-                );
+                out.extend_from_slice(b" head_ms=");
+                float(out, self.head_ms);
+                out.extend_from_slice(b" duration_ms=");
+                float(out, self.duration_ms);
             }
             LineFormat::Json => {
-                let _ = write!(
-                    out,
-                    r#"{{"timestamp":"{ts}","level":"INFO","message":"request","method":"#
-                );
+                out.extend_from_slice(br#"{"timestamp":""#);
+                timestamp(now, out);
+                out.extend_from_slice(br#"","level":"INFO","message":"request","method":"#);
                 json_str(out, self.method.as_str());
                 for (name, value) in [
                     ("path", self.path),
@@ -180,6 +181,46 @@ fn debug_field(out: &mut Vec<u8>, name: &str, value: &str) {
         out.push(b'"');
     } else {
         let _ = write!(out, "{value:?}");
+    }
+}
+
+thread_local! {
+    /// The second last formatted on this thread and its `YYYY-MM-DDTHH:MM:SS.` prefix.
+    static SECOND: std::cell::Cell<(u64, [u8; 20])> = const { std::cell::Cell::new((u64::MAX, [0; 20])) };
+}
+
+/// `now` as RFC 3339 in microseconds, UTC (`2026-12-04T17:20:00.123456Z`), as
+/// tracing-subscriber writes it; the date and time of day are formatted once a second.
+fn timestamp(now: SystemTime, out: &mut Vec<u8>) {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (cached, mut prefix) = SECOND.get();
+    if cached != secs {
+        let whole = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let text = humantime::format_rfc3339_seconds(whole).to_string();
+        prefix[..19].copy_from_slice(&text.as_bytes()[..19]);
+        prefix[19] = b'.';
+        SECOND.set((secs, prefix));
+    }
+    out.extend_from_slice(&prefix);
+    let micros = since.subsec_micros();
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(micros);
+    out.extend(std::iter::repeat_n(b'0', 6 - digits.len()));
+    out.extend_from_slice(digits.as_bytes());
+    out.push(b'Z');
+}
+
+/// `x` as `{:?}` writes it: the shortest decimal that reads back as `x`, with `.0` when whole.
+/// ryu writes the same digits without `core::fmt`; outside the range where both write plain
+/// decimals (they differ in when they switch to an exponent), `{:?}` itself.
+fn float(out: &mut Vec<u8>, x: f64) {
+    if x == 0.0 || (1e-4..1e15).contains(&x.abs()) {
+        out.extend_from_slice(ryu::Buffer::new().format_finite(x).as_bytes());
+    } else {
+        let _ = write!(out, "{x:?}");
     }
 }
 
@@ -311,6 +352,38 @@ mod tests {
     }
 
     #[test]
+    fn floats_are_written_as_debug_writes_them() {
+        let mut x = 1e-7_f64;
+        let mut seen = 0;
+        while x < 1e17 {
+            for m in [1.0, 1.5, 2.345_678_9, 3.0, 7.123, 9.999_999_999_9] {
+                for v in [x * m, -x * m] {
+                    let mut out = Vec::new();
+                    float(&mut out, v);
+                    assert_eq!(String::from_utf8(out).unwrap(), format!("{v:?}"));
+                    seen += 1;
+                }
+            }
+            x *= 10.0;
+        }
+        for v in [
+            0.0,
+            -0.0,
+            0.040005,
+            0.111088,
+            1e-4,
+            1e15,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+        ] {
+            let mut out = Vec::new();
+            float(&mut out, v);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{v:?}"));
+        }
+        assert!(seen > 250);
+    }
+
+    #[test]
     fn the_timestamp_is_rfc3339_in_microseconds() {
         let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_764_867_600_123_456);
         let line = RequestLine {
@@ -333,6 +406,19 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out)
         );
+        // The cached second, then another second, and microseconds that need padding.
+        for (micros, want) in [
+            (1_764_867_600_999_999, "2025-12-04T17:00:00.999999Z"),
+            (1_764_867_601_000_042, "2025-12-04T17:00:01.000042Z"),
+            (0, "1970-01-01T00:00:00.000000Z"),
+        ] {
+            let mut ts = Vec::new();
+            timestamp(
+                SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(micros),
+                &mut ts,
+            );
+            assert_eq!(String::from_utf8(ts).unwrap(), want);
+        }
         out.clear();
         line.format(LineFormat::Json, at, &mut out);
         assert!(out.starts_with(br#"{"timestamp":"2025-12-04T17:00:00.123456Z","level":"INFO""#));
