@@ -10,7 +10,7 @@
 //! Everywhere else (tests, a terminal with colours, another embedder) the line is an ordinary
 //! `tracing` event with the same fields.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::sync::OnceLock;
 use std::time::SystemTime;
@@ -187,7 +187,7 @@ fn debug_field(out: &mut Vec<u8>, name: &str, value: &str) {
 
 thread_local! {
     /// The second last formatted on this thread and its `YYYY-MM-DDTHH:MM:SS.` prefix.
-    static SECOND: std::cell::Cell<(u64, [u8; 20])> = const { std::cell::Cell::new((u64::MAX, [0; 20])) };
+    static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
 }
 
 /// `now` as RFC 3339 in microseconds, UTC (`2026-12-04T17:20:00.123456Z`), as
