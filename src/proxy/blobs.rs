@@ -228,8 +228,17 @@ impl App {
             return Ok((blob_head(digest, size), CacheResult::Hit));
         }
         if let Some(fill) = filling {
+            // Counted as a GET joining the fill is: a verified fill that is only being
+            // committed is as good as cached (a HEAD in that window used to count nothing).
+            let verified = fill.verified();
             if let Ok(Some(size)) = fill.ready().await {
-                return Ok((blob_head(digest, size), CacheResult::Miss));
+                self.count_lookup("blob", "disk", verified);
+                let result = if verified {
+                    CacheResult::Hit
+                } else {
+                    CacheResult::Miss
+                };
+                return Ok((blob_head(digest, size), result));
             }
         }
         self.count_lookup("blob", "disk", false);
