@@ -386,6 +386,52 @@ async fn bytes_already_received_reach_the_client_while_the_origin_stalls() {
     assert_eq!(sha256_digest(&all), digest);
 }
 
+/// A fill is no evidence for another repository: while one that a pull from `REPO` started is
+/// held mid-body, a HEAD or GET of the same digest in a repository whose origin does not hold
+/// it is refused, with none of its bytes, and the first client still gets the whole blob.
+#[tokio::test]
+async fn a_running_fill_is_not_evidence_for_another_repository() {
+    let (fault, berth) = setup().await;
+    let bytes = pseudo_random(170, 2 * MIB);
+    let digest = fault.add_blob(bytes.clone());
+    fault.set_blob_fault(&digest, Fault::Hold(MIB));
+    fault.set_repo_blob_fault("other/app", &digest, Fault::Status(404));
+    let url = |repo: &str| format!("http://{}/v2/{repo}/blobs/{digest}", berth.addr);
+
+    let mut first = get(&url(REPO), &[]).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    within(10, "origin holding", fault.wait_held(1)).await;
+    let head = within(10, "first bytes", first.chunk())
+        .await
+        .expect("first chunk")
+        .expect("some bytes");
+    for method in [Method::HEAD, Method::GET] {
+        let resp = within(
+            30,
+            "the other repository",
+            Client::new()
+                .request(method.clone(), url("other/app"))
+                .send(),
+        )
+        .await
+        .unwrap();
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap();
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} other/app");
+        assert!(
+            !body.windows(64).any(|w| w == &bytes[..64]),
+            "{method} other/app got blob bytes"
+        );
+    }
+    fault.release();
+    let rest = within(30, "first client", first.bytes())
+        .await
+        .expect("first body");
+    let mut all = head.to_vec();
+    all.extend_from_slice(&rest);
+    assert_eq!(sha256_digest(&all), digest);
+}
+
 #[tokio::test]
 async fn a_fill_outlives_the_client_that_started_it() {
     let (fault, berth) = setup().await;

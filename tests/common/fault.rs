@@ -135,6 +135,8 @@ pub struct Recorded {
 enum Target {
     /// `/v2/<any name>/blobs/<digest>`.
     Blob(String),
+    /// `/v2/<name>/blobs/<digest>` in one repository only (checked before [`Target::Blob`]).
+    RepoBlob(String, String),
     /// `/v2/<name>/manifests/<reference>`, reference exactly as in the path.
     Manifest(String, String),
 }
@@ -308,6 +310,12 @@ impl FaultUpstream {
     /// How `/v2/*/blobs/<digest>` is answered from now on ([`Fault::None`] to heal it).
     pub fn set_blob_fault(&self, digest: &str, fault: Fault) {
         self.set_target_fault(Target::Blob(digest.to_owned()), fault);
+    }
+
+    /// How `/v2/<repo>/blobs/<digest>` is answered from now on, in `repo` only: the origin
+    /// holds the blob in some repositories and not in others.
+    pub fn set_repo_blob_fault(&self, repo: &str, digest: &str, fault: Fault) {
+        self.set_target_fault(Target::RepoBlob(repo.to_owned(), digest.to_owned()), fault);
     }
 
     /// How `/v2/<repo>/manifests/<reference>` (a tag or a digest, as written in the path) is
@@ -656,6 +664,13 @@ async fn handle_inner(conn: Conn, request: Request<Incoming>) -> Result<Response
     let route = route(&bare_path);
     let (bearer, fault, found) = {
         let content = state.content.lock().unwrap();
+        let repo_blob = match &route {
+            Route::Blob { name, digest } => content
+                .faults
+                .get(&Target::RepoBlob(name.clone(), digest.clone()))
+                .cloned(),
+            _ => None,
+        };
         let target = match &route {
             Route::Blob { digest, .. } => Some(Target::Blob(digest.clone())),
             Route::Manifest { name, reference } => {
@@ -663,8 +678,8 @@ async fn handle_inner(conn: Conn, request: Request<Incoming>) -> Result<Response
             }
             Route::Referrers { .. } | Route::Tags { .. } | Route::Other => None,
         };
-        let fault = target
-            .and_then(|t| content.faults.get(&t).cloned())
+        let fault = repo_blob
+            .or_else(|| target.and_then(|t| content.faults.get(&t).cloned()))
             .unwrap_or_else(|| content.global.clone());
         let found = match &route {
             Route::Blob { digest, .. } => content.blobs.get(digest).map(|b| Object {
