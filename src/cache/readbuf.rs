@@ -22,6 +22,11 @@ pub fn take() -> Vec<u8> {
     POOL.take()
 }
 
+/// Returns a buffer from [`take`] that was not used after all.
+pub fn give_back(buf: Vec<u8>) {
+    POOL.give_back(buf)
+}
+
 /// The first `len` bytes of `buf` as `Bytes`; `buf` returns to the pool when the last clone
 /// of them is dropped.
 pub fn freeze(buf: Vec<u8>, len: usize) -> Bytes {

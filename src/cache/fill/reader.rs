@@ -287,33 +287,54 @@ impl Reader {
     }
 }
 
+/// Bytes at `offset` (at most `len`): what the page cache holds right now is read on this
+/// thread; otherwise the read runs on the blocking pool.
 async fn read_at(file: Arc<File>, offset: u64, len: usize) -> io::Result<Bytes> {
+    if let Some(b) = read_cached(&file, offset, len) {
+        return Ok(b);
+    }
     tokio::task::spawn_blocking(move || read_chunk(&file, offset, len))
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
-/// Reads `start..end` of a committed file, one [`CHUNK`] ahead: the next read runs on the
-/// blocking pool while the chunk before it is written to the client.
+/// Reads `start..end` of a committed file. Cached bytes are read in place, without a trip to
+/// the blocking pool (a hot blob is served by the worker alone); a chunk the page cache does
+/// not hold is read on the blocking pool, one chunk ahead, while the one before it is written
+/// to the client.
 pub fn read_file_range(file: Arc<File>, start: u64, end: u64) -> BlobStream {
-    /// Starts the read of the chunk at `offset`, if any is left.
-    fn ahead(
-        file: &Arc<File>,
-        offset: u64,
-        end: u64,
-    ) -> Option<tokio::task::JoinHandle<io::Result<Bytes>>> {
+    type Pending = tokio::task::JoinHandle<io::Result<Bytes>>;
+    /// Starts the read of the chunk at `offset` on the blocking pool, if any is left.
+    fn ahead(file: &Arc<File>, offset: u64, end: u64) -> Option<Pending> {
         (offset < end).then(|| {
             let len = (end - offset).min(CHUNK as u64) as usize;
             let file = file.clone();
             tokio::task::spawn_blocking(move || read_chunk(&file, offset, len))
         })
     }
-    let first = ahead(&file, start, end);
     futures_util::stream::unfold(
-        (file, start, first),
+        (file, start, None::<Pending>),
         move |(file, offset, pending)| async move {
-            let read = pending?.await.unwrap_or_else(|e| Err(io::Error::other(e)));
+            let len = (end.saturating_sub(offset)).min(CHUNK as u64) as usize;
+            let read = match pending {
+                Some(p) => p.await.unwrap_or_else(|e| Err(io::Error::other(e))),
+                None if len == 0 => return None,
+                None => match read_cached(&file, offset, len) {
+                    // Hot: the next chunk is read in place too, when it is wanted.
+                    Some(b) => {
+                        let next = offset + b.len() as u64;
+                        return Some((Ok(b), (file, next, None)));
+                    }
+                    None => {
+                        let f = file.clone();
+                        tokio::task::spawn_blocking(move || read_chunk(&f, offset, len))
+                            .await
+                            .unwrap_or_else(|e| Err(io::Error::other(e)))
+                    }
+                },
+            };
             match read {
+                // Cold: keep the disk busy while this chunk goes out.
                 Ok(b) => {
                     let next = offset + b.len() as u64;
                     let pending = ahead(&file, next, end);
@@ -326,10 +347,120 @@ pub fn read_file_range(file: Arc<File>, start: u64, end: u64) -> BlobStream {
     .boxed()
 }
 
+/// Up to `len` (at most [`CHUNK`]) bytes at `offset`, if the page cache holds them: read
+/// with `preadv2(RWF_NOWAIT)`, which never waits for the disk. `None` when nothing could be
+/// read that way (not cached, end of file, an error, or a kernel or file system without the
+/// flag); the caller then reads on the blocking pool, which reports any error.
+#[cfg(target_os = "linux")]
+fn read_cached(file: &File, offset: u64, len: usize) -> Option<Bytes> {
+    use rustix::io::{Errno, ReadWriteFlags};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Set once the kernel or file system refused the flag: no point asking again.
+    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+    debug_assert!(len <= CHUNK);
+    if len == 0 || UNSUPPORTED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut buf = crate::cache::readbuf::take();
+    let read = rustix::io::preadv2(
+        file,
+        &mut [io::IoSliceMut::new(&mut buf[..len])],
+        offset,
+        ReadWriteFlags::NOWAIT,
+    );
+    match read {
+        Ok(n) if n > 0 => Some(crate::cache::readbuf::freeze(buf, n)),
+        other => {
+            if let Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) = other {
+                UNSUPPORTED.store(true, Ordering::Relaxed);
+            }
+            crate::cache::readbuf::give_back(buf);
+            None
+        }
+    }
+}
+
+/// Without `RWF_NOWAIT`, every read goes to the blocking pool.
+#[cfg(not(target_os = "linux"))]
+fn read_cached(_file: &File, _offset: u64, _len: usize) -> Option<Bytes> {
+    None
+}
+
 /// Reads `len` (at most [`CHUNK`]) bytes at `offset` into a pooled buffer; blocking.
 fn read_chunk(file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
     debug_assert!(len <= CHUNK);
     let mut buf = crate::cache::readbuf::take();
     file.read_exact_at(&mut buf[..len], offset)?;
     Ok(crate::cache::readbuf::freeze(buf, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A temp file of `len` bytes of a pattern that differs at every chunk boundary.
+    fn file_of(len: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+            .collect();
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&bytes).unwrap();
+        f.flush().unwrap();
+        (f, bytes)
+    }
+
+    async fn collect(s: BlobStream) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut s = s;
+        while let Some(b) = s.next().await {
+            out.extend_from_slice(&b?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn ranges_read_back_exactly() {
+        let len = 3 * CHUNK + 123;
+        let (f, bytes) = file_of(len);
+        let file = Arc::new(File::open(f.path()).unwrap());
+        for (start, end) in [
+            (0, len),
+            (1, len - 1),
+            (CHUNK - 1, CHUNK + 1),
+            (2 * CHUNK, 3 * CHUNK),
+            (len - 1, len),
+            (17, 17),
+        ] {
+            let got = collect(read_file_range(file.clone(), start as u64, end as u64))
+                .await
+                .unwrap();
+            assert!(got == bytes[start..end], "range {start}..{end}");
+        }
+    }
+
+    #[test]
+    fn a_cached_read_is_a_true_prefix_or_nothing() {
+        let (f, bytes) = file_of(CHUNK + 5);
+        let file = File::open(f.path()).unwrap();
+        for offset in [0, 1, CHUNK, CHUNK + 4] {
+            let len = (bytes.len() - offset).min(CHUNK);
+            if let Some(b) = read_cached(&file, offset as u64, len) {
+                assert!(!b.is_empty() && b.len() <= len);
+                assert!(b[..] == bytes[offset..offset + b.len()], "offset {offset}");
+            }
+        }
+        assert!(read_cached(&file, bytes.len() as u64, CHUNK).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_file_shorter_than_its_range_fails_the_body() {
+        let (f, bytes) = file_of(2 * CHUNK);
+        let file = Arc::new(File::open(f.path()).unwrap());
+        f.as_file().set_len(CHUNK as u64 + 10).unwrap();
+        let err = collect(read_file_range(file, 0, bytes.len() as u64))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
 }
