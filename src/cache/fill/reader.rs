@@ -453,6 +453,24 @@ mod tests {
         assert!(read_cached(&file, bytes.len() as u64, CHUNK).is_none());
     }
 
+    /// Pages dropped from the page cache (where the file system honours it; tmpfs does not)
+    /// send the reads to the blocking pool, one chunk ahead, with the same bytes.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn bytes_only_on_disk_read_back_exactly() {
+        let len = 4 * CHUNK + 7;
+        let (f, bytes) = file_of(len);
+        f.as_file().sync_all().unwrap();
+        for (start, end) in [(0, len), (CHUNK + 3, len - 2)] {
+            rustix::fs::fadvise(f.as_file(), 0, None, rustix::fs::Advice::DontNeed).unwrap();
+            let file = Arc::new(File::open(f.path()).unwrap());
+            let got = collect(read_file_range(file, start as u64, end as u64))
+                .await
+                .unwrap();
+            assert!(got == bytes[start..end], "range {start}..{end}");
+        }
+    }
+
     #[tokio::test]
     async fn a_file_shorter_than_its_range_fails_the_body() {
         let (f, bytes) = file_of(2 * CHUNK);
