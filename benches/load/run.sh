@@ -382,6 +382,19 @@ if has wan; then start_link WAN_HOSTPORT "$WAN_RATE"; fi
 upstream_gets() { grep -F "/blobs/sha256:$1" "$REG_LOG" | grep -c 'http.request.method=GET' || true; }
 upstream_requests() { grep -c 'http.request.method=' "$REG_LOG" || true; }
 
+# prefetch_idle ADMIN_URL: waits (at most 30 s) until that berth has no image prefetch running.
+# Serving a manifest from the origin starts fills of the image's blobs in the background; their
+# origin GETs must land before a measured run starts counting origin requests.
+prefetch_idle() {
+  local i n
+  for ((i = 0; i < 300; i++)); do
+    n=$(curl -fsS "$1/metrics" 2>/dev/null | awk '$1 == "berth_prefetch_images_running" { print $2 }')
+    [[ $n == 0 ]] && return 0
+    sleep 0.1
+  done
+  log "WARNING: $1: image prefetch still running after 30 s (berth_prefetch_images_running=${n:-unknown})"
+}
+
 # push_file FILE -> digest (hex): monolithic upload, streamed with -T
 push_file() {
   local file=$1 dg loc
@@ -486,6 +499,7 @@ EOF
   BERTH_PID=$!
   PIDS+=("$BERTH_PID")
   BERTH=http://127.0.0.1:$BERTH_PORT
+  BERTH_ADMIN=http://127.0.0.1:$BERTH_ADMIN_PORT
   started berth "$BERTH_PID" "$BERTH_LOG" "http://127.0.0.1:$BERTH_ADMIN_PORT/healthz" "$BERTH/v2/" || return 1
   log "berth on $BERTH (pid $BERTH_PID, cache $(human "$CACHE_BYTES"))"
 }
@@ -783,11 +797,13 @@ if has manifest; then
   # berth with its request log on (a line per request at RUST_LOG=info, the default, written to
   # a file as a service manager would collect it): a second berth process, same config, its own
   # cache; the first berth keeps RUST_LOG=$BERTH_RUST_LOG.
-  saved=("$BERTH" "$BERTH_PID" "$BERTH_LOG")
+  saved=("$BERTH" "$BERTH_PID" "$BERTH_LOG" "$BERTH_ADMIN")
   BERTH_RUST_LOG=info start_berth "$T/berth/cache-log"
-  BL=$BERTH BL_PID=$BERTH_PID BL_LOG=$BERTH_LOG
-  BERTH=${saved[0]} BERTH_PID=${saved[1]} BERTH_LOG=${saved[2]}
+  BL=$BERTH BL_PID=$BERTH_PID BL_LOG=$BERTH_LOG BL_ADMIN=$BERTH_ADMIN
+  BERTH=${saved[0]} BERTH_PID=${saved[1]} BERTH_LOG=${saved[2]} BERTH_ADMIN=${saved[3]}
   warm berth "$BL/v2/$REPO/manifests/v1" "$MANIFEST_DG" -H "$MANIFEST_ACCEPT"
+  prefetch_idle "$BERTH_ADMIN"
+  prefetch_idle "$BL_ADMIN"
   # Interleaved, so that a burst of load elsewhere on the box hits all three alike, and the
   # order rotated every round: on 2 CPUs whichever target runs at a given position gains or
   # loses up to a quarter of its rate (a control run with both berths logging measured 0.97
