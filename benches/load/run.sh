@@ -8,7 +8,7 @@
 #
 # Knobs (environment variables; sizes take 4096, 4KiB, 64MiB, 1GiB, also 4K/64M/1G, all 1024-based):
 #   DURATION=10s        wrk duration per hot scenario (QUICK: 3s)
-#   WRK_THREADS=2       wrk -t
+#   WRK_THREADS=2       wrk -t (default with CLIENT_CPUS: one per CPU in the list)
 #   WRK_CONNS=8         wrk -c (hot blob scenarios)
 #   MANIFEST_CONNS="8 64"  wrk -c values for the hot manifest scenario
 #   MANIFEST_ROUNDS=3   rounds of the manifest scenario, the order of the three targets rotated
@@ -30,6 +30,8 @@
 #                       connection) between the origin and berth, nginx and the direct pulls;
 #                       unset: loopback
 #   BERTH_RUST_LOG=warn berth's RUST_LOG (an ambient RUST_LOG is ignored)
+#   SERVER_CPUS, CLIENT_CPUS  CPU lists for taskset (e.g. 0 and 1): berth, nginx and the registry
+#                       run on SERVER_CPUS, wrk on CLIENT_CPUS; unset: no pinning
 #   KEEP_TMP=0          1: keep the temp dir (logs, configs, caches) and print where it is
 #   TMPDIR=...          where the temp dir goes (mktemp -d); needs the disk space below
 #
@@ -48,7 +50,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 
 KNOBS=(QUICK DURATION WRK_THREADS WRK_CONNS SMALL_SIZE HOT_SIZE COLD_SIZE CONC_SIZE CONC_CLIENTS
   BIG BIG_SIZE BIG_CLIENTS SCENARIOS SKIP_BUILD BERTH_BIN BERTH_WORKERS ORIGIN_RATE WAN_RATE
-  BERTH_RUST_LOG KEEP_TMP MANIFEST_CONNS MANIFEST_ROUNDS)
+  BERTH_RUST_LOG KEEP_TMP MANIFEST_CONNS MANIFEST_ROUNDS SERVER_CPUS CLIENT_CPUS)
 COMMAND=""
 for k in "${KNOBS[@]}"; do
   if [[ -n ${!k+x} ]]; then COMMAND+="$k=${!k} "; fi
@@ -56,13 +58,24 @@ done
 COMMAND+="bash benches/load/run.sh"
 
 QUICK=${QUICK:-0}
+# Command prefixes pinning the servers and wrk to CPU lists (taskset execs the command, so a
+# background server's $! is still its pid); empty arrays without SERVER_CPUS / CLIENT_CPUS.
+PIN_SERVER=()
+PIN_CLIENT=()
+[[ -z ${SERVER_CPUS:-} ]] || PIN_SERVER=(taskset -c "$SERVER_CPUS")
+[[ -z ${CLIENT_CPUS:-} ]] || PIN_CLIENT=(taskset -c "$CLIENT_CPUS")
 if [[ $QUICK == 1 ]]; then
   DURATION=${DURATION:-3s}
   COLD_SIZE=${COLD_SIZE:-64MiB}
   MANIFEST_ROUNDS=${MANIFEST_ROUNDS:-1}
 fi
 DURATION=${DURATION:-10s}
-WRK_THREADS=${WRK_THREADS:-2}
+# wrk threads: 2, or one per CPU wrk is pinned to (two wrk threads sharing one CPU make the
+# client's own run queue the p99: up to a scheduler slice, 3 ms)
+if [[ -z ${WRK_THREADS:-} ]]; then
+  WRK_THREADS=2
+  [[ -z ${CLIENT_CPUS:-} ]] || WRK_THREADS=$("${PIN_CLIENT[@]}" nproc)
+fi
 WRK_CONNS=${WRK_CONNS:-8}
 SMALL_SIZE=${SMALL_SIZE:-1MiB}
 HOT_SIZE=${HOT_SIZE:-64MiB}
@@ -348,7 +361,7 @@ http:
   addr: "127.0.0.1:$REG_PORT"
   secret: berth-load-bench
 EOF
-  docker-registry serve "$T/registry/config.yml" >"$T/registry/access.log" 2>"$REG_LOG" &
+  "${PIN_SERVER[@]}" docker-registry serve "$T/registry/config.yml" >"$T/registry/access.log" 2>"$REG_LOG" &
   REG_PID=$!
   PIDS+=("$REG_PID")
   ORIGIN=http://127.0.0.1:$REG_PORT
@@ -495,7 +508,7 @@ EOF
   if [[ -n ${BERTH_WORKERS:-} ]]; then
     sed -i "s/^shutdown_grace = \"2s\"/shutdown_grace = \"2s\"\nworker_threads = $BERTH_WORKERS/" "$T/berth/berth.toml"
   fi
-  RUST_LOG=$BERTH_RUST_LOG "$BERTH_BIN" serve --config "$T/berth/berth.toml" >"$BERTH_LOG" 2>&1 &
+  RUST_LOG=$BERTH_RUST_LOG "${PIN_SERVER[@]}" "$BERTH_BIN" serve --config "$T/berth/berth.toml" >"$BERTH_LOG" 2>&1 &
   BERTH_PID=$!
   PIDS+=("$BERTH_PID")
   BERTH=http://127.0.0.1:$BERTH_PORT
@@ -513,15 +526,17 @@ start_nginx() {
   done
 }
 start_nginx_once() {
-  local d=$NGINX_DIR user_line=""
+  local d=$NGINX_DIR user_line="" workers
   mkdir -p "$d/cache" "$d/logs" "$d/tmp/client" "$d/tmp/proxy" "$d/tmp/fastcgi" "$d/tmp/uwsgi" "$d/tmp/scgi"
   free_port NGINX_PORT
   # a root master would run its workers as nobody, who cannot enter the 0700 temp dir
   if [[ $(id -u) == 0 ]]; then user_line="user root;"; fi
+  # one worker per CPU it may run on (nginx 1.22's "auto" counts every online CPU, pinned or not)
+  workers=$("${PIN_SERVER[@]}" nproc)
   cat >"$d/nginx.conf" <<EOF
 $user_line
 daemon off;
-worker_processes auto;
+worker_processes $workers;
 pid $d/nginx.pid;
 error_log $d/logs/error.log warn;
 events { worker_connections 4096; }
@@ -582,7 +597,7 @@ EOF
       die "nginx -t failed"
     }
   : >"$d/logs/error.log"
-  nginx -p "$d/" -e "$d/logs/error.log" -c "$d/nginx.conf" 2>>"$d/logs/stderr.log" &
+  "${PIN_SERVER[@]}" nginx -p "$d/" -e "$d/logs/error.log" -c "$d/nginx.conf" 2>>"$d/logs/stderr.log" &
   NGINX_PID=$!
   PIDS+=("$NGINX_PID")
   NGINX=http://127.0.0.1:$NGINX_PORT
@@ -631,7 +646,7 @@ run_wrk() {
   local key=$1 url=$2 out=$T/clients/wrk-$1.txt before kv line
   shift 2
   before=$(upstream_requests)
-  wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$DURATION" --timeout 30s --latency \
+  "${PIN_CLIENT[@]}" wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$DURATION" --timeout 30s --latency \
     -s "$HERE/report.lua" "$@" "$url" >"$out" 2>&1 || log "WARNING: wrk exited non-zero ($out)"
   line=$(grep '^WRKRESULT ' "$out" || true)
   if [[ -z $line ]]; then
@@ -651,14 +666,21 @@ run_wrk() {
   log "$key: ${R[$key.rps]} req/s, ${R[$key.mibs]} MiB/s, p50 ${R[$key.p50]} ms, p99 ${R[$key.p99]} ms, errors $errs, origin requests during run ${R[$key.upstream]}"
 }
 
-# median_round KEY N: copies the results of the round of KEY.r0 .. KEY.r<N-1> with the median
-# requests/s to KEY (all its fields), and lists every round's req/s in KEY.rounds
+# median_round KEY N: copies req/s and requests of the round of KEY.r0 .. KEY.r<N-1> with the
+# median requests/s to KEY, takes p50 and p99 as each one's median over the rounds, and lists
+# every round's req/s in KEY.rounds and p99 in KEY.p99s
 median_round() {
   local key=$1 n=$2 r best list=""
   for ((r = 0; r < n; r++)); do list+="${R[$key.r$r.rps]:-0} r$r"$'\n'; done
   best=$(printf '%s' "$list" | sort -n | awk -v m=$(((n + 1) / 2)) 'NR == m { print $2 }')
   R[$key.rounds]=$(printf '%s' "$list" | awk '{ printf "%s%s", (NR > 1 ? ", " : ""), $1 }')
-  for f in rps p50 p99 requests; do R[$key.$f]=${R[$key.$best.$f]:-}; done
+  for f in rps requests; do R[$key.$f]=${R[$key.$best.$f]:-}; done
+  # latencies: each percentile's own median over the rounds (one round's tail is noise)
+  for f in p50 p99; do
+    R[$key.$f]=$(for ((r = 0; r < n; r++)); do echo "${R[$key.r$r.$f]:-0}"; done | sort -n |
+      awk -v m=$(((n + 1) / 2)) 'NR == m')
+  done
+  R[$key.p99s]=$(for ((r = 0; r < n; r++)); do echo "${R[$key.r$r.p99]:-0}"; done | paste -sd, | sed 's/,/, /g')
   R[$key.errs]=0 R[$key.upstream]=0
   for ((r = 0; r < n; r++)); do
     R[$key.errs]=$((R[$key.errs] + ${R[$key.r$r.errs]:-0}))
@@ -952,6 +974,9 @@ HS=$(human "$HOT_BYTES") SS=$(human "$SMALL_BYTES") CS=$(human "$COLD_BYTES") QS
   echo
   echo "- berth $REV (release build), nginx $(nginx -v 2>&1 | sed 's|.*/||'), docker-registry $(docker-registry --version | awk '{print $3}'), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')"
   echo "- $(nproc) CPUs ($CPU), $(uname -sr); load average at start $LOAD_START, at end $LOAD_END"
+  if [[ -n ${SERVER_CPUS:-}${CLIENT_CPUS:-} ]]; then
+    echo "- pinned (taskset): berth, nginx and the registry on CPUs ${SERVER_CPUS:-any}, wrk on CPUs ${CLIENT_CPUS:-any}"
+  fi
   echo "- client (wrk/curl), proxies and origin on one machine, loopback; wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION for blobs, -c${MANIFEST_CONNS// / and -c} for the manifest ($MANIFEST_ROUNDS rounds, order rotated, median round)"
   echo "- ↑ higher is better, ↓ lower is better; ratios are left column / right column"
   echo
@@ -961,11 +986,12 @@ HS=$(human "$HOT_BYTES") SS=$(human "$SMALL_BYTES") CS=$(human "$COLD_BYTES") QS
   row "hot $SS blob, req/s ↑" "$(v berth.small.rps)" "$(v nginx.small.rps)"
   for c in $MANIFEST_CONNS; do
     row "hot manifest by tag -c$c, request log off, req/s ↑" "$(v berth.manifest$c.rps)" "$(v nginx.manifest$c.rps)"
-    row "hot manifest by tag -c$c, request log off, p50 / p99, ms ↓" "$(v berth.manifest$c.p50) / $(v berth.manifest$c.p99)" "$(v nginx.manifest$c.p50) / $(v nginx.manifest$c.p99)"
+    row "hot manifest by tag -c$c, request log off, p50 / p99 (medians of the rounds), ms ↓" "$(v berth.manifest$c.p50) / $(v berth.manifest$c.p99)" "$(v nginx.manifest$c.p50) / $(v nginx.manifest$c.p99)"
     row "hot manifest by tag -c$c, berth's request log on (⁴), req/s ↑" "$(v berthlog.manifest$c.rps)" "$(v nginx.manifest$c.rps)"
-    row "hot manifest by tag -c$c, berth's request log on (⁴), p50 / p99, ms ↓" "$(v berthlog.manifest$c.p50) / $(v berthlog.manifest$c.p99)" "$(v nginx.manifest$c.p50) / $(v nginx.manifest$c.p99)"
+    row "hot manifest by tag -c$c, berth's request log on (⁴), p50 / p99 (medians of the rounds), ms ↓" "$(v berthlog.manifest$c.p50) / $(v berthlog.manifest$c.p99)" "$(v nginx.manifest$c.p50) / $(v nginx.manifest$c.p99)"
     row "hot manifest by tag -c$c, berth's req/s with the log on ÷ off ↑" "$(ratio "$(v berthlog.manifest$c.rps)" "$(v berth.manifest$c.rps)")" "-"
     row "hot manifest by tag -c$c, req/s of every round (berth log off; log on ⁴)" "$(v berth.manifest$c.rounds); $(v berthlog.manifest$c.rounds)" "$(v nginx.manifest$c.rounds)"
+    row "hot manifest by tag -c$c, p99 ms of every round (berth log off; log on ⁴)" "$(v berth.manifest$c.p99s); $(v berthlog.manifest$c.p99s)" "$(v nginx.manifest$c.p99s)"
   done
   errs=(0 0) ups=(0 0)
   for k in hot small $(for c in $MANIFEST_CONNS; do echo "manifest$c"; done); do
