@@ -401,10 +401,7 @@ async fn a_running_fill_is_not_evidence_for_another_repository() {
     let mut first = get(&url(REPO), &[]).await;
     assert_eq!(first.status(), StatusCode::OK);
     within(10, "origin holding", fault.wait_held(1)).await;
-    let head = within(10, "first bytes", first.chunk())
-        .await
-        .expect("first chunk")
-        .expect("some bytes");
+    let head = read_at_least(&mut first, 1, "first client").await;
     for method in [Method::HEAD, Method::GET] {
         let resp = within(
             30,
@@ -424,11 +421,7 @@ async fn a_running_fill_is_not_evidence_for_another_repository() {
         );
     }
     fault.release();
-    let rest = within(30, "first client", first.bytes())
-        .await
-        .expect("first body");
-    let mut all = head.to_vec();
-    all.extend_from_slice(&rest);
+    let all = read_rest(first, head, "first client").await;
     assert_eq!(sha256_digest(&all), digest);
 }
 

@@ -35,27 +35,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# free_port VAR: a loopback port nothing listens on right now.
-free_port() {
-  local p
-  for _ in $(seq 50); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-      printf -v "$1" '%s' "$p"
-      return
-    fi
-  done
-  echo "no free port" >&2
+die() {
+  echo "$*" >&2
   exit 1
 }
+# free_port, push_file, seed_image (shared with run.sh)
+# shellcheck source=benches/load/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # wait_for URL SECONDS
 wait_for() {
   for _ in $(seq $(($2 * 10))); do
     curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
     sleep 0.1
   done
-  echo "$1 did not answer within $2 s" >&2
-  exit 1
+  die "$1 did not answer within $2 s"
 }
 
 free_port REG
@@ -73,27 +66,10 @@ http:
 EOF
 docker-registry serve "$T/registry.yml" >"$T/registry.log" 2>&1 &
 PIDS+=("$!")
-O=http://127.0.0.1:$REG
-wait_for "$O/v2/" 10
-
-push() {
-  local dg loc
-  dg=$(sha256sum "$1" | cut -d' ' -f1)
-  loc=$(curl -fsS -D - -o /dev/null -X POST "$O/v2/bench/app/blobs/uploads/" |
-    tr -d '\r' | awk 'tolower($1) == "location:" { print $2 }')
-  [[ $loc == http* ]] || loc=$O$loc
-  curl -fsS -o /dev/null -H 'Content-Type: application/octet-stream' -T "$1" "$loc&digest=sha256:$dg"
-  echo "$dg"
-}
-head -c 4096 /dev/urandom >"$T/seed/layer"
-L=$(push "$T/seed/layer")
-printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:%s"]},"config":{}}' \
-  "$L" >"$T/seed/config"
-C=$(push "$T/seed/config")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":4096}]}' \
-  "$C" "$(stat -c %s "$T/seed/config")" "$L" >"$T/seed/manifest"
-curl -fsS -o /dev/null -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' \
-  --data-binary @"$T/seed/manifest" "$O/v2/bench/app/manifests/v1"
+ORIGIN=http://127.0.0.1:$REG
+REPO=bench/app
+wait_for "$ORIGIN/v2/" 10
+seed_image "$T/seed"
 printf 'wrk.headers["Accept"] = "application/vnd.oci.image.manifest.v1+json"\n' >"$T/accept.lua"
 
 # run SECONDS -> "instructions requests" of one berth under callgrind
@@ -112,7 +88,7 @@ memory_bytes = "64MiB"
 tag_ttl = "1h"
 [[upstream]]
 name = "origin"
-url = "$O"
+url = "$ORIGIN"
 default = true
 auth = "public"
 EOF

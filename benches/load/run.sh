@@ -104,6 +104,9 @@ die() {
   log "ERROR: $*"
   exit 1
 }
+# free_port, push_file, seed_image (shared with instructions.sh)
+# shellcheck source=benches/load/lib.sh
+source "$HERE/lib.sh"
 
 # to_bytes 64MiB -> 67108864
 to_bytes() {
@@ -146,29 +149,6 @@ ratio() {
   else
     echo "-"
   fi
-}
-
-USED_PORTS=" "
-# Ports come from below the kernel's ephemeral range, so that no outgoing connection (of ours or
-# anyone's) can be holding the port as its local end when a server binds it.
-EPHEMERAL_LOW=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
-if ((EPHEMERAL_LOW > 12000)); then PORT_LO=10000 PORT_N=$((EPHEMERAL_LOW - 10000)); else PORT_LO=20000 PORT_N=40000; fi
-# free_port VAR: a free loopback TCP port (not handed out before in this run) into VAR
-free_port() {
-  local p
-  for _ in $(seq 500); do
-    p=$((PORT_LO + (RANDOM * 32768 + RANDOM) % PORT_N))
-    [[ $USED_PORTS == *" $p "* ]] && continue
-    if command -v ss >/dev/null 2>&1 && [[ -n $(ss -Htan "( sport = :$p )" 2>/dev/null) ]]; then
-      continue
-    fi
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-      USED_PORTS+="$p "
-      printf -v "$1" '%s' "$p"
-      return 0
-    fi
-  done
-  die "no free port found"
 }
 
 PIDS=()
@@ -408,20 +388,6 @@ prefetch_idle() {
   log "WARNING: $1: image prefetch still running after 30 s (berth_prefetch_images_running=${n:-unknown})"
 }
 
-# push_file FILE -> digest (hex): monolithic upload, streamed with -T
-push_file() {
-  local file=$1 dg loc
-  dg=$(sha256sum "$file" | cut -d' ' -f1)
-  loc=$(curl -fsS -D - -o /dev/null -X POST "$ORIGIN/v2/$REPO/blobs/uploads/" |
-    tr -d '\r' | awk 'tolower($1) == "location:" { print $2 }')
-  [[ -n $loc ]] || die "no upload Location from the registry"
-  [[ $loc == http* ]] || loc=$ORIGIN$loc
-  if [[ $loc == *\?* ]]; then loc+="&digest=sha256:$dg"; else loc+="?digest=sha256:$dg"; fi
-  curl -fsS -o /dev/null -H 'Expect:' -H 'Content-Type: application/octet-stream' -T "$file" \
-    "$loc" || die "blob upload of $file failed"
-  echo "$dg"
-}
-
 # seed_random BYTES -> digest of a fresh random blob pushed to the origin
 seed_random() {
   local f=$T/seed/blob
@@ -431,16 +397,7 @@ seed_random() {
 }
 
 log "seeding the origin with random blobs for: $SCENARIOS"
-LAYER_DG=$(seed_random 4096)
-printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:%s"]},"config":{}}' \
-  "$LAYER_DG" >"$T/seed/config.json"
-CONFIG_DG=$(push_file "$T/seed/config.json")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":4096}]}' \
-  "$CONFIG_DG" "$(stat -c %s "$T/seed/config.json")" "$LAYER_DG" >"$T/seed/manifest.json"
-MANIFEST_DG=$(sha256sum "$T/seed/manifest.json" | cut -d' ' -f1)
-curl -fsS -o /dev/null -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' \
-  --data-binary @"$T/seed/manifest.json" "$ORIGIN/v2/$REPO/manifests/v1" ||
-  die "manifest push failed"
+seed_image "$T/seed"
 MANIFEST_ACCEPT='Accept: application/vnd.oci.image.manifest.v1+json'
 
 if has small; then SMALL_DG=$(seed_random "$SMALL_BYTES"); fi

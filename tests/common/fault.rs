@@ -664,22 +664,21 @@ async fn handle_inner(conn: Conn, request: Request<Incoming>) -> Result<Response
     let route = route(&bare_path);
     let (bearer, fault, found) = {
         let content = state.content.lock().unwrap();
-        let repo_blob = match &route {
-            Route::Blob { name, digest } => content
-                .faults
-                .get(&Target::RepoBlob(name.clone(), digest.clone()))
-                .cloned(),
-            _ => None,
-        };
-        let target = match &route {
-            Route::Blob { digest, .. } => Some(Target::Blob(digest.clone())),
+        // The most specific target set for this path: a blob in one repository, then the blob
+        // in any; a manifest; else the global fault.
+        let targets = match &route {
+            Route::Blob { name, digest } => vec![
+                Target::RepoBlob(name.clone(), digest.clone()),
+                Target::Blob(digest.clone()),
+            ],
             Route::Manifest { name, reference } => {
-                Some(Target::Manifest(name.clone(), reference.clone()))
+                vec![Target::Manifest(name.clone(), reference.clone())]
             }
-            Route::Referrers { .. } | Route::Tags { .. } | Route::Other => None,
+            Route::Referrers { .. } | Route::Tags { .. } | Route::Other => Vec::new(),
         };
-        let fault = repo_blob
-            .or_else(|| target.and_then(|t| content.faults.get(&t).cloned()))
+        let fault = targets
+            .iter()
+            .find_map(|t| content.faults.get(t).cloned())
             .unwrap_or_else(|| content.global.clone());
         let found = match &route {
             Route::Blob { digest, .. } => content.blobs.get(digest).map(|b| Object {

@@ -152,12 +152,7 @@ impl Reader {
                 Some(b) => b,
                 None => {
                     let file = self.fill.written_file()?;
-                    read_at(
-                        file,
-                        self.offset,
-                        (limit - self.offset).min(CHUNK as u64) as usize,
-                    )
-                    .await?
+                    read_at(file, self.offset, chunk_len(self.offset, limit)).await?
                 }
             };
             // Bytes of a fill that has not verified yet (or never will: pass-through). A whole
@@ -180,12 +175,7 @@ impl Reader {
                 let file = self.fill.written_file()?;
                 let mut at = 0;
                 while at < self.offset {
-                    let b = read_at(
-                        file.clone(),
-                        at,
-                        (self.offset - at).min(CHUNK as u64) as usize,
-                    )
-                    .await?;
+                    let b = read_at(file.clone(), at, chunk_len(at, self.offset)).await?;
                     hasher.update(&b);
                     at += b.len() as u64;
                 }
@@ -290,12 +280,23 @@ impl Reader {
 /// Bytes at `offset` (at most `len`): what the page cache holds right now is read on this
 /// thread; otherwise the read runs on the blocking pool.
 async fn read_at(file: Arc<File>, offset: u64, len: usize) -> io::Result<Bytes> {
-    if let Some(b) = read_cached(&file, offset, len) {
-        return Ok(b);
+    match read_cached(&file, offset, len) {
+        Some(b) => Ok(b),
+        None => joined(on_pool(file, offset, len)).await,
     }
+}
+
+/// A read on the blocking pool of a file's chunk.
+type Pending = tokio::task::JoinHandle<io::Result<Bytes>>;
+
+/// Starts reading `len` bytes at `offset` on the blocking pool.
+fn on_pool(file: Arc<File>, offset: u64, len: usize) -> Pending {
     tokio::task::spawn_blocking(move || read_chunk(&file, offset, len))
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)))
+}
+
+/// The bytes of a read started with [`on_pool`].
+async fn joined(pending: Pending) -> io::Result<Bytes> {
+    pending.await.unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
 /// Reads `start..end` of a committed file. Cached bytes are read in place, without a trip to
@@ -303,21 +304,12 @@ async fn read_at(file: Arc<File>, offset: u64, len: usize) -> io::Result<Bytes> 
 /// not hold is read on the blocking pool, one chunk ahead, while the one before it is written
 /// to the client.
 pub fn read_file_range(file: Arc<File>, start: u64, end: u64) -> BlobStream {
-    type Pending = tokio::task::JoinHandle<io::Result<Bytes>>;
-    /// Starts the read of the chunk at `offset` on the blocking pool, if any is left.
-    fn ahead(file: &Arc<File>, offset: u64, end: u64) -> Option<Pending> {
-        (offset < end).then(|| {
-            let len = (end - offset).min(CHUNK as u64) as usize;
-            let file = file.clone();
-            tokio::task::spawn_blocking(move || read_chunk(&file, offset, len))
-        })
-    }
     futures_util::stream::unfold(
         (file, start, None::<Pending>),
         move |(file, offset, pending)| async move {
-            let len = (end.saturating_sub(offset)).min(CHUNK as u64) as usize;
+            let len = chunk_len(offset, end);
             let read = match pending {
-                Some(p) => p.await.unwrap_or_else(|e| Err(io::Error::other(e))),
+                Some(p) => joined(p).await,
                 None if len == 0 => return None,
                 None => match read_cached(&file, offset, len) {
                     // Hot: the next chunk is read in place too, when it is wanted.
@@ -325,19 +317,15 @@ pub fn read_file_range(file: Arc<File>, start: u64, end: u64) -> BlobStream {
                         let next = offset + b.len() as u64;
                         return Some((Ok(b), (file, next, None)));
                     }
-                    None => {
-                        let f = file.clone();
-                        tokio::task::spawn_blocking(move || read_chunk(&f, offset, len))
-                            .await
-                            .unwrap_or_else(|e| Err(io::Error::other(e)))
-                    }
+                    None => joined(on_pool(file.clone(), offset, len)).await,
                 },
             };
             match read {
                 // Cold: keep the disk busy while this chunk goes out.
                 Ok(b) => {
                     let next = offset + b.len() as u64;
-                    let pending = ahead(&file, next, end);
+                    let pending =
+                        (next < end).then(|| on_pool(file.clone(), next, chunk_len(next, end)));
                     Some((Ok(b), (file, next, pending)))
                 }
                 Err(e) => Some((Err(e), (file, end, None))),
@@ -345,6 +333,11 @@ pub fn read_file_range(file: Arc<File>, start: u64, end: u64) -> BlobStream {
         },
     )
     .boxed()
+}
+
+/// The length of the chunk at `offset` of a range ending at `end`: [`CHUNK`] or what is left.
+fn chunk_len(offset: u64, end: u64) -> usize {
+    end.saturating_sub(offset).min(CHUNK as u64) as usize
 }
 
 /// Up to `len` (at most [`CHUNK`]) bytes at `offset`, if the page cache holds them: read
