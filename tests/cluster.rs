@@ -320,8 +320,9 @@ async fn killing_the_owner_mid_pull_leaves_every_client_with_verified_bytes() {
 async fn an_owner_down_from_the_start_costs_a_counted_fallback_not_a_pull() {
     let registry = Registry::start().await;
     let tap = Tap::start(registry.addr()).await;
-    // A peer in the list where nothing listens.
-    let absent = format!("127.0.0.1:{}", common::free_port());
+    // A peer in the list where nothing listens, for the whole test.
+    let (_held, absent) = common::refusing_addr();
+    let absent = absent.to_string();
     let cluster =
         TestCluster::start(2, replica_of(&tap.url()), std::slice::from_ref(&absent)).await;
     let members = cluster.replicas[0].cluster().peers().members().to_vec();

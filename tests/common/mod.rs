@@ -91,6 +91,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A loopback address that refuses connections for as long as the returned socket lives: the
+/// socket holds the port bound but never listens, so no server of a test running alongside can
+/// take the port (a port from [`free_port`] can be handed out again and answer).
+pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .expect("bind 127.0.0.1:0");
+    let addr = socket.local_addr().expect("local address");
+    (socket, addr)
+}
+
 /// Pulls `img` by tag from the registry API at `base` (berth, or an origin) and checks every
 /// byte: the manifest exactly, each blob complete and matching its digest. Each request is
 /// bounded (60 s): a hang is a failure.
